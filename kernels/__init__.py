@@ -1,0 +1,1 @@
+"""Triton kernels of fusedlora, installed as `fusedlora.kernels` (see DESIGN §3)."""
