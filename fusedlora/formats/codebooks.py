@@ -1,0 +1,70 @@
+"""Code tables of the 4-bit formats and of the nested-absmax map.
+
+The values are those bitsandbytes uses, so packed checkpoints decode to the same numbers:
+NF4 is the 16-level normal-float table of QLoRA (Dettmers et al., 2023); FP4 is a 1-3-1-ish
+float with bit 3 as the sign, normalised to [-1, 1]; the 256-entry map is the signed dynamic
+map of "8-bit Approximations for Parallelism in Deep Learning" (Dettmers, 2015).
+"""
+
+from functools import lru_cache
+
+import torch
+
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+# FP4 codes 0..7 are the magnitudes below (code | 8 is the negative twin), in units of 1/12 so
+# that the largest magnitude is 1.
+FP4_MAGNITUDES_TWELFTHS = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+
+
+@lru_cache(maxsize=None)
+def _code_cpu(fmt: str) -> torch.Tensor:
+    if fmt == "nf4":
+        return torch.tensor(NF4_VALUES, dtype=torch.float32)
+    if fmt == "fp4":
+        # 0.0 - v rather than -v: code 8 is +0.0 in bitsandbytes' table, not -0.0.
+        signed = list(FP4_MAGNITUDES_TWELFTHS) + [0.0 - v for v in FP4_MAGNITUDES_TWELFTHS]
+        return torch.tensor(signed, dtype=torch.float32) / 12.0
+    raise ValueError(f"fmt must be 'nf4' or 'fp4', got {fmt!r}")
+
+
+def code_table(fmt: str, device=None) -> torch.Tensor:
+    """The 16 fp32 values that 4-bit codes 0..15 of `fmt` ("nf4" or "fp4") stand for."""
+    return _code_cpu(fmt).to(device)
+
+
+@lru_cache(maxsize=None)
+def _dynamic_map_cpu() -> torch.Tensor:
+    values = [0.0, 1.0]
+    for exponent in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**exponent + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        decade = (10.0 ** (exponent - 6)) * midpoints
+        values += decade.tolist() + (-decade).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def signed_dynamic_map(device=None) -> torch.Tensor:
+    """The sorted 256-entry fp32 map that nested (double) quantization codes absmax with.
+
+    Decade 10^(e-6) for e = 0..6 holds 2^e linear steps (midpoints of a split of [0.1, 1]),
+    mirrored for the negative side, plus 0 and 1.
+    """
+    return _dynamic_map_cpu().to(device)
