@@ -1,0 +1,62 @@
+"""Argument checks for the public op: a clear TypeError/ValueError naming the argument and what
+was expected, before anything reaches a kernel."""
+
+import math
+from numbers import Real
+
+import torch
+
+from .dropout import SEED_LIMIT
+from .formats import DenseWeight, QuantizedWeight
+from .formats.base import check_dense_weight
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_weight(weight) -> QuantizedWeight:
+    """A `QuantizedWeight` as is, or a plain float (N, K) tensor wrapped as dense."""
+    if isinstance(weight, QuantizedWeight):
+        return weight
+    if isinstance(weight, torch.Tensor):
+        return DenseWeight(check_dense_weight(weight))
+    raise TypeError(f"weight must be a QuantizedWeight (see fusedlora.quantize) or a 2-D float tensor, got {type(weight).__name__}")
+
+
+def _check_float_tensor(name: str, t, dtypes=ACTIVATION_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_lora_inputs(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed) -> None:
+    """Validate the arguments of `fused_lora_linear` (shapes, dtypes, devices, values)."""
+    out_features, in_features = weight.shape
+    _check_float_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., in_features={in_features}), got {tuple(x.shape)}")
+    _check_float_tensor("lora_A", lora_A)
+    _check_float_tensor("lora_B", lora_B)
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, in_features={in_features}), got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]
+    if rank < 1:
+        raise ValueError(f"lora_A must have at least one row (rank r >= 1), got shape {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must have shape (out_features={out_features}, r={rank}), got {tuple(lora_B.shape)}")
+    if bias is not None:
+        _check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    named = {"weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
+    if bias is not None:
+        named["bias"] = bias.device
+    for name, device in named.items():
+        if device != x.device:
+            raise ValueError(f"{name} is on {device} but x is on {x.device}; move them to one device")
+    if isinstance(scaling, bool) or not isinstance(scaling, Real) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed must be None or an int in [0, 2**32), got {seed!r}")

@@ -1,0 +1,47 @@
+"""The PyTorch reference of the fused op: the oracle every kernel is tested against, and the
+CPU fallback. It computes exactly what PEFT computes (DESIGN §1), unfused:
+
+    y  = (x·deq(W)ᵀ + bias  in x's dtype)  +  s·(drop(x)·Aᵀ)·Bᵀ  in the LoRA dtype, cast to x's dtype
+    du = s·g·B        dB = s·gᵀ·u        dA = duᵀ·drop(x)        dx = g·deq(W) + drop'(du·A)
+
+The LoRA dtype is the promotion of x's, A's and B's dtypes (PEFT casts x to fp32 adapters).
+It materialises deq(W) and drop(x), which the kernels never do.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .dropout import apply_dropout
+from .formats import QuantizedWeight
+
+Tensor = torch.Tensor
+
+
+def lora_dtype(x_dtype: torch.dtype, a_dtype: torch.dtype, b_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the LoRA branch (and the saved u) is computed in."""
+    return torch.promote_types(torch.promote_types(x_dtype, a_dtype), b_dtype)
+
+
+def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed) -> tuple[Tensor, Tensor]:
+    """x (M, K), lora_A (r, K), lora_B (N, r), bias (N,) or None → y (M, N) in x's dtype, u (M, r)."""
+    compute = lora_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        base = F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        u = apply_dropout(x.to(compute), dropout_p, seed) @ lora_A.to(compute).t()
+        y = base.to(compute) + (u @ lora_B.to(compute).t()) * scaling
+    return y.to(x.dtype), u
+
+
+def backward(grad_y, x, u, weight: QuantizedWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+    """grad_y (M, N), x (M, K), u (M, r) → (dx (M, K) or None, dA (r, K), dB (N, r))."""
+    compute = u.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        g = grad_y.to(compute)
+        du = (g @ lora_B.to(compute)) * scaling
+        grad_B = (g.t() @ u) * scaling
+        grad_A = du.t() @ apply_dropout(x.to(compute), dropout_p, seed)
+        grad_x = None
+        if need_dx:
+            base = grad_y @ weight.dequantize(grad_y.dtype)
+            grad_x = (base.to(compute) + apply_dropout(du @ lora_A.to(compute), dropout_p, seed)).to(x.dtype)
+    return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
