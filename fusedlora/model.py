@@ -1,0 +1,137 @@
+"""Putting LoRA into an existing model: `apply_lora`, `merge_and_unload`, and what is trainable."""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch.nn as nn
+
+from .module import LoRALinear, LoRAFactor
+
+Targets = Union[str, list, tuple, set]
+
+
+def _name_matcher(patterns: Targets, argument: str) -> Callable[[str], bool]:
+    """PEFT's rules: a string is a regex matched against the whole module name; a list holds
+    names or name suffixes (`"q_proj"` matches `"layers.0.attn.q_proj"`)."""
+    if isinstance(patterns, str):
+        try:
+            regex = re.compile(patterns)
+        except re.error as err:
+            raise ValueError(f"{argument} is not a valid regular expression: {patterns!r} ({err})") from err
+        return lambda name: regex.fullmatch(name) is not None
+    if isinstance(patterns, (list, tuple, set)) and all(isinstance(p, str) for p in patterns):
+        suffixes = tuple(patterns)
+        return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+    raise TypeError(f"{argument} must be a regex string, a list of module-name suffixes or 'all-linear', got {patterns!r}")
+
+
+def _output_head(model: nn.Module) -> Optional[nn.Module]:
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    return get_output_embeddings() if callable(get_output_embeddings) else None
+
+
+def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: float = 16, dropout: float = 0.0,
+               quant: Optional[str] = "nf4", exclude_modules: Optional[Targets] = None, blocksize: int = 64,
+               double_quant: bool = True, rslora: bool = False, init: str = "kaiming") -> nn.Module:
+    """Replace the targeted linear layers of `model` by `LoRALinear`, in place, and freeze
+    everything but the adapters. Returns `model`.
+
+    target_modules: a list of module names or name suffixes, a regex matched against whole
+    names, or "all-linear" (every `nn.Linear` but the output head, as PEFT does).
+    exclude_modules: the same forms, for layers to leave alone. quant: the frozen weight's
+    format ("nf4", "fp4", "int8", "fp8", "dense" or None); bitsandbytes layers keep theirs.
+    """
+    if target_modules == "all-linear":
+        head = _output_head(model)
+        wanted = lambda name, module: isinstance(module, nn.Linear) and module is not head  # noqa: E731
+    else:
+        matches = _name_matcher(target_modules, "target_modules")
+        wanted = lambda name, module: matches(name)  # noqa: E731
+    excluded = _name_matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else (lambda name: False)
+
+    chosen = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, (LoRALinear, LoRAFactor)) or excluded(name) or not wanted(name, module):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target {name!r} is a {type(module).__name__}; only nn.Linear and bitsandbytes "
+                             "Linear4bit/Linear8bitLt layers can take a LoRA adapter")
+        chosen.append(name)
+    already = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if not chosen and not already:
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers are "
+                         f"{linears[:20]}{' ...' if len(linears) > 20 else ''}")
+    for name in chosen:
+        layer = LoRALinear.from_linear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, quant=quant,
+                                       blocksize=blocksize, double_quant=double_quant, rslora=rslora, init=init)
+        _replace_submodule(model, name, layer)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.weight.requires_grad_(True)
+            module.lora_B.weight.requires_grad_(True)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every `LoRALinear` of `model`, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every `LoRALinear` by a frozen `nn.Linear` holding its dense merged weight."""
+    for name, layer in lora_layers(model).items():
+        _replace_submodule(model, name, layer.to_linear())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """The adapter tensors only: `<module>.lora_A.weight` and `<module>.lora_B.weight`."""
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        tensors[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        tensors[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return tensors
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    """Parameter counts and bytes; frozen quantized weights count as N·K parameters."""
+
+    trainable_params: int
+    total_params: int
+    trainable_bytes: int
+    total_bytes: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
+                f"trainable%: {100 * self.trainable_fraction:.4f} || "
+                f"bytes: {self.trainable_bytes / 2**20:.2f} MiB trainable of {self.total_bytes / 2**20:.2f} MiB")
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    """How much of `model` trains: parameters and bytes, trainable and in all."""
+    trainable = total = trainable_bytes = total_bytes = 0
+    for parameter in model.parameters():
+        size = parameter.numel() * parameter.element_size()
+        total += parameter.numel()
+        total_bytes += size
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+            trainable_bytes += size
+    for layer in lora_layers(model).values():
+        total += layer.weight.shape.numel()
+        total_bytes += layer.weight.nbytes
+    return TrainableSummary(trainable, total, trainable_bytes, total_bytes)

@@ -1,0 +1,218 @@
+"""`LoRALinear`: a drop-in `nn.Linear` with a frozen (quantized) weight and a LoRA adapter.
+
+Names follow PEFT (`lora_A.weight` (r, K), `lora_B.weight` (N, r), `scaling`, `merge`,
+`unmerge`); the frozen weight's state-dict keys follow bitsandbytes' Linear layers, so a
+LoRALinear's state dict minus the adapter is what `bnb.nn.Linear4bit` / `Linear8bitLt` write.
+"""
+
+import contextlib
+import math
+import warnings
+from numbers import Real
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .formats import QuantizedWeight, from_bnb_module, quantize
+from .ops import fused_lora_linear
+
+_INITS = ("kaiming", "gaussian")
+_BNB_LINEARS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+_WEIGHT_KEYS = ("weight", "SCB", "weight_format", "weight_scale")
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """Whether `module` is a bitsandbytes 4-bit or 8-bit linear layer."""
+    return type(module).__module__.startswith("bitsandbytes") and type(module).__name__ in _BNB_LINEARS
+
+
+def _is_weight_key(relative_key: str) -> bool:
+    return relative_key in _WEIGHT_KEYS or relative_key.startswith("weight.")
+
+
+class LoRAFactor(nn.Module):
+    """One LoRA factor, held as `.weight` so that keys read `lora_A.weight` as in PEFT."""
+
+    def __init__(self, rows: int, cols: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
+
+
+class LoRALinear(nn.Module):
+    """y = x·Wᵀ + scaling·lora_B(lora_A(dropout(x))) (+ bias), W frozen in any fusedlora format.
+
+    weight: a `QuantizedWeight` (N, K); bias: (N,) or None, frozen; r: adapter rank (>= 1);
+    alpha: scaling = alpha / r (alpha / sqrt(r) with rslora); dropout: on the adapter input
+    only; init: "kaiming" (A kaiming-uniform a=√5, B zeros, as PEFT) or "gaussian" (A normal
+    with std 1/r); adapter_dtype: default the weight's dtype for a dense base, fp32 otherwise.
+    """
+
+    def __init__(self, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None, r: int = 16, alpha: float = 16,
+                 dropout: float = 0.0, rslora: bool = False, init: str = "kaiming", adapter_dtype=None):
+        super().__init__()
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"weight must be a QuantizedWeight (see fusedlora.quantize), got {type(weight).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        out_features, in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if adapter_dtype is None:
+            adapter_dtype = weight.dtype if weight.fmt == "dense" else torch.float32
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.lora_A = LoRAFactor(r, in_features, adapter_dtype, weight.device)
+        self.lora_B = LoRAFactor(out_features, r, adapter_dtype, weight.device)
+        self.r = r
+        self.lora_alpha = alpha
+        self.lora_dropout = float(dropout)
+        self.use_rslora = rslora
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.merged = False
+        self._adapter_enabled = True
+        self._premerge_weight: Optional[QuantizedWeight] = None
+        self.reset_lora_parameters(init)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0,
+                    quant: Optional[str] = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    rslora: bool = False, init: str = "kaiming") -> "LoRALinear":
+        """Wrap an `nn.Linear` (its weight stored as `quant`; None means "dense") or a bitsandbytes
+        `Linear4bit` / `Linear8bitLt` (its bytes reused as they are; `quant` is then ignored)."""
+        if is_bnb_linear(linear):
+            weight = from_bnb_module(linear)
+        elif isinstance(linear, nn.Linear):
+            weight = quantize(linear.weight.detach(), quant or "dense", blocksize, double_quant)
+        else:
+            raise TypeError(f"linear must be an nn.Linear or a bitsandbytes Linear4bit/Linear8bitLt, got {type(linear).__name__}")
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(weight, bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """Re-initialise the adapter: B = 0, so the layer starts as its base."""
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
+        if self.merged or not self._adapter_enabled:
+            return fused_lora_linear(x, self.weight, lora_A.detach(), lora_B.detach(), 0.0, self.bias)
+        dropout = self.lora_dropout if self.training else 0.0
+        return fused_lora_linear(x, self.weight, lora_A, lora_B, self.scaling, self.bias, dropout)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling·B·A, the (N, K) fp32 update the adapter adds to W."""
+        return self.scaling * (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float())
+
+    def merge(self) -> None:
+        """Fold the adapter into the frozen weight; `unmerge` restores the original exactly.
+
+        A quantized base is dequantized, updated and re-quantized in its own format, which adds
+        that format's rounding error. The original weight is kept until `unmerge`.
+        """
+        if self.merged:
+            warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
+            return
+        base = self.weight
+        merged = base.dequantize(torch.float32) + self.delta_weight()
+        if base.fmt != "dense":
+            warnings.warn(f"merging into a {base.describe()} weight re-quantizes it, which adds {base.fmt} rounding "
+                          "error to the merged weight; unmerge() restores the original exactly", stacklevel=2)
+        self.weight = base.requantize(merged.to(base.dtype))
+        self._premerge_weight = base
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge`, restoring the frozen weight bit for bit."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge(): not merged; nothing to do", stacklevel=2)
+            return
+        self.weight = self._premerge_weight.to(self.weight.device)
+        self._premerge_weight = None
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain frozen `nn.Linear` holding the dense merged weight (base + adapter)."""
+        base = self._premerge_weight if self.merged else self.weight
+        dtype = base.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=base.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_((base.dequantize(torch.float32) + self.delta_weight()).to(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the layer computes its base output only."""
+        previous = self._adapter_enabled
+        self._adapter_enabled = False
+        try:
+            yield self
+        finally:
+            self._adapter_enabled = previous
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.weight = self.weight.apply_module_fn(fn)
+        if self._premerge_weight is not None:
+            self._premerge_weight = self._premerge_weight.apply_module_fn(fn)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, tensor in self.weight.state_dict().items():
+            destination[prefix + key] = tensor
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        own = {key[len(prefix):]: value for key, value in state_dict.items()
+               if key.startswith(prefix) and _is_weight_key(key[len(prefix):])}
+        if not own:
+            missing_keys.append(prefix + "weight")
+        else:
+            try:
+                loaded = QuantizedWeight.from_state_dict(own)
+            except ValueError as err:
+                error_msgs.append(f"{prefix}weight: {err}")
+            else:
+                if loaded.shape != self.weight.shape:
+                    error_msgs.append(f"{prefix}weight: shape {tuple(loaded.shape)} in the checkpoint, "
+                                      f"{tuple(self.weight.shape)} in the model")
+                else:
+                    loaded = loaded.clone(self.weight.device)
+                    if loaded.follows_dtype_casts:
+                        loaded = loaded.apply_module_fn(lambda t: t.to(self.weight.dtype))
+                    self.weight = loaded
+                    self._premerge_weight = None
+                    self.merged = False
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        consumed = {prefix + key for key in own}
+        unexpected_keys[:] = [key for key in unexpected_keys if key not in consumed]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}, "
+                f"weight={self.weight.describe()}, bias={self.bias is not None}{', merged' if self.merged else ''}")

@@ -1,0 +1,77 @@
+"""Parity with PEFT: with the same A and B, LoRALinear computes what PEFT's LoRA computes, on a
+dense nn.Linear and on a bitsandbytes Linear4bit (both on the CPU)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fusedlora import LoRALinear
+
+peft = pytest.importorskip("peft")
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _peft_model(base: nn.Module, r: int, alpha: int, rslora: bool = False):
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0, use_rslora=rslora)
+    return peft.get_peft_model(base, config)
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _compare(peft_layer, ours: LoRALinear, x: torch.Tensor, atol: float):
+    with torch.no_grad():
+        nn.init.normal_(peft_layer.lora_B["default"].weight, std=0.1)
+        ours.lora_A.weight.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.weight.copy_(peft_layer.lora_B["default"].weight)
+    assert ours.scaling == peft_layer.scaling["default"]
+    x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_peft, y_ours = peft_layer(x_peft), ours(x_ours)
+    grad = torch.randn_like(y_peft)
+    y_peft.backward(grad)
+    y_ours.backward(grad)
+    torch.testing.assert_close(y_ours, y_peft, atol=atol, rtol=atol)
+    torch.testing.assert_close(x_ours.grad, x_peft.grad, atol=atol, rtol=atol)
+    torch.testing.assert_close(ours.lora_A.weight.grad, peft_layer.lora_A["default"].weight.grad, atol=atol, rtol=atol)
+    torch.testing.assert_close(ours.lora_B.weight.grad, peft_layer.lora_B["default"].weight.grad, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_linear_matches_peft(rslora, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias)
+    ours = LoRALinear.from_linear(linear, r=8, alpha=16, quant="dense", rslora=rslora)
+    model = _peft_model(_Wrapper(linear), r=8, alpha=16, rslora=rslora)
+    _compare(model.base_model.model.proj, ours, torch.randn(3, 7, 96), atol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_linear4bit_matches_peft_on_bitsandbytes(double_quant):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 80)
+    layer = bnb.nn.Linear4bit(128, 80, quant_type="nf4", compress_statistics=double_quant, compute_dtype=torch.float32)
+    layer.load_state_dict(linear.state_dict())
+    layer = layer.to("cpu")
+    ours = LoRALinear.from_linear(layer, r=8, alpha=16)
+    model = _peft_model(_Wrapper(layer), r=8, alpha=16)
+    _compare(model.base_model.model.proj, ours, torch.randn(5, 128), atol=1e-5)
+
+
+def test_qlora_setting_bf16_activations_fp32_adapters_matches_peft():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 80, dtype=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(128, 80, quant_type="nf4", compute_dtype=torch.bfloat16)
+    layer.load_state_dict(linear.state_dict())
+    layer = layer.to("cpu")
+    ours = LoRALinear.from_linear(layer, r=8, alpha=16)
+    model = _peft_model(_Wrapper(layer), r=8, alpha=16)
+    peft_layer = model.base_model.model.proj
+    assert peft_layer.lora_A["default"].weight.dtype == torch.float32 == ours.lora_A.weight.dtype
+    _compare(peft_layer, ours, torch.randn(5, 128, dtype=torch.bfloat16), atol=1e-2)
