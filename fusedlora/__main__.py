@@ -1,0 +1,39 @@
+"""Command line: `python -m fusedlora demo` (the main job) and `python -m fusedlora info`."""
+
+import argparse
+import platform
+
+import torch
+
+from . import __version__
+from .backends import Problem, backends
+
+
+def info() -> None:
+    """Print versions and which backend can run on which device, or why not."""
+    print(f"fusedlora {__version__}, torch {torch.__version__}, python {platform.python_version()}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        problem = Problem(torch.device(device), torch.bfloat16, torch.float32, "nf4", 16, 4096, 4096)
+        for backend in backends():
+            reason = backend.why_not(problem)
+            print(f"  {device:5s} {backend.name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fusedlora")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train LoRA adapters on an NF4-quantized model (CPU demonstration)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    commands.add_parser("info", help="versions and available backends")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        demo_main(args.steps)
+    else:
+        info()
+
+
+if __name__ == "__main__":
+    main()
