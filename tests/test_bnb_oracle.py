@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from fusedlora.formats import QuantizedWeight, from_bnb_module, quantize
+from fusedlora.formats import from_bnb_module, quantize
 from fusedlora.formats.codebooks import code_table, signed_dynamic_map
 from helpers import random_weight
 

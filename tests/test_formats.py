@@ -37,7 +37,7 @@ def test_nf4_error_statistics_from_design(double_quant):
 @pytest.mark.parametrize("shape", [(7, 9), (80, 96), (33, 130)])
 def test_state_dict_round_trip_is_bit_exact(fmt, shape):
     w = random_weight(*shape, generator=torch.Generator().manual_seed(1))
-    for weight in {quantize(w, fmt), quantize(w, fmt, blocksize=32, double_quant=False)}:
+    for weight in (quantize(w, fmt), quantize(w, fmt, blocksize=32, double_quant=False)):
         rebuilt = QuantizedWeight.from_state_dict(weight.state_dict())
         assert type(rebuilt) is type(weight) and rebuilt.fmt == fmt
         assert rebuilt.shape == weight.shape and rebuilt.blocksize == weight.blocksize and rebuilt.dtype == weight.dtype
