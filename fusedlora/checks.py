@@ -22,6 +22,12 @@ def as_weight(weight) -> QuantizedWeight:
     raise TypeError(f"weight must be a QuantizedWeight (see fusedlora.quantize) or a 2-D float tensor, got {type(weight).__name__}")
 
 
+def check_real(name: str, value) -> None:
+    """A plain real number (a Python or NumPy scalar, not a bool or a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
 def _check_float_tensor(name: str, t, dtypes=ACTIVATION_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -54,9 +60,11 @@ def check_lora_inputs(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias,
     for name, device in named.items():
         if device != x.device:
             raise ValueError(f"{name} is on {device} but x is on {x.device}; move them to one device")
-    if isinstance(scaling, bool) or not isinstance(scaling, Real) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
+    check_real("scaling", scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
         raise ValueError(f"seed must be None or an int in [0, 2**32), got {seed!r}")

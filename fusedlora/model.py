@@ -55,7 +55,7 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
         wanted = lambda name, module: matches(name)  # noqa: E731
     excluded = _name_matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else (lambda name: False)
 
-    chosen = []
+    chosen = []  # every layer is built before any is swapped in, so a failure leaves the model as it was
     for name, module in model.named_modules():
         if not name or isinstance(module, (LoRALinear, LoRAFactor)) or excluded(name) or not wanted(name, module):
             continue
@@ -68,9 +68,10 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers are "
                          f"{linears[:20]}{' ...' if len(linears) > 20 else ''}")
-    for name in chosen:
-        layer = LoRALinear.from_linear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, quant=quant,
-                                       blocksize=blocksize, double_quant=double_quant, rslora=rslora, init=init)
+    layers = {name: LoRALinear.from_linear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, quant=quant,
+                                           blocksize=blocksize, double_quant=double_quant, rslora=rslora, init=init)
+              for name in chosen}
+    for name, layer in layers.items():
         _replace_submodule(model, name, layer)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -87,7 +88,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every `LoRALinear` by a frozen `nn.Linear` holding its dense merged weight."""
+    """Replace every `LoRALinear` by a frozen `nn.Linear` holding its dense merged weight.
+
+    Returns the model (a new `nn.Linear` when `model` itself is a `LoRALinear`)."""
+    if isinstance(model, LoRALinear):
+        return model.to_linear()
     for name, layer in lora_layers(model).items():
         _replace_submodule(model, name, layer.to_linear())
     return model

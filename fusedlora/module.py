@@ -65,10 +65,15 @@ class LoRALinear(nn.Module):
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         out_features, in_features = weight.shape
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+                raise TypeError(f"bias must be a floating-point tensor or None, got {type(bias).__name__}")
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         if adapter_dtype is None:
             adapter_dtype = weight.dtype if weight.fmt == "dense" else torch.float32
+        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+            raise TypeError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.lora_A = LoRAFactor(r, in_features, adapter_dtype, weight.device)
@@ -115,10 +120,17 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
+    @property
+    def base_weight(self) -> QuantizedWeight:
+        """The frozen weight without the adapter (the pre-merge weight while merged)."""
+        return self._premerge_weight if self.merged else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
         if self.merged or not self._adapter_enabled:
-            return fused_lora_linear(x, self.weight, lora_A.detach(), lora_B.detach(), 0.0, self.bias)
+            # scaling 0 switches the adapter branch off: the base output, whatever A and B hold.
+            weight = self.weight if self._adapter_enabled else self.base_weight
+            return fused_lora_linear(x, weight, lora_A.detach(), lora_B.detach(), 0.0, self.bias)
         dropout = self.lora_dropout if self.training else 0.0
         return fused_lora_linear(x, self.weight, lora_A, lora_B, self.scaling, self.bias, dropout)
 
@@ -155,7 +167,7 @@ class LoRALinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain frozen `nn.Linear` holding the dense merged weight (base + adapter)."""
-        base = self._premerge_weight if self.merged else self.weight
+        base = self.base_weight
         dtype = base.dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=base.device, dtype=dtype)
@@ -183,13 +195,16 @@ class LoRALinear(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, tensor in self.weight.state_dict().items():
+        # While merged the adapter is saved beside the base weight it was merged into: saving
+        # the merged weight would apply the adapter twice once loaded.
+        for key, tensor in self.base_weight.state_dict().items():
             destination[prefix + key] = tensor
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         own = {key[len(prefix):]: value for key, value in state_dict.items()
                if key.startswith(prefix) and _is_weight_key(key[len(prefix):])}
+        consumed = set()
         if not own:
             missing_keys.append(prefix + "weight")
         else:
@@ -198,19 +213,32 @@ class LoRALinear(nn.Module):
             except ValueError as err:
                 error_msgs.append(f"{prefix}weight: {err}")
             else:
+                consumed = {prefix + key for key in loaded.state_dict() if key in own}
                 if loaded.shape != self.weight.shape:
                     error_msgs.append(f"{prefix}weight: shape {tuple(loaded.shape)} in the checkpoint, "
                                       f"{tuple(self.weight.shape)} in the model")
                 else:
-                    loaded = loaded.clone(self.weight.device)
-                    if loaded.follows_dtype_casts:
-                        loaded = loaded.apply_module_fn(lambda t: t.to(self.weight.dtype))
-                    self.weight = loaded
-                    self._premerge_weight = None
-                    self.merged = False
+                    self._take_loaded_weight(loaded, assign=local_metadata.get("assign_to_params_buffers", False))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        consumed = {prefix + key for key in own}
         unexpected_keys[:] = [key for key in unexpected_keys if key not in consumed]
+
+    def _take_loaded_weight(self, loaded: QuantizedWeight, assign: bool) -> None:
+        """Install a checkpoint's frozen weight. Packed data is taken as it is (no
+        re-quantization); a float weight loaded into a quantized layer is quantized into the
+        layer's format, as bitsandbytes' layers do; a float weight into a dense layer keeps the
+        layer's dtype, as `nn.Linear` does. The tensors are copied unless `assign=True`."""
+        current = self.base_weight
+        if not assign and current.device.type != "meta":
+            loaded = loaded.clone(current.device)
+        if loaded.fmt == "dense" and current.fmt != "dense":
+            loaded = current.requantize(loaded.dequantize(current.dtype))
+        elif loaded.fmt == "dense" and not assign:
+            loaded = loaded.apply_module_fn(lambda t: t.to(current.dtype))
+        elif not loaded.records_dtype:
+            loaded.dtype = current.dtype
+        self.weight = loaded
+        self._premerge_weight = None
+        self.merged = False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -90,8 +90,8 @@ def lora_linear_bwd(
 
 @lora_linear_bwd.register_fake
 def _(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty((0,))
-    return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+    grad_x = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -122,12 +122,17 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _autocast_inputs(x, lora_A, lora_B, bias):
-    """Under torch.autocast, compute in the autocast dtype as `nn.Linear` (and PEFT) would."""
+    """Under torch.autocast, cast as autocast casts `nn.Linear`'s inputs: every floating tensor
+    but float64 goes to the autocast dtype."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return x, lora_A, lora_B, bias
     dtype = torch.get_autocast_dtype(device_type)
-    return x.to(dtype), lora_A.to(dtype), lora_B.to(dtype), None if bias is None else bias.to(dtype)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(x), cast(lora_A), cast(lora_B), cast(bias)
 
 
 def _seed_tensor(seed: Optional[int], dropout_p: float) -> Tensor:
@@ -143,9 +148,9 @@ def fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0
 
     x: (..., K) float; weight: a `QuantizedWeight` of shape (N, K) or a float (N, K) tensor;
     lora_A: (r, K); lora_B: (N, r), in x's dtype or fp32; bias: (N,) or None (frozen unless it
-    requires grad); dropout_p in [0, 1) applies to the LoRA input only; seed (int in [0, 2^32))
-    fixes the dropout mask, None draws one from torch's generator. Returns y: (..., N) in x's
-    dtype. W gets no gradient.
+    requires grad); scaling = 0 turns the adapter branch off entirely; dropout_p in [0, 1) applies
+    to the LoRA input only; seed (int in [0, 2^32)) fixes the dropout mask, None draws one from
+    torch's generator. Returns y: (..., N) in x's dtype. W gets no gradient.
     """
     weight = as_weight(weight)
     check_lora_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)

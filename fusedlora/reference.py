@@ -5,7 +5,9 @@ CPU fallback. It computes exactly what PEFT computes (DESIGN §1), unfused:
     du = s·g·B        dB = s·gᵀ·u        dA = duᵀ·drop(x)        dx = g·deq(W) + drop'(du·A)
 
 The LoRA dtype is the promotion of x's, A's and B's dtypes (PEFT casts x to fp32 adapters).
-It materialises deq(W) and drop(x), which the kernels never do.
+scaling = 0 turns the branch off: y is the base output bit for bit, u and dA, dB are zeros, and
+NaN/Inf in A or B cannot leak in through 0·NaN. It materialises deq(W) and drop(x), which the
+kernels never do.
 """
 
 import torch
@@ -27,6 +29,8 @@ def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p
     compute = lora_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     with torch.autocast(x.device.type, enabled=False):
         base = F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        if scaling == 0.0:
+            return base, x.new_zeros((x.shape[0], lora_A.shape[0]), dtype=compute)
         u = apply_dropout(x.to(compute), dropout_p, seed) @ lora_A.to(compute).t()
         y = base.to(compute) + (u @ lora_B.to(compute).t()) * scaling
     return y.to(x.dtype), u
@@ -36,6 +40,10 @@ def backward(grad_y, x, u, weight: QuantizedWeight, lora_A, lora_B, scaling, dro
     """grad_y (M, N), x (M, K), u (M, r) → (dx (M, K) or None, dA (r, K), dB (N, r))."""
     compute = u.dtype
     with torch.autocast(x.device.type, enabled=False):
+        if scaling == 0.0:
+            grad_x = (grad_y @ weight.dequantize(grad_y.dtype)).to(x.dtype) if need_dx else None
+            return grad_x, torch.zeros_like(lora_A, memory_format=torch.contiguous_format), \
+                torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
         g = grad_y.to(compute)
         du = (g @ lora_B.to(compute)) * scaling
         grad_B = (g.t() @ u) * scaling

@@ -57,7 +57,8 @@ def test_int8_equals_bitsandbytes_vectorwise_quant(n, k):
     codes, row_absmax, _ = bnb_functional.int8_vectorwise_quant(w.clone())
     ours = quantize(w, "int8")
     assert torch.equal(ours.data, codes) and torch.equal(ours.scale, row_absmax)
-    torch.testing.assert_close(ours.dequantize(), bnb_functional.int8_vectorwise_dequant(codes, row_absmax), atol=0, rtol=2.4e-7)
+    expected = bnb_functional.int8_vectorwise_dequant(codes, row_absmax)
+    torch.testing.assert_close(ours.dequantize(torch.float32), expected, atol=0, rtol=2.4e-7)
 
 
 def _bnb_linear4bit(w: torch.Tensor, fmt: str, double_quant: bool):

@@ -118,6 +118,7 @@ def test_bad_blocksize(blocksize):
     "weight,fmt,error,fragment",
     [
         (torch.randn(8, 64), "nf3", ValueError, "fmt must be one of"),
+        (torch.randn(8, 64), ["nf4"], ValueError, "fmt must be one of"),
         (torch.randn(64), "nf4", ValueError, "2-D"),
         (torch.ones(8, 64, dtype=torch.int32), "int8", TypeError, "floating-point"),
         (torch.empty(0, 64), "nf4", ValueError, "empty"),

@@ -140,3 +140,30 @@ def test_torch_compile_fullgraph_forward_and_backward():
     first, _ = run(compiled)
     second, _ = run(compiled)
     assert not torch.equal(first, second)
+
+
+def test_apply_lora_is_all_or_nothing():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # the second target cannot be quantized
+    with pytest.raises(ValueError, match="NaN"):
+        apply_lora(model, "all-linear", r=4, quant="nf4")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_and_unload_of_a_single_layer_returns_a_linear():
+    layer = LoRALinear.from_linear(nn.Linear(32, 16), r=4, quant="dense")
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 32)
+    merged = merge_and_unload(layer)
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), layer(x))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_merge_and_unload_of_a_bf16_model_with_row_scaled_weights(fmt):
+    model = _mlp().to(torch.bfloat16)
+    apply_lora(model, "all-linear", r=4, quant=fmt)
+    merge_and_unload(model)
+    assert model(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -1,5 +1,6 @@
 """LoRALinear: construction, init, forward, merge/unmerge, disable_adapter, casts, state dicts."""
 
+import contextlib
 import math
 
 import pytest
@@ -221,3 +222,109 @@ def test_from_linear_refuses_other_modules():
         LoRALinear(torch.randn(4, 4))
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         LoRALinear(quantize(torch.randn(4, 64), "nf4"), bias=torch.randn(5))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "dense"])
+def test_disable_adapter_on_a_merged_layer_gives_the_base_output(fmt):
+    _, layer = _layer(fmt)
+    x = torch.randn(4, 96)
+    base = F.linear(x, layer.weight.dequantize(), layer.bias)
+    with pytest.warns(UserWarning) if fmt != "dense" else contextlib.nullcontext():
+        layer.merge()
+    with layer.disable_adapter():
+        assert torch.equal(layer(x), base)
+
+
+def test_disable_adapter_is_immune_to_a_broken_adapter():
+    _, layer = _layer()
+    with torch.no_grad():
+        layer.lora_B.weight[0, 0] = float("nan")
+        layer.lora_A.weight[1, 1] = float("inf")
+    x = torch.randn(4, 96)
+    with layer.disable_adapter():
+        assert torch.equal(layer(x), F.linear(x, layer.weight.dequantize(), layer.bias))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "dense"])
+def test_a_merged_layer_saves_its_base_so_loading_never_applies_the_adapter_twice(fmt):
+    _, layer = _layer(fmt)
+    with torch.no_grad():
+        layer.lora_B.weight.mul_(0.1)
+    x = torch.randn(4, 96)
+    unmerged = layer(x)
+    base_state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.warns(UserWarning) if fmt != "dense" else contextlib.nullcontext():
+        layer.merge()
+    merged_state = layer.state_dict()
+    assert all(torch.equal(merged_state[k], base_state[k]) for k in base_state)
+    _, fresh = _layer(fmt, seed=5)
+    fresh.load_state_dict(merged_state)
+    assert not fresh.merged and torch.equal(fresh(x), unmerged)
+    layer.load_state_dict(merged_state)
+    assert not layer.merged and torch.equal(layer(x), unmerged)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4"])
+def test_to_linear_keeps_the_model_dtype(fmt):
+    _, layer = _layer(fmt, dtype=torch.bfloat16)
+    linear = layer.to_linear()
+    assert linear.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    assert linear(x).dtype == torch.bfloat16
+
+
+def test_row_scaled_checkpoint_takes_the_dtype_of_the_layer_it_loads_into():
+    _, layer = _layer("int8", dtype=torch.bfloat16)
+    _, fresh = _layer("int8", dtype=torch.bfloat16, seed=3)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.weight.dtype == torch.bfloat16 and fresh.to_linear().weight.dtype == torch.bfloat16
+
+
+def test_a_float_checkpoint_is_quantized_into_the_layers_format():
+    linear, layer = _layer("nf4")
+    pretrained = nn.Linear(96, 80)
+    adapters = {k: v for k, v in layer.state_dict().items() if k.startswith("lora_")}
+    state = {**adapters, "weight": pretrained.weight.detach(), "bias": pretrained.bias.detach()}
+    layer.load_state_dict(state)
+    assert layer.weight.fmt == "nf4"
+    assert torch.equal(layer.weight.packed, quantize(pretrained.weight.detach(), "nf4").packed)
+
+
+def test_load_with_assign_takes_the_checkpoint_tensors_onto_a_meta_skeleton():
+    _, source = _layer("nf4")
+    skeleton = LoRALinear.from_linear(nn.Linear(96, 80), r=8, alpha=16).to("meta")
+    skeleton.load_state_dict(source.state_dict(), assign=True)
+    assert skeleton.weight.device.type == "cpu" and skeleton.lora_A.weight.device.type == "cpu"
+    x = torch.randn(2, 96)
+    assert torch.equal(skeleton(x), source(x))
+
+
+def test_unknown_weight_keys_are_reported_under_strict():
+    _, layer = _layer("nf4")
+    with pytest.raises(RuntimeError, match='Unexpected key.*"weight.bogus"'):
+        layer.load_state_dict({**layer.state_dict(), "weight.bogus": torch.zeros(1)})
+
+
+def test_layers_do_not_share_code_tables():
+    _, first = _layer("nf4")
+    _, second = _layer("nf4", seed=1)
+    assert first.weight.nested_code.data_ptr() != second.weight.nested_code.data_ptr()
+    x = torch.randn(2, 96)
+    before = second(x)
+    first.state_dict()["weight.nested_quant_map"].mul_(2)
+    first.state_dict()["weight.quant_map"].mul_(2)
+    assert torch.equal(second(x), before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(adapter_dtype=torch.int8), "adapter_dtype must be a floating torch.dtype"),
+        (dict(adapter_dtype="bf16"), "adapter_dtype must be a floating torch.dtype"),
+        (dict(bias=[0.0] * 4), "bias must be a floating-point tensor"),
+        (dict(bias=torch.zeros(4, dtype=torch.int64)), "bias must be a floating-point tensor"),
+    ],
+)
+def test_bad_constructor_arguments_are_type_errors(kwargs, fragment):
+    with pytest.raises(TypeError, match=fragment):
+        LoRALinear(quantize(torch.randn(4, 64), "nf4"), **kwargs)

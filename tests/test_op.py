@@ -172,6 +172,44 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
     assert_close(y, float64_lora(bf16[0], weight.dequantize(torch.bfloat16), bf16[1], bf16[2], 1.0, bf16[3]), torch.bfloat16)
 
 
+def test_autocast_leaves_float64_alone_like_nn_linear():
+    x, weight, lora_A, lora_B, b = _problem(dtype=torch.float64, fmt="dense")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_lora_linear(x, weight, lora_A, lora_B, 1.0, b).dtype == torch.float64
+
+
+def test_zero_scaling_switches_the_branch_off_even_with_nan_adapters():
+    x, weight, lora_A, lora_B, b = _problem()
+    lora_B[0, 0] = float("nan")
+    lora_A[1, 1] = float("inf")
+    x.requires_grad_()
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    y = fused_lora_linear(x, weight, lora_A, lora_B, 0.0, b)
+    assert torch.equal(y, F.linear(x, weight.dequantize(), b))
+    y.sum().backward()
+    assert torch.equal(lora_A.grad, torch.zeros_like(lora_A)) and torch.equal(lora_B.grad, torch.zeros_like(lora_B))
+    torch.testing.assert_close(x.grad, torch.ones(33, 80) @ weight.dequantize())
+
+
+def test_non_contiguous_adapters_in_opcheck_and_compiled_backward():
+    x, weight, lora_A, lora_B, b = _problem(m=8, k=64, n=32, r=4, fmt="dense")
+    a_t, b_t = lora_A.t().contiguous().requires_grad_(), lora_B.t().contiguous().requires_grad_()
+    seed = torch.tensor(0, dtype=torch.int64)
+    args = (torch.randn(8, 32), x, torch.randn(8, 4), weight.tensors(), "dense", [32, 64], 0,
+            a_t.detach().t(), b_t.detach().t(), 0.5, 0.0, seed, True)
+    torch.library.opcheck(lora_linear_bwd, args)
+
+    def f(x, a_t, b_t):
+        return fused_lora_linear(x, weight, a_t.t(), b_t.t(), 0.5)
+
+    f(x, a_t, b_t).square().sum().backward()
+    eager = a_t.grad.clone(), b_t.grad.clone()
+    a_t.grad = b_t.grad = None
+    torch.compile(f, fullgraph=True)(x, a_t, b_t).square().sum().backward()
+    torch.testing.assert_close((a_t.grad, b_t.grad), eager)
+
+
 def test_no_dx_when_x_needs_no_grad():
     x, weight, lora_A, lora_B, b = _problem()
     lora_B.requires_grad_()
@@ -240,8 +278,10 @@ def _bad(**overrides):
         (dict(lora_B=torch.ones(32, 4, dtype=torch.int32)), TypeError, "lora_B must have a floating dtype"),
         (dict(bias=torch.randn(31)), ValueError, r"bias must have shape \(32,\)"),
         (dict(bias=torch.randn(32, device="meta")), ValueError, "bias is on meta but x is on cpu"),
-        (dict(scaling=float("nan")), ValueError, "scaling must be a finite"),
-        (dict(scaling="2"), ValueError, "scaling must be a finite"),
+        (dict(scaling=float("nan")), ValueError, "scaling must be finite"),
+        (dict(scaling="2"), TypeError, "scaling must be a real number"),
+        (dict(scaling=torch.tensor(2.0)), TypeError, "scaling must be a real number"),
+        (dict(dropout_p=None), TypeError, "dropout_p must be a real number"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
         (dict(dropout_p=-0.1), ValueError, "dropout_p"),
         (dict(seed=-1), ValueError, "seed must be None or an int"),

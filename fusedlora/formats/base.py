@@ -27,10 +27,11 @@ class QuantizedWeight:
     tensor_fields: tuple[str, ...]
     follows_dtype_casts: ClassVar[bool] = False
     claims_any_float_weight: ClassVar[bool] = False  # dense: tried last by from_state_dict
+    records_dtype: ClassVar[bool] = True  # whether state_dict() keeps `dtype` (int8/fp8 do not)
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, blocksize: int = 0):
         self.shape = torch.Size(shape)
-        self.dtype = dtype
+        self.dtype = dtype  # what dequantize() returns by default: the dtype it was quantized from
         self.blocksize = blocksize
 
     def tensors(self) -> list[Tensor]:
@@ -174,7 +175,7 @@ def register_format(*names: str):
 
 def format_class(fmt) -> type:
     """The `QuantizedWeight` subclass of format `fmt`, or a ValueError naming the choices."""
-    if fmt not in _FORMAT_CLASSES:
+    if not isinstance(fmt, str) or fmt not in _FORMAT_CLASSES:
         raise ValueError(f"fmt must be one of {sorted(_FORMAT_CLASSES)}, got {fmt!r}")
     return _FORMAT_CLASSES[fmt]
 

@@ -46,8 +46,8 @@ def _code_cpu(fmt: str) -> torch.Tensor:
 
 
 def code_table(fmt: str, device=None) -> torch.Tensor:
-    """The 16 fp32 values that 4-bit codes 0..15 of `fmt` ("nf4" or "fp4") stand for."""
-    return _code_cpu(fmt).to(device)
+    """The 16 fp32 values that 4-bit codes 0..15 of `fmt` ("nf4" or "fp4") stand for (a fresh copy)."""
+    return _code_cpu(fmt).to(device, copy=True)
 
 
 @lru_cache(maxsize=None)
@@ -65,6 +65,6 @@ def signed_dynamic_map(device=None) -> torch.Tensor:
     """The sorted 256-entry fp32 map that nested (double) quantization codes absmax with.
 
     Decade 10^(e-6) for e = 0..6 holds 2^e linear steps (midpoints of a split of [0.1, 1]),
-    mirrored for the negative side, plus 0 and 1.
+    mirrored for the negative side, plus 0 and 1. A fresh copy: layers own their tables.
     """
-    return _dynamic_map_cpu().to(device)
+    return _dynamic_map_cpu().to(device, copy=True)

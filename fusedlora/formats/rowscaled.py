@@ -30,11 +30,12 @@ class RowScaledWeight(QuantizedWeight):
     """Shared shape of the per-row formats: `data` (N, K) and an fp32 `scale` per row."""
 
     tensor_fields = ("data", "scale")
+    records_dtype = False
     storage_dtype: torch.dtype
     scale_key: str
 
-    def __init__(self, data: Tensor, scale: Tensor):
-        super().__init__(tuple(data.shape), torch.float32)
+    def __init__(self, data: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__(tuple(data.shape), dtype)
         self.data = data
         self.scale = scale
 
@@ -42,7 +43,7 @@ class RowScaledWeight(QuantizedWeight):
     def quantize(cls, weight: Tensor) -> "RowScaledWeight":
         check_finite_for_quantization(weight, cls.fmt)
         row_absmax = weight.abs().amax(dim=1).float()
-        return cls(cls._quantize_rows(weight.float(), row_absmax), cls._scale_from_absmax(row_absmax))
+        return cls(cls._quantize_rows(weight.float(), row_absmax), cls._scale_from_absmax(row_absmax), weight.dtype)
 
     def requantize(self, weight: Tensor) -> "RowScaledWeight":
         return type(self).quantize(weight)
