@@ -142,7 +142,8 @@ class LoRALinear(nn.Module):
         """Fold the adapter into the frozen weight; `unmerge` restores the original exactly.
 
         A quantized base is dequantized, updated and re-quantized in its own format, which adds
-        that format's rounding error. The original weight is kept until `unmerge`.
+        that format's rounding error. The original weight is kept until `unmerge`, and it is what
+        `state_dict()` saves meanwhile (with the adapter), so a checkpoint never holds both.
         """
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
