@@ -73,4 +73,29 @@ def _reference_why_not(problem: Problem) -> Optional[str]:
     return None
 
 
+def _triton_launchers():
+    from fusedlora.kernels import launch  # imports triton: only once a call may need it
+
+    return launch
+
+
+def _triton_why_not(problem: Problem) -> Optional[str]:
+    if problem.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "CPU tensors run on Triton only under TRITON_INTERPRET=1"
+    try:
+        launchers = _triton_launchers()
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    return launchers.why_not(problem)
+
+
+def _triton_forward(*args):
+    return _triton_launchers().forward(*args)
+
+
+def _triton_backward(*args):
+    return _triton_launchers().backward(*args)
+
+
 register_backend(Backend("reference", _reference_why_not, reference.forward, reference.backward, priority=0))
+register_backend(Backend("triton", _triton_why_not, _triton_forward, _triton_backward, priority=10))

@@ -1,1 +1,6 @@
-"""Triton kernels of fusedlora, installed as `fusedlora.kernels` (see DESIGN §3)."""
+"""Triton kernels of fusedlora, installed as `fusedlora.kernels` (DESIGN §3).
+
+`forward.py` (shrink, fused GEMM, small-M GEMV) and `backward.py` (du/dB, dx, dA) hold the
+kernels, `dequant.py`, `dropout.py` and `tiling.py` their shared device code, `configs.py` the tile choices,
+and `launch.py` the launchers the backend registry calls. Importing this package imports Triton.
+"""

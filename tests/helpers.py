@@ -16,6 +16,7 @@ TOLERANCES = {
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
     """Compare `actual` (computed in `dtype`) with a float64 `expected` using the table."""
+    actual, expected = actual.detach(), expected.detach()
     scale = expected.double().abs().max().clamp(min=torch.finfo(torch.float64).tiny) if expected.numel() else 1.0
     torch.testing.assert_close(actual.double(), expected.double(), atol=TOLERANCES[dtype] * float(scale), rtol=0,
                                msg=lambda m: f"{what}: {m}")
@@ -46,3 +47,15 @@ def random_weight(n: int, k: int, dtype=torch.float32, generator=None) -> torch.
     """A weight with rows of very different scales, as real layers have."""
     scales = 10.0 ** torch.empty(n, 1).uniform_(-2, 1, generator=generator)
     return (torch.randn(n, k, generator=generator) * scales).to(dtype)
+
+
+def float64_oracle(x, w, lora_A, lora_B, scaling, bias, keep, p, grad_y):
+    """y and (dx, dA, dB, dbias) in float64 by autograd, from a dense W and an explicit keep mask."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, lora_A, lora_B, bias)]
+    x64, a64, b64, bias64 = leaves
+    dropped = x64 if keep is None else torch.where(keep, x64 / (1 - p), 0.0)
+    y = x64 @ w.double().t() + scaling * (dropped @ a64.t()) @ b64.t()
+    if bias64 is not None:
+        y = y + bias64
+    y.backward(grad_y.double())
+    return y.detach(), [None if t is None else t.grad for t in leaves]

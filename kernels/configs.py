@@ -1,0 +1,100 @@
+"""Tile configurations of the Triton kernels, apart from the kernel code.
+
+The two GEMM-shaped kernels (forward, grad_x) are autotuned on the GPU among the candidates of
+the device's architecture (Hopper: sm_90; Ampere: sm_80/86/89), keyed on the bucketed M, N, K,
+the weight format and the padded rank; the choice is cached per key. The skinny kernels
+(shrink, decode, grad_u, grad_a) take a heuristic config. Under the Triton interpreter every
+kernel runs one small config, since the interpreter's cost grows with programs × loop steps.
+"""
+
+from dataclasses import dataclass
+
+import triton
+
+# Kernel arguments that key the autotuning cache (M_BUCKET is next_power_of_2(M), capped).
+AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "FMT", "NESTED", "BLOCK_R"]
+
+
+def _gemm(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# Large tiles keep BLOCK_M >= 128 so one dequantized W tile serves many rows (DESIGN §8).
+HOPPER_GEMM = [
+    _gemm(128, 256, 64, 8, 3),
+    _gemm(128, 128, 64, 8, 4),
+    _gemm(256, 128, 64, 8, 3),
+    _gemm(128, 128, 128, 8, 3),
+    _gemm(64, 128, 64, 4, 4),
+    _gemm(64, 64, 64, 4, 4),
+]
+AMPERE_GEMM = [
+    _gemm(128, 128, 32, 8, 4),
+    _gemm(128, 64, 32, 4, 4),
+    _gemm(64, 128, 32, 4, 4),
+    _gemm(64, 64, 64, 4, 3),
+]
+
+
+def gemm_candidates(capability: tuple[int, int]) -> list:
+    """Autotuning candidates for the forward and grad_x GEMMs on a device of `capability`."""
+    return HOPPER_GEMM if capability[0] >= 9 else AMPERE_GEMM
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two (at most 8192): the autotuning key for M."""
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+def padded_rank(r: int) -> int:
+    """BLOCK_R: r padded to a power of two of at least 16 (tl.dot's smallest dimension)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Meta-parameters of one launch of a non-autotuned kernel."""
+
+    meta: dict
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# The interpreter's single config. The last three entries choose code paths that a GPU picks by
+# itself (atomics unless deterministic, split-K and split-M when the grid is too small); tests set
+# them to cover those paths on the CPU.
+INTERPRETER = {
+    "gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4},
+    "shrink": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
+    "decode": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
+    "grad_u": SkinnyConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
+    "grad_a": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
+    "atomics": False,
+    "decode_split_k": 1,
+    "grad_a_split_m": 1,
+}
+
+
+def shrink_config(m: int, block_r: int) -> SkinnyConfig:
+    # The shrink reads x once and is bandwidth-bound: wide K steps, rows sized to fill the SMs.
+    return SkinnyConfig({"BLOCK_M": 64 if m >= 4096 else 32, "BLOCK_K": 128 if block_r <= 64 else 64}, num_warps=4)
+
+
+def decode_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
+    """(config, split_k) for the small-M kernel: enough programs to keep every SM streaming W."""
+    block_n = 64
+    tiles = triton.cdiv(n, block_n)
+    split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
+    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 128}, num_warps=4, num_stages=3), split_k
+
+
+def grad_u_config(m: int) -> SkinnyConfig:
+    return SkinnyConfig({"BLOCK_M": 64 if m >= 2048 else 32, "BLOCK_N": 128}, num_warps=4)
+
+
+def grad_a_config(m: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
+    """(config, split_m): K tiles times row slices should cover the SMs twice."""
+    block_k = 64
+    split_m = max(1, min(triton.cdiv(2 * sm_count, triton.cdiv(k, block_k)), triton.cdiv(m, 256)))
+    return SkinnyConfig({"BLOCK_M": 64, "BLOCK_K": block_k}, num_warps=4), split_m

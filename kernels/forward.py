@@ -1,0 +1,175 @@
+"""Forward kernels: the LoRA shrink, the fused large-M GEMM, and the one-launch small-M GEMV.
+
+    u = drop(x)·Aᵀ                                   (M, r)  `lora_shrink_kernel`
+    y = x·deq(W)ᵀ [·row_scale] + bias + s·u·Bᵀ         (M, N)  `lora_forward_kernel`
+    both at once, split over K, for M <= 16             `lora_decode_kernel`
+
+All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32); the LoRA products
+run in the LoRA dtype (the promotion of x's, A's and B's). The LoRA term and the bias are added
+in the epilogue, so y is written exactly once.
+"""
+
+import triton
+import triton.language as tl
+
+from .dequant import FP8, INT8, load_weight, row_scale
+from .dropout import dropped
+from .tiling import grouped_tile
+
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_um,
+    seed, threshold, keep_scale,
+    HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """u[m, j] = Σ_k drop(x)[m, k]·A[j, k]: one read of x per BLOCK_R adapter rows (all of
+    them when r <= BLOCK_R). Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        x = dropped(x, offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
+        a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(x.to(LORA_DOT), a.to(LORA_DOT), acc, input_precision=LORA_PRECISION)
+    tl.store(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :],
+             acc.to(u_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                     offs_m, m_mask, offs_n, n_mask, offs_k, k_mask, K, stride_xm, stride_xk, stride_wn,
+                     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr):
+    """One K step of x·deq(W)ᵀ: acc += x[offs_m, offs_k]·W[offs_n, offs_k]ᵀ. Returns (acc, the x tile)."""
+    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                    offs_n[None, :], offs_k[:, None], k_mask[:, None] & n_mask[None, :], K, stride_wn,
+                    FMT, NESTED, BLOCKSIZE)
+    return tl.dot(x.to(X_DOT), w.to(X_DOT), acc, input_precision=X_PRECISION), x
+
+
+@triton.jit
+def _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
+                   bias_factor, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                   LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    """acc·row_scale + bias_factor·bias + s·u·Bᵀ for a (BLOCK_M, BLOCK_N) tile; u is (BLOCK_M, BLOCK_R)."""
+    if FMT == INT8 or FMT == FP8:
+        acc = acc * row_scale(scale_ptr, offs_n, n_mask, FMT)[None, :]
+    if HAS_BIAS:
+        acc += bias_factor * tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        b = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += scaling * tl.dot(u.to(LORA_DOT), b.to(LORA_DOT), input_precision=LORA_PRECISION)
+    return acc
+
+
+@triton.jit
+def lora_forward_kernel(
+    x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+    u_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R, scaling, stride_xm, stride_xk, stride_wn, stride_um, stride_bn, stride_ym,
+    M_BUCKET,  # only an autotuning key: the bucketed M
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y = x·deq(W)ᵀ + bias + s·u·Bᵀ, W dequantized tile by tile in the K loop; u from the
+    shrink kernel. Grid: (cdiv(M, BLOCK_M)·cdiv(N, BLOCK_N),), grouped along M so that
+    consecutive programs share W tiles in L2. Needs R <= BLOCK_R."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, offs_k < K, K,
+                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, X_DOT, X_PRECISION)
+
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if HAS_LORA:
+        u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    acc = _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
+                         1.0, FMT, HAS_BIAS, HAS_LORA, LORA_DOT, LORA_PRECISION)
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def lora_decode_kernel(
+    x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+    a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr,
+    M, N, K, R, scaling, seed, threshold, keep_scale,
+    stride_xm, stride_xk, stride_wn, stride_ar, stride_bn, stride_ym, stride_um,
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Small M (all rows in one BLOCK_M): y and u in one launch, the weight read once.
+
+    Program (n, s) takes columns n·BLOCK_N.. and the s-th of SPLIT_K slices of K; it forms its
+    slice's share of u (the LoRA term is linear in u, so s·u_s·Bᵀ summed over slices is exact).
+    SPLIT_K = 1 stores y and u directly; SPLIT_K > 1 adds into zeroed fp32 y and u with atomics.
+    Grid: (cdiv(N, BLOCK_N), SPLIT_K). Needs M <= BLOCK_M and R <= BLOCK_R.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_per_split
+    k_end = min(k_begin + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k_mask, K,
+                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, X_DOT, X_PRECISION)
+        if HAS_LORA:
+            x_dropped = dropped(x.to(tl.float32), offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
+            a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],
+                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            u = tl.dot(x_dropped.to(LORA_DOT), a.to(LORA_DOT), u, input_precision=LORA_PRECISION)
+
+    if SPLIT_K == 1:
+        u = u.to(u_ptr.dtype.element_ty)  # u rounded to the LoRA dtype, as the reference keeps it
+    first_slice = (pid_k == 0).to(tl.float32)  # the bias is added by one slice only
+    acc = _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
+                         first_slice, FMT, HAS_BIAS, HAS_LORA, LORA_DOT, LORA_PRECISION)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    u_ptrs = u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    u_mask = m_mask[:, None] & r_mask[None, :] & (pid_n == 0)
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.store(u_ptrs, u, mask=u_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+        tl.atomic_add(u_ptrs, u, mask=u_mask)

@@ -1,0 +1,267 @@
+"""Launchers of the Triton backend: check, allocate, grid, launch.
+
+`forward` and `backward` have the signatures of `fusedlora.reference.forward/backward`; `why_not`
+answers the backend registry. Kernels are chosen by M: M <= 16 takes the one-launch small-M
+kernel, larger M the shrink plus the fused GEMM. Under TRITON_INTERPRET=1 (read when Triton
+compiles the kernels, at import) CPU tensors run through the interpreter, when forced.
+"""
+
+import contextlib
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedlora.backends import BACKEND_ENV, Problem
+from fusedlora.dropout import drop_threshold
+from fusedlora.formats import QuantizedWeight
+from fusedlora.formats.codebooks import code_table
+from fusedlora.reference import lora_dtype
+
+from . import configs
+from .backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
+from .forward import lora_decode_kernel, lora_forward_kernel, lora_shrink_kernel
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_RANK = 256
+SMALL_M = 16
+_FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def why_not(problem: Problem) -> Optional[str]:
+    """Why the Triton backend cannot run `problem`, or None when it can."""
+    device = problem.device
+    if device.type == "cuda":
+        if INTERPRETING:
+            return "TRITON_INTERPRET=1 is set, so Triton runs CPU tensors only"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
+            return f"needs a GPU of compute capability 8.0 or newer, got {capability}"
+        if problem.fmt == "fp8" and capability < (8, 9):
+            return f"fp8 weights need compute capability 8.9 or newer, got {capability}"
+    elif device.type == "cpu":
+        if not INTERPRETING:
+            return "CPU tensors run on Triton only under TRITON_INTERPRET=1"
+        if os.environ.get(BACKEND_ENV, "").strip() != "triton":
+            return f"the Triton interpreter takes CPU tensors only when {BACKEND_ENV}=triton forces it"
+    else:
+        return f"{device.type} tensors are not supported"
+    if problem.x_dtype not in _TL_DTYPES:
+        return f"x has dtype {problem.x_dtype}; the kernels take float16, bfloat16 or float32"
+    if problem.adapter_dtype not in _TL_DTYPES:
+        return f"the adapters have dtype {problem.adapter_dtype}; the kernels take float16, bfloat16 or float32"
+    if problem.rank > MAX_RANK:
+        return f"rank {problem.rank} is above the kernels' limit of {MAX_RANK}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
+    return code_table(fmt, device)  # read-only inside the kernels, so one copy per device serves all
+
+
+def _weight_args(weight: QuantizedWeight) -> dict:
+    """Pointers and constexprs that describe the weight to `load_weight`."""
+    if weight.fmt in ("nf4", "fp4"):
+        code = _device_code_table(weight.fmt, weight.packed.device)
+        nested = [weight.nested_absmax, weight.nested_code, weight.nested_offset] if weight.nested else [code] * 3
+        pointers = [weight.packed, weight.absmax, code, *nested]
+        return dict(pointers=pointers, stride_wn=0, FMT=_FORMAT_IDS[weight.fmt], NESTED=weight.nested,
+                    BLOCKSIZE=weight.blocksize)
+    data = weight.weight if weight.fmt == "dense" else weight.data
+    if data.stride(1) != 1:
+        data = data.contiguous()
+    scale = data if weight.fmt == "dense" else weight.scale
+    return dict(pointers=[data, scale, data, data, data, data], stride_wn=data.stride(0),
+                FMT=_FORMAT_IDS[weight.fmt], NESTED=False, BLOCKSIZE=1)
+
+
+def _dot_args(x_dtype: torch.dtype, compute: torch.dtype) -> dict:
+    """Operand dtypes of the two kinds of products; fp32 products stay IEEE fp32 (no TF32)."""
+    return dict(X_DOT=_TL_DTYPES[x_dtype], X_PRECISION="ieee" if x_dtype == torch.float32 else "tf32",
+                LORA_DOT=_TL_DTYPES[compute], LORA_PRECISION="ieee" if compute == torch.float32 else "tf32")
+
+
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    return dict(seed=seed, threshold=drop_threshold(dropout_p), keep_scale=1.0 / (1.0 - dropout_p))
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every buffer a kernel must fill entirely is allocated here (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _reduce_with_atomics() -> bool:
+    """Reductions over M with fp32 atomics (faster, not bitwise reproducible) unless torch asks for determinism."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    return configs.INTERPRETER["atomics"] if INTERPRETING else True
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel, capability: tuple[int, int]):
+    return triton.autotune(configs=configs.gemm_candidates(capability), key=configs.AUTOTUNE_KEY)(kernel)
+
+
+def _launch_gemm(kernel, tiles_of, device, *args, **kwargs):
+    """Launch a GEMM-shaped kernel: autotuned on a GPU, the interpreter's config on the CPU."""
+    if INTERPRETING:
+        meta = configs.INTERPRETER["gemm"]
+        kernel[(tiles_of(meta),)](*args, **kwargs, **meta)
+    else:
+        _autotuned(kernel, torch.cuda.get_device_capability(device))[lambda meta: (tiles_of(meta),)](*args, **kwargs)
+
+
+def _skinny(name: str, config: configs.SkinnyConfig) -> tuple[dict, dict]:
+    """(meta, launch options) of a heuristic config, or the interpreter's."""
+    chosen = configs.INTERPRETER[name] if INTERPRETING else config
+    return chosen.meta, ({} if INTERPRETING else dict(num_warps=chosen.num_warps, num_stages=chosen.num_stages))
+
+
+def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """x (M, K), lora_A (r, K), lora_B (N, r), bias (N,) or None → y (M, N), u (M, r)."""
+    with _on(x.device):
+        return _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+
+def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    x, lora_A, lora_B = _rows_contiguous(x), _rows_contiguous(lora_A), _rows_contiguous(lora_B)
+    (m, k), n, r = x.shape, weight.shape[0], lora_A.shape[0]
+    compute = lora_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    y = new_output((m, n), x.dtype, x.device)
+    u = new_output((m, r), compute, x.device)
+    if m == 0:
+        return y, u
+    has_lora = scaling != 0.0
+    w = _weight_args(weight)
+    block_r = configs.padded_rank(r)
+    constexprs = dict(FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"], HAS_BIAS=bias is not None,
+                      HAS_LORA=has_lora, BLOCK_R=block_r, **_dot_args(x.dtype, compute))
+    bias_arg = bias if bias is not None else x
+    if m <= SMALL_M:
+        return _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs)
+
+    if has_lora:
+        shrink_r = min(block_r, 128)
+        meta, options = _skinny("shrink", configs.shrink_config(m, block_r))
+        grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, shrink_r))
+        lora_shrink_kernel[grid](x, lora_A, u, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), u.stride(0),
+                                 **_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0,
+                                 LORA_DOT=constexprs["LORA_DOT"], LORA_PRECISION=constexprs["LORA_PRECISION"],
+                                 BLOCK_R=shrink_r, **meta, **options)
+    else:
+        u.zero_()
+    _launch_gemm(lora_forward_kernel,
+                 lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), x.device,
+                 x, *w["pointers"], u, lora_B, bias_arg, y, m, n, k, r, float(scaling),
+                 x.stride(0), x.stride(1), w["stride_wn"], u.stride(0), lora_B.stride(0), y.stride(0),
+                 configs.m_bucket(m), **constexprs)
+    return y, u
+
+
+def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs):
+    (m, k), n, r = x.shape, y.shape[1], u.shape[1]
+    heuristic, split_k = configs.decode_config(n, k, _sm_count(x.device))
+    meta, options = _skinny("decode", heuristic)
+    if INTERPRETING:
+        split_k = configs.INTERPRETER["decode_split_k"]
+    if split_k > 1 and not _reduce_with_atomics():
+        split_k = 1
+    y_out = y if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    u_out = u if split_k == 1 else torch.zeros((m, r), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), split_k)
+    lora_decode_kernel[grid](x, *w["pointers"], lora_A, lora_B, bias_arg, y_out, u_out, m, n, k, r, float(scaling),
+                             **_dropout_args(seed=seed, dropout_p=dropout_p),
+                             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w["stride_wn"],
+                             stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
+                             stride_um=u_out.stride(0), HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split_k,
+                             BLOCK_M=SMALL_M, **constexprs, **meta, **options)
+    if split_k > 1:
+        y.copy_(y_out)
+        u.copy_(u_out)
+    return y, u
+
+
+def backward(grad_y, x, u, weight: QuantizedWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+    """grad_y (M, N), x (M, K), u (M, r) → (dx (M, K) or None, dA (r, K), dB (N, r))."""
+    with _on(x.device):
+        return _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx)
+
+
+def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+    grad_y, x, u = _rows_contiguous(grad_y), _rows_contiguous(x), _rows_contiguous(u)
+    lora_A, lora_B = _rows_contiguous(lora_A), _rows_contiguous(lora_B)
+    (m, k), n, r = x.shape, weight.shape[0], lora_A.shape[0]
+    compute = u.dtype
+    has_lora = scaling != 0.0 and m > 0
+    block_r = configs.padded_rank(r)
+    dots = _dot_args(x.dtype, compute)
+    dropout = _dropout_args(dropout_p, seed)
+    grad_A = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
+    grad_B = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
+    du = new_output((m, r), torch.float32, x.device) if has_lora else x  # x: an unread placeholder
+    if has_lora:
+        grad_B.copy_(_grad_u(grad_y, u, lora_B, du, scaling, block_r, dots))
+        grad_A.copy_(_grad_a(du, x, block_r, dots, dropout, dropout_p > 0.0))
+    if not need_dx:
+        return None, grad_A, grad_B
+    grad_x = new_output((m, k), x.dtype, x.device)
+    if m == 0:
+        return grad_x, grad_A, grad_B
+    w = _weight_args(weight)
+    _launch_gemm(lora_grad_x_kernel,
+                 lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), x.device,
+                 grad_y, *w["pointers"], du, lora_A, grad_x, m, n, k, r, *dropout.values(),
+                 grad_y.stride(0), w["stride_wn"], du.stride(0), lora_A.stride(0), grad_x.stride(0),
+                 configs.m_bucket(m), FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"],
+                 HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, **dots)
+    return grad_x, grad_A, grad_B
+
+
+def _grad_u(grad_y, u, lora_B, du, scaling, block_r, dots) -> torch.Tensor:
+    """Fill du (fp32) and return dB (N, r) in fp32."""
+    (m, n), r = grad_y.shape, u.shape[1]
+    meta, options = _skinny("grad_u", configs.grad_u_config(m))
+    programs = triton.cdiv(m, meta["BLOCK_M"])
+    atomic = _reduce_with_atomics()
+    partials = torch.zeros((1, n, r), dtype=torch.float32, device=u.device) if atomic \
+        else new_output((programs, n, r), torch.float32, u.device)
+    lora_grad_u_kernel[(programs,)](grad_y, u, lora_B, du, partials, m, n, r, float(scaling),
+                                    grad_y.stride(0), u.stride(0), lora_B.stride(0), du.stride(0),
+                                    partials.stride(0), partials.stride(1), ATOMIC_DB=atomic,
+                                    LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"],
+                                    BLOCK_R=block_r, **meta, **options)
+    return partials.sum(dim=0)
+
+
+def _grad_a(du, x, block_r, dots, dropout, has_dropout) -> torch.Tensor:
+    """dA (r, K) in fp32 from du (fp32) and the regenerated drop(x)."""
+    (m, k), r = x.shape, du.shape[1]
+    heuristic, split_m = configs.grad_a_config(m, k, _sm_count(x.device))
+    meta, options = _skinny("grad_a", heuristic)
+    if INTERPRETING:
+        split_m = configs.INTERPRETER["grad_a_split_m"]
+    partials = new_output((split_m, r, k), torch.float32, x.device)
+    grid = (triton.cdiv(k, meta["BLOCK_K"]), split_m)
+    lora_grad_a_kernel[grid](du, x, partials, m, k, r, *dropout.values(), du.stride(0), x.stride(0), x.stride(1),
+                             partials.stride(0), partials.stride(1), HAS_DROPOUT=has_dropout,
+                             LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"], SPLIT_M=split_m,
+                             BLOCK_R=block_r, **meta, **options)
+    return partials.sum(dim=0)

@@ -1,0 +1,222 @@
+"""The Triton backend under Triton's interpreter (on the CPU), through the public op: every format
+and dtype, both forward paths, all gradients against a float64 oracle with the shared tolerance
+table; outputs poisoned before every call; the dropout mask bit for bit; opcheck; dispatch."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlora.formats as formats
+from fusedlora import fused_lora_linear, quantize
+from fusedlora.dropout import keep_mask
+from fusedlora.ops import lora_linear_bwd, lora_linear_fwd
+from helpers import assert_close, float64_oracle, random_weight
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="interpreter suite: conftest sets TRITON_INTERPRET=1 where there is no GPU")
+triton_language = pytest.importorskip("triton.language")
+interpreter = pytest.importorskip("triton.runtime.interpreter")
+launch = pytest.importorskip("fusedlora.kernels.launch")
+configs = pytest.importorskip("fusedlora.kernels.configs")
+
+FORMATS = ["nf4", "fp4", "int8", "fp8", "dense"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 64, 80), (7, 96, 136), (33, 192, 80)]  # (M, K, N): both forward paths, ragged tiles
+RANKS = [1, 8, 12, 16]
+
+
+@pytest.fixture(autouse=True)
+def triton_forced(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels must fill starts as NaN: a missed element shows up."""
+    monkeypatch.setattr(launch, "new_output",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def _fp32_handle(handle):
+    if handle.dtype != triton_language.bfloat16:
+        return handle
+    data = interpreter._convert_float(handle.data, triton_language.bfloat16, triton_language.float32, None)
+    return interpreter.TensorHandle(data.view(np.float32), triton_language.float32)
+
+
+@pytest.fixture(autouse=True)
+def interpreter_bf16_dot(monkeypatch):
+    """Test-only patch (DESIGN §5): the interpreter's tl.dot multiplies bf16 operands as raw
+    uint16 bits; upcast them to fp32 first, as the tensor cores do."""
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, _fp32_handle(a), _fp32_handle(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def _check(m, k, n, r, fmt, dtype, *, adapter_dtype=None, bias=True, p=0.0, blocksize=64, double_quant=True,
+           scaling=1.5, seed=0, x_view=None):
+    """Run the op on the Triton backend and compare y and every gradient with float64."""
+    g = torch.Generator().manual_seed(seed + 1000 * m + k + n + r)
+    weight = quantize(random_weight(n, k, generator=g), fmt, blocksize, double_quant)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    adapter_dtype = adapter_dtype or dtype
+    lora_A = (torch.randn(r, k, generator=g) / k**0.5).to(adapter_dtype)
+    lora_B = torch.randn(n, r, generator=g).to(adapter_dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    grad_y = torch.randn(m, n, generator=g).to(dtype)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, lora_A, lora_B, b)]
+    x_in = leaves[0] if x_view is None else x_view(leaves[0])
+    y = fused_lora_linear(x_in, weight, leaves[1], leaves[2], scaling, leaves[3], p, seed=77)
+    y.reshape(m, n).backward(grad_y)
+    keep = keep_mask((m, k), p, 77) if p > 0 else None
+    y_ref, grads = float64_oracle(x, weight.dequantize(torch.float64), lora_A, lora_B, scaling, b, keep, p, grad_y)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert_close(y.reshape(m, n), y_ref, dtype, "y")
+    for name, leaf, expected in zip(("dx", "dA", "dB", "dbias"), leaves, grads):
+        if leaf is not None:
+            assert leaf.grad.dtype == leaf.dtype and torch.isfinite(leaf.grad).all(), name
+            assert_close(leaf.grad, expected, dtype, name)
+
+
+MATRIX = [(fmt, dtype, shape) for fmt in FORMATS for dtype in DTYPES for shape in SHAPES]
+
+
+@pytest.mark.parametrize("case", range(len(MATRIX)),
+                         ids=[f"{f}-{str(d)[6:]}-{'x'.join(map(str, s))}" for f, d, s in MATRIX])
+def test_parity_every_format_dtype_and_path(case):
+    fmt, dtype, (m, k, n) = MATRIX[case]
+    _check(m, k, n, RANKS[case % 4], fmt, dtype, bias=case % 2 == 0, p=0.1 if (case // 2) % 2 else 0.0)
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("m", [7, 33])
+def test_every_rank_bias_and_dropout(r, bias, p, m):
+    _check(m, 96, 80, r, "nf4", torch.bfloat16, bias=bias, p=p)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize,k", [(32, 65), (128, 96), (256, 130)])
+def test_4bit_layouts_odd_rows_and_blocks_across_rows(fmt, double_quant, blocksize, k):
+    _check(33, k, 48, 8, fmt, torch.float32, blocksize=blocksize, double_quant=double_quant, p=0.1)
+    _check(5, k, 48, 8, fmt, torch.float32, blocksize=blocksize, double_quant=double_quant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [3, 40])
+def test_fp32_adapters_with_half_activations(dtype, m):
+    _check(m, 96, 80, 16, "nf4", dtype, adapter_dtype=torch.float32, p=0.1)
+
+
+@pytest.mark.parametrize("m", [3, 40])
+def test_rank_above_128(m):
+    _check(m, 64, 48, 200, "int8", torch.float32, p=0.1)
+
+
+def test_split_reductions(monkeypatch):
+    """The paths a GPU takes for small grids: split-K decode, atomic dB, split-M dA."""
+    monkeypatch.setitem(configs.INTERPRETER, "atomics", True)
+    monkeypatch.setitem(configs.INTERPRETER, "decode_split_k", 3)
+    monkeypatch.setitem(configs.INTERPRETER, "grad_a_split_m", 2)
+    for m in (7, 33):
+        _check(m, 192, 80, 8, "nf4", torch.float32, p=0.1)
+        _check(m, 192, 80, 8, "int8", torch.bfloat16)
+
+
+def test_nd_and_non_contiguous_inputs():
+    _check(12, 64, 40, 4, "nf4", torch.float32, x_view=lambda x: x.view(3, 4, 64))
+    _check(33, 64, 40, 4, "fp8", torch.float32, x_view=lambda x: x.t().contiguous().t())
+
+
+def test_dropout_mask_equals_the_reference_mask():
+    """With x = 1 and A = I, u = drop(x) = keep / (1 - p): the kernels' mask, read back."""
+    k, p, seed = 64, 0.3, 12345
+    weight = quantize(torch.randn(32, k), "nf4")
+    for m in (5, 37):  # the small-M kernel and the shrink kernel
+        x = torch.ones(m, k)
+        args = (x, weight.tensors(), "nf4", [32, k], 64, torch.eye(k), torch.randn(32, k), 1.0, None, p,
+                torch.tensor(seed))
+        _, u = lora_linear_fwd(*args)
+        assert torch.equal(u != 0, keep_mask((m, k), p, seed))
+        torch.testing.assert_close(u[u != 0], torch.full_like(u[u != 0], 1 / (1 - p)))
+
+
+def test_the_fused_path_never_materialises_the_weight_or_the_dropout(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense W or drop(x) was materialised")
+
+    for weight_class in (formats.FourBitWeight, formats.Int8Weight, formats.Fp8Weight, formats.DenseWeight):
+        monkeypatch.setattr(weight_class, "dequantize", refuse)
+    monkeypatch.setattr("fusedlora.reference.apply_dropout", refuse)
+    weight = quantize(torch.randn(40, 64), "nf4")
+    for m in (3, 33):
+        x = torch.randn(m, 64, requires_grad=True)
+        lora_A = torch.randn(4, 64, requires_grad=True)
+        lora_B = torch.randn(40, 4, requires_grad=True)
+        fused_lora_linear(x, weight, lora_A, lora_B, 1.0, None, 0.2).sum().backward()
+        assert x.grad is not None and lora_A.grad is not None
+
+
+def test_zero_scaling_gives_the_base_and_zero_adapter_gradients():
+    weight = quantize(torch.randn(40, 64), "int8")
+    x = torch.randn(33, 64, requires_grad=True)
+    lora_A = torch.full((4, 64), float("nan"), requires_grad=True)
+    lora_B = torch.randn(40, 4, requires_grad=True)
+    y = fused_lora_linear(x, weight, lora_A, lora_B, 0.0)
+    assert_close(y, x.double() @ weight.dequantize(torch.float64).t(), torch.float32)
+    y.sum().backward()
+    assert torch.equal(lora_A.grad, torch.zeros_like(lora_A)) and torch.equal(lora_B.grad, torch.zeros_like(lora_B))
+
+
+def test_repeated_calls_are_bitwise_identical():
+    weight = quantize(torch.randn(40, 64), "nf4")
+    x, lora_A, lora_B = torch.randn(33, 64), torch.randn(4, 64), torch.randn(40, 4)
+    first = fused_lora_linear(x, weight, lora_A, lora_B, 1.0, None, 0.2, seed=3)
+    assert torch.equal(first, fused_lora_linear(x, weight, lora_A, lora_B, 1.0, None, 0.2, seed=3))
+
+
+@pytest.mark.parametrize("m", [5, 33])
+def test_opcheck_with_triton_forced(m):
+    weight = quantize(torch.randn(24, 64), "nf4")
+    x = torch.randn(m, 64, requires_grad=True)
+    lora_A = torch.randn(4, 64, requires_grad=True)
+    lora_B = torch.randn(24, 4, requires_grad=True)
+    seed = torch.tensor(9)
+    args = (x, weight.tensors(), "nf4", [24, 64], 64, lora_A, lora_B, 0.5, torch.randn(24), 0.1, seed)
+    torch.library.opcheck(lora_linear_fwd, args)
+    plain = (torch.randn(m, 24), x.detach(), torch.randn(m, 4), *args[1:5], lora_A.detach(), lora_B.detach(),
+             0.5, 0.1, seed, True)
+    torch.library.opcheck(lora_linear_bwd, plain)
+
+
+def test_forced_triton_refuses_what_it_cannot_run():
+    weight = quantize(torch.randn(24, 64), "nf4")
+    with pytest.raises(RuntimeError, match="triton cannot run this call: x has dtype torch.float64"):
+        fused_lora_linear(torch.randn(3, 64, dtype=torch.float64), weight, torch.randn(4, 64, dtype=torch.float64),
+                          torch.randn(24, 4, dtype=torch.float64), 1.0)
+    with pytest.raises(RuntimeError, match="rank 300 is above"):
+        fused_lora_linear(torch.randn(3, 64), weight, torch.randn(300, 64), torch.randn(24, 300), 1.0)
+
+
+def test_cpu_dispatch_prefers_the_reference_unless_forced(monkeypatch):
+    monkeypatch.delenv("FUSEDLORA_BACKEND")
+    calls = []
+    monkeypatch.setattr(launch, "forward", lambda *args: calls.append(1))
+    weight = quantize(torch.randn(24, 64), "nf4")
+    y = fused_lora_linear(torch.randn(3, 64), weight, torch.randn(4, 64), torch.randn(24, 4), 1.0)
+    assert calls == [] and y.shape == (3, 24)
+
+
+def test_base_only_matches_nn_linear_shape_semantics():
+    weight = quantize(torch.randn(24, 64), "dense")
+    x = torch.randn(2, 5, 64)
+    y = fused_lora_linear(x, weight, torch.randn(4, 64), torch.zeros(24, 4), 1.0)
+    assert_close(y, F.linear(x.double(), weight.weight.double()), torch.float32)
