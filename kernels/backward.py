@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .dequant import FP8, INT8, load_weight, row_scale
-from .dropout import dropped
+from .dropout import RUNTIME_INTS, dropped
 from .tiling import grouped_tile
 
 
@@ -57,13 +57,13 @@ def lora_grad_u_kernel(
              mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def lora_grad_x_kernel(
     g_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
     du_ptr, a_ptr, dx_ptr, M, N, K, R, seed, threshold, keep_scale,
     stride_gm, stride_wn, stride_dum, stride_ar, stride_dxm,
     M_BUCKET,  # only an autotuning key: the bucketed M
-    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -86,8 +86,8 @@ def lora_grad_x_kernel(
         if FMT == INT8 or FMT == FP8:
             g = g.to(tl.float32) * row_scale(scale_ptr, offs_n, n_mask, FMT)[None, :]
         w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                        offs_n[:, None], offs_k[None, :], n_mask[:, None] & k_mask[None, :], K, stride_wn,
-                        FMT, NESTED, BLOCKSIZE)
+                        offs_n[:, None], n_mask[:, None], offs_k[None, :], pid_k * BLOCK_K,
+                        n_mask[:, None] & k_mask[None, :], K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K)
         acc = tl.dot(g.to(X_DOT), w.to(X_DOT), acc, input_precision=X_PRECISION)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -102,7 +102,7 @@ def lora_grad_x_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def lora_grad_a_kernel(
     du_ptr, x_ptr, da_ptr, M, K, R, seed, threshold, keep_scale,
     stride_dum, stride_xm, stride_xk, stride_dap, stride_dar,

@@ -7,6 +7,10 @@ row-major element index i = m·K + k; uint32 arithmetic wraps mod 2^32 as the ha
 import triton
 import triton.language as tl
 
+# Kernel arguments that change every call (the seed, and the threshold with p): never specialised
+# on their values (1, multiples of 16), so a new seed never compiles a new kernel.
+RUNTIME_INTS = ["seed", "threshold"]
+
 
 @triton.jit
 def fmix32(h):

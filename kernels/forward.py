@@ -5,19 +5,19 @@
     both at once, split over K, for M <= 16             `lora_decode_kernel`
 
 All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32); the LoRA products
-run in the LoRA dtype (the promotion of x's, A's and B's). The LoRA term and the bias are added
-in the epilogue, so y is written exactly once.
+run in `LORA_DOT` (x's dtype for 16-bit x, see `launch._dot_args`), and u is stored in the LoRA
+dtype. The LoRA term and the bias are added in the epilogue, so y is written exactly once.
 """
 
 import triton
 import triton.language as tl
 
 from .dequant import FP8, INT8, load_weight, row_scale
-from .dropout import dropped
+from .dropout import RUNTIME_INTS, dropped
 from .tiling import grouped_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def lora_shrink_kernel(
     x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_um,
     seed, threshold, keep_scale,
@@ -46,15 +46,15 @@ def lora_shrink_kernel(
 
 @triton.jit
 def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                     offs_m, m_mask, offs_n, n_mask, offs_k, k_mask, K, stride_xm, stride_xk, stride_wn,
-                     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr):
+                     offs_m, m_mask, offs_n, n_mask, offs_k, k0, k_mask, K, stride_xm, stride_xk, stride_wn,
+                     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
+                     BLOCK_K: tl.constexpr, X_DOT: tl.constexpr, X_PRECISION: tl.constexpr):
     """One K step of x·deq(W)ᵀ: acc += x[offs_m, offs_k]·W[offs_n, offs_k]ᵀ. Returns (acc, the x tile)."""
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
     w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                    offs_n[None, :], offs_k[:, None], k_mask[:, None] & n_mask[None, :], K, stride_wn,
-                    FMT, NESTED, BLOCKSIZE)
+                    offs_n[None, :], n_mask[None, :], offs_k[:, None], k0, k_mask[:, None] & n_mask[None, :], K,
+                    stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K)
     return tl.dot(x.to(X_DOT), w.to(X_DOT), acc, input_precision=X_PRECISION), x
 
 
@@ -80,7 +80,7 @@ def lora_forward_kernel(
     u_ptr, b_ptr, bias_ptr, y_ptr,
     M, N, K, R, scaling, stride_xm, stride_xk, stride_wn, stride_um, stride_bn, stride_ym,
     M_BUCKET,  # only an autotuning key: the bucketed M
-    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -101,8 +101,9 @@ def lora_forward_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, offs_k < K, K,
-                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, X_DOT, X_PRECISION)
+                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k0, offs_k < K, K,
+                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K,
+                                  X_DOT, X_PRECISION)
 
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if HAS_LORA:
@@ -114,13 +115,13 @@ def lora_forward_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def lora_decode_kernel(
     x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
     a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr,
     M, N, K, R, scaling, seed, threshold, keep_scale,
     stride_xm, stride_xk, stride_wn, stride_ar, stride_bn, stride_ym, stride_um,
-    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -150,8 +151,9 @@ def lora_decode_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k_mask, K,
-                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, X_DOT, X_PRECISION)
+                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k0, k_mask, K,
+                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K,
+                                  X_DOT, X_PRECISION)
         if HAS_LORA:
             x_dropped = dropped(x.to(tl.float32), offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
             a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],

@@ -71,19 +71,25 @@ def _weight_args(weight: QuantizedWeight) -> dict:
         nested = [weight.nested_absmax, weight.nested_code, weight.nested_offset] if weight.nested else [code] * 3
         pointers = [weight.packed, weight.absmax, code, *nested]
         return dict(pointers=pointers, stride_wn=0, FMT=_FORMAT_IDS[weight.fmt], NESTED=weight.nested,
-                    BLOCKSIZE=weight.blocksize)
+                    BLOCKSIZE=weight.blocksize, K_ALIGNED=weight.shape[1] % weight.blocksize == 0)
     data = weight.weight if weight.fmt == "dense" else weight.data
     if data.stride(1) != 1:
         data = data.contiguous()
     scale = data if weight.fmt == "dense" else weight.scale
     return dict(pointers=[data, scale, data, data, data, data], stride_wn=data.stride(0),
-                FMT=_FORMAT_IDS[weight.fmt], NESTED=False, BLOCKSIZE=1)
+                FMT=_FORMAT_IDS[weight.fmt], NESTED=False, BLOCKSIZE=1, K_ALIGNED=True)
 
 
-def _dot_args(x_dtype: torch.dtype, compute: torch.dtype) -> dict:
-    """Operand dtypes of the two kinds of products; fp32 products stay IEEE fp32 (no TF32)."""
+def _dot_args(x_dtype: torch.dtype, adapter_dtypes: tuple) -> dict:
+    """Operand dtypes of the products. x·Wᵀ runs in x's dtype. The LoRA products run on the
+    tensor cores in x's dtype when x is 16-bit and the adapters are that dtype or fp32 (fp32
+    adapters are rounded to it: an error below the 16-bit output's own rounding); otherwise in
+    the LoRA dtype. fp32 products are IEEE fp32, never TF32. Accumulation is always fp32."""
+    compute = lora_dtype(x_dtype, *adapter_dtypes)
+    sixteen_bit = x_dtype != torch.float32 and all(d in (x_dtype, torch.float32) for d in adapter_dtypes)
+    lora = x_dtype if sixteen_bit else compute
     return dict(X_DOT=_TL_DTYPES[x_dtype], X_PRECISION="ieee" if x_dtype == torch.float32 else "tf32",
-                LORA_DOT=_TL_DTYPES[compute], LORA_PRECISION="ieee" if compute == torch.float32 else "tf32")
+                LORA_DOT=_TL_DTYPES[lora], LORA_PRECISION="ieee" if lora == torch.float32 else "tf32")
 
 
 def _dropout_args(dropout_p: float, seed: int) -> dict:
@@ -152,8 +158,9 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     has_lora = scaling != 0.0
     w = _weight_args(weight)
     block_r = configs.padded_rank(r)
-    constexprs = dict(FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"], HAS_BIAS=bias is not None,
-                      HAS_LORA=has_lora, BLOCK_R=block_r, **_dot_args(x.dtype, compute))
+    constexprs = dict(FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"], K_ALIGNED=w["K_ALIGNED"],
+                      HAS_BIAS=bias is not None,
+                      HAS_LORA=has_lora, BLOCK_R=block_r, **_dot_args(x.dtype, (lora_A.dtype, lora_B.dtype)))
     bias_arg = bias if bias is not None else x
     if m <= SMALL_M:
         return _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs)
@@ -209,10 +216,9 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     grad_y, x, u = _rows_contiguous(grad_y), _rows_contiguous(x), _rows_contiguous(u)
     lora_A, lora_B = _rows_contiguous(lora_A), _rows_contiguous(lora_B)
     (m, k), n, r = x.shape, weight.shape[0], lora_A.shape[0]
-    compute = u.dtype
     has_lora = scaling != 0.0 and m > 0
     block_r = configs.padded_rank(r)
-    dots = _dot_args(x.dtype, compute)
+    dots = _dot_args(x.dtype, (lora_A.dtype, lora_B.dtype))
     dropout = _dropout_args(dropout_p, seed)
     grad_A = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
     grad_B = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
@@ -231,7 +237,7 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
                  grad_y, *w["pointers"], du, lora_A, grad_x, m, n, k, r, *dropout.values(),
                  grad_y.stride(0), w["stride_wn"], du.stride(0), lora_A.stride(0), grad_x.stride(0),
                  configs.m_bucket(m), FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"],
-                 HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, **dots)
+                 K_ALIGNED=w["K_ALIGNED"], HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, **dots)
     return grad_x, grad_A, grad_B
 
 
