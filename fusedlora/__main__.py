@@ -1,4 +1,4 @@
-"""Command line: `python -m fusedlora demo` (the main job) and `python -m fusedlora info`."""
+"""Command line: `python -m fusedlora demo` (the main job), `info` and `bench`."""
 
 import argparse
 import platform
@@ -26,7 +26,14 @@ def main(argv=None) -> None:
     demo = commands.add_parser("demo", help="train LoRA adapters on an NF4-quantized model (CPU demonstration)")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     commands.add_parser("info", help="versions and available backends")
-    args = parser.parse_args(argv)
+    commands.add_parser("bench", help="benchmark against the peers (python -m fusedlora bench --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .benchmark.cli import main as bench_main
+
+        raise SystemExit(bench_main(rest))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         from .demo import main as demo_main
 

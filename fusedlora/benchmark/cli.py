@@ -1,0 +1,117 @@
+"""`python -m fusedlora bench` / `python bench/run.py`: measure, print the table, write JSON + PNG."""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import cases as case_lists
+from .providers import providers as all_providers
+from .report import derived, plot, summary, table, write_json
+from .runner import CaseRunner
+from .timing import Clock, ceilings
+
+
+def _commit() -> str:
+    """The source commit: git where the source is a checkout, else $FUSEDLORA_COMMIT (set by
+    bench/gpu_check.sh on machines that receive the tree without its .git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("FUSEDLORA_COMMIT", "unknown")
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for module in ("triton", "peft", "bitsandbytes", "transformers"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = None
+    return versions
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fusedlora bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small subset (a few shapes, M values, nf4 and dense)")
+    parser.add_argument("--shapes", help="comma-separated: q_proj,kv_proj,up_proj,down_proj,tiny,tiny_wide or KxN")
+    parser.add_argument("--formats", help="comma-separated formats (nf4,int8,fp8,dense)")
+    parser.add_argument("--providers", help="comma-separated providers (default: all)")
+    parser.add_argument("--rows", help="comma-separated M values")
+    parser.add_argument("--ranks", help="comma-separated LoRA ranks")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    parser.add_argument("--reps", type=int, default=20, help="timed runs per figure (>= 20 for reported figures)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--budget", type=float, help="seconds: start no new case after this (headline cases run first)")
+    parser.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
+    parser.add_argument("--summarize", metavar="JSON", help="print the headline summary of an earlier run and exit")
+    return parser
+
+
+def _cases(args, gpu: bool) -> list:
+    chosen = case_lists.default_cases(gpu, args.quick)
+    if not (args.shapes or args.formats or args.rows or args.ranks):
+        return chosen
+    shapes = case_lists.parse_shapes(args.shapes) if args.shapes else {c.shape: (c.k, c.n) for c in chosen}
+    formats = args.formats.split(",") if args.formats else sorted({c.fmt for c in chosen})
+    unknown = set(formats) - set(case_lists.FORMATS)
+    if unknown:
+        raise SystemExit(f"--formats: unknown {sorted(unknown)}; choose from {case_lists.FORMATS}")
+    rows = [int(v) for v in args.rows.split(",")] if args.rows else sorted({c.m for c in chosen})
+    ranks = [int(v) for v in args.ranks.split(",")] if args.ranks else sorted({c.rank for c in chosen})
+    return case_lists.order_cases(case_lists.build_cases(shapes, rows, ranks, formats))
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as handle:
+            recorded = json.load(handle)
+        print(summary(recorded["results"], recorded["ceilings"]))
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    chosen = _cases(args, device.type == "cuda")
+    providers = all_providers(args.providers.split(",") if args.providers else None)
+    clock = Clock(device, warmup=args.warmup, reps=args.reps)
+    started = time.monotonic()
+    measured_ceilings = ceilings(clock)
+    runner = CaseRunner(clock, providers)
+    results, skipped = [], 0
+    for index, case in enumerate(bar := tqdm(chosen, desc="benchmark", unit="case")):
+        if args.budget is not None and time.monotonic() - started > args.budget:
+            skipped = len(chosen) - index
+            break
+        bar.set_postfix_str(case.label)
+        results += [m.to_json() for m in runner.run(case)]
+    rows = derived(results, measured_ceilings)
+    meta = {
+        "commit": _commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "versions": _versions(),
+        "timing": clock.label,
+        "argv": argv if argv is not None else [],
+        "cases_skipped_by_budget": skipped,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}-{device.type}"
+    write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows)
+    plotted = plot(stem.with_suffix(".png"), rows)
+    print(table(rows, clock.label, measured_ceilings))
+    print("\n" + summary(rows, measured_ceilings))
+    print(f"\n{meta['device']}, commit {meta['commit'][:12]}; wrote {stem}.json"
+          + (f" and {stem}.png" if plotted else " (no plot: matplotlib missing or nothing to plot)")
+          + (f"; {skipped} cases left out by --budget" if skipped else ""))
+    return 0

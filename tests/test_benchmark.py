@@ -1,0 +1,129 @@
+"""The benchmark harness on the CPU: the quick run's JSON, table and plot; providers checked before
+they are timed; the saved-bytes accounting; the pytest-benchmark cases; bench/gpu_check.sh."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedlora.benchmark.cases import Case, default_cases, order_cases, parse_shapes
+from fusedlora.benchmark.memory import saved_activation_bytes
+from fusedlora.benchmark.providers import CaseTensors, Layer, Provider, providers
+from fusedlora.benchmark.report import flops, summary
+from fusedlora.benchmark.runner import CaseRunner
+from fusedlora.benchmark.timing import Clock
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = Case("tiny", 8, 64, 96, 4, "nf4")
+
+
+def _run(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs)
+
+
+def test_quick_cpu_run_writes_json_table_and_plot(tmp_path):
+    result = _run("-m", "fusedlora", "bench", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "CPU timing (perf_counter), median of 20" in result.stdout
+    recorded = json.loads(next(tmp_path.glob("bench-*-cpu.json")).read_text())
+    assert next(tmp_path.glob("bench-*-cpu.png")).stat().st_size > 1000
+    meta = recorded["meta"]
+    assert meta["commit"] and meta["date"] and meta["device"].startswith("CPU") and meta["versions"]["torch"]
+    assert recorded["ceilings"]["copy_gb_per_s"] > 0 and recorded["ceilings"]["bf16_matmul_tflop_per_s"] > 0
+    by_provider = {}
+    for row in recorded["results"]:
+        by_provider.setdefault(row["provider"], []).append(row)
+    for name in ("reference", "floor"):
+        for row in by_provider[name]:
+            assert row["status"] == "ok" and 0 < row["forward_ms"] and 0 < row["forward_backward_ms"]
+            assert row["times_floor"] > 0
+    assert all(row["status"].startswith("unavailable") for row in by_provider["fusedlora-triton"])
+    assert all(row["check_error"] < 3e-2 for row in by_provider["reference"])
+
+
+def test_a_provider_that_disagrees_is_reported_not_timed():
+    def wrong(case, tensors, dropout):
+        layer = providers(["reference"])[0].build(case, tensors, dropout)
+        return Layer(lambda x: 1.1 * layer.forward(x), layer.trainable, layer.resident, layer.weight_fmt,
+                     layer.weight_bytes)
+
+    broken = Provider("broken", lambda case, device: None, wrong)
+    (measurement,) = CaseRunner(Clock(torch.device("cpu"), warmup=1, reps=2), [broken]).run(CASE)
+    assert measurement.status.startswith("disagrees") and measurement.forward_ms is None
+
+
+def test_a_provider_that_fails_is_reported():
+    def failing(case, tensors, dropout):
+        raise RuntimeError("no kernel for this")
+
+    (measurement,) = CaseRunner(Clock(torch.device("cpu"), warmup=1, reps=2),
+                                [Provider("failing", lambda case, device: None, failing)]).run(CASE)
+    assert measurement.status == "failed: RuntimeError: no kernel for this"
+
+
+def test_fused_saves_x_and_u_only_where_peft_also_saves_the_dropout():
+    tensors = CaseTensors.random(CASE, torch.device("cpu"), copies=1)
+    x = tensors.xs[0].clone().requires_grad_()
+    fused = providers(["reference"])[0].build(CASE, tensors, 0.1)
+    x_bytes, u_bytes, seed_bytes = CASE.m * CASE.k * 2, CASE.m * CASE.rank * 2, 8
+    assert saved_activation_bytes(fused.forward, x, fused.resident) == x_bytes + u_bytes + seed_bytes
+    pytest.importorskip("peft")
+    peft_dense = providers(["peft-dense"])[0].build(CASE, tensors, 0.1)
+    assert saved_activation_bytes(peft_dense.forward, x, peft_dense.resident) > x_bytes + u_bytes + seed_bytes
+
+
+def test_measured_case_has_every_figure():
+    clock = Clock(torch.device("cpu"), warmup=1, reps=3)
+    rows = {m.provider: m for m in CaseRunner(clock, providers(["reference", "floor"])).run(CASE)}
+    for row in rows.values():
+        assert row.status == "ok" and len(row.spread_ms) == 3 and row.weight_bytes > 0 and row.saved_bytes >= 0
+    assert rows["floor"].weight_bytes == CASE.n * CASE.k * 2
+    blocks = CASE.n * CASE.k // 64  # nf4, blocksize 64, nested: codes, absmax codes, 1 nested absmax, map, offset
+    assert rows["reference"].weight_bytes == CASE.n * CASE.k // 2 + blocks + 4 + 256 * 4 + 4
+
+
+def test_flops_count():
+    case = dict(m=4, k=8, n=16, rank=2)
+    assert flops(case, "floor") == {"forward": 1024, "backward": 1024, "forward_backward": 2048}
+    assert flops(case, "fusedlora-triton")["forward"] == 1024 + 2 * 4 * 2 * (8 + 16)
+
+
+def test_case_lists():
+    gpu = default_cases(gpu=True, quick=False)
+    assert len(gpu) == 4 * 5 * 2 * 4 and gpu[0].m == 8192 and gpu[0].fmt == "nf4" and gpu[0].rank == 16
+    assert default_cases(gpu=False, quick=True)[0].shape == "tiny"
+    assert parse_shapes("q_proj,100x200") == {"q_proj": (4096, 4096), "100x200": (100, 200)}
+    with pytest.raises(ValueError, match="unknown shape"):
+        parse_shapes("qproj")
+    decode = order_cases([Case("a", 2048, 8, 8, 16, "dense"), Case("a", 1, 8, 8, 16, "int8")])
+    assert decode[0].m == 1
+
+
+def test_summary_reads_the_headline_cases():
+    row = {"provider": "fusedlora-triton", "status": "ok", "case": dict(Case("q_proj", 8192, 4096, 4096, 16, "nf4").__dict__),
+           "forward_backward_ms": 2.0, "times_floor": 1.05, "speedup_vs": {"reference": 1.8, "peft-bnb": 2.5},
+           "weight_gb_per_s": 100.0, "fraction_of_copy": 0.1, "saved_bytes": 8192 * (4096 + 16) * 2}
+    text = summary([row], {"copy_gb_per_s": 1000.0, "bf16_matmul_tflop_per_s": 100.0})
+    assert "q_proj 4096->4096 M=8192 r=16 nf4" in text and "1.05" in text and "2.50" in text and "1.000" in text
+
+
+def test_pytest_benchmark_cases_run():
+    result = _run("-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                  "--benchmark-min-rounds=2", "--benchmark-max-time=0.01", "--benchmark-warmup=off")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout
+
+
+def test_gpu_check_fails_clearly_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bench/gpu_check.sh would run for real")
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "no CUDA GPU is visible" in result.stdout
+    assert "no CUDA GPU is visible" in (tmp_path / "gpu_check.log").read_text()
