@@ -1,8 +1,44 @@
-"""Packaging: the pure-Python package; `kernels/` is installed as `fusedlora.kernels`."""
+"""Packaging: the pure-Python package, `kernels/` installed as `fusedlora.kernels`, and, when
+FUSEDLORA_BUILD_CUDA=1, the CUDA extension `fusedlora._C` built from csrc/ (needs a CUDA build of
+torch and nvcc; build with `pip install --no-build-isolation .` so that torch is importable).
+TORCH_CUDA_ARCH_LIST picks the architectures (default "8.0;9.0"); MAX_JOBS caps the parallel
+compiles. The kernels use WMMA (HMMA), which needs no sm_90a objects."""
+
+import glob
+import os
+import shutil
 
 from setuptools import setup
 
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit to build against: the one whose bin/ holds `nvcc` on PATH, else
+    /usr/local/cuda, whichever has the runtime headers (an `nvcc` wrapper script in /usr/local/bin
+    would otherwise make torch look in /usr/local and miss them)."""
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    return next((c for c in candidates if os.path.exists(os.path.join(c, "include", "cuda_runtime.h"))), None)
+
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("FUSEDLORA_BUILD_CUDA") == "1":
+    if "CUDA_HOME" not in os.environ and _cuda_home():
+        os.environ["CUDA_HOME"] = _cuda_home()
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext_modules = [
+        CUDAExtension(
+            "fusedlora._C",
+            sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        )
+    ]
+    cmdclass = {"build_ext": BuildExtension}
+
 setup(
-    packages=["fusedlora", "fusedlora.formats", "fusedlora.kernels"],
+    packages=["fusedlora", "fusedlora.formats", "fusedlora.benchmark", "fusedlora.kernels"],
     package_dir={"fusedlora.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

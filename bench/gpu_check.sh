@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one GPU run (DESIGN §6): install this tree (offline, no build isolation), run the GPU tests,
+# The one GPU run (DESIGN §6): install this tree (offline, no build isolation) with the CUDA
+# extension built for the local GPU, run the GPU tests,
 # benchmark a budgeted subset with the headline cases first, and leave the log, the JSON and the
 # PNG in OUTDIR, printing a short summary last. Needs no network; fails clearly without a GPU.
 #
@@ -26,10 +27,12 @@ export FUSEDLORA_COMMIT=${FUSEDLORA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || 
 say "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $FUSEDLORA_COMMIT"
 "$python" -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
 
-say "== install"
-if ! "$python" -m pip install --no-deps --no-build-isolation -q -e . >>"$log" 2>&1; then
-    say "gpu_check: installing this tree failed (see $log)"
-    exit 3
+say "== install, with the CUDA extension built for this GPU"
+arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if ! FUSEDLORA_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} \
+        "$python" -m pip install --no-deps --no-build-isolation -q -e . >>"$log" 2>&1; then
+    say "gpu_check: building the CUDA extension failed (see $log); installing without it"
+    "$python" -m pip install --no-deps --no-build-isolation -q -e . >>"$log" 2>&1 || { say "gpu_check: install failed"; exit 3; }
 fi
 "$python" -m fusedlora info 2>&1 | tee -a "$log"
 

@@ -12,6 +12,10 @@ from .backends import Problem, backends
 def info() -> None:
     """Print versions and which backend can run on which device, or why not."""
     print(f"fusedlora {__version__}, torch {torch.__version__}, python {platform.python_version()}")
+    from .extension import load
+
+    reason = load()
+    print(f"  CUDA extension fusedlora._C: {'loaded' if reason is None else reason}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         problem = Problem(torch.device(device), torch.bfloat16, torch.float32, "nf4", 16, 4096, 4096)

@@ -1,5 +1,6 @@
 """The backend registry: each backend says why it cannot take a call, dispatch takes the first
-that can (in order of preference), and `FUSEDLORA_BACKEND=<name>` forces one and fails loudly.
+that can (in order of preference), and `FUSEDLORA_BACKEND=triton|cuda|reference` forces one and
+fails loudly.
 """
 
 import os
@@ -97,5 +98,47 @@ def _triton_backward(*args):
     return _triton_launchers().backward(*args)
 
 
+_CUDA_MAX_RANK = 256
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cuda_why_not(problem: Problem) -> Optional[str]:
+    if problem.device.type != "cuda":
+        return "takes CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    from . import extension
+
+    reason = extension.load()
+    if reason is not None:
+        return reason
+    capability = torch.cuda.get_device_capability(problem.device)
+    if capability < (8, 0):
+        return f"needs compute capability 8.0 or newer, got {capability}"
+    if problem.fmt == "fp8" and capability < (8, 9):
+        return f"fp8 weights need compute capability 8.9 or newer, got {capability}"
+    if problem.x_dtype not in _CUDA_DTYPES or problem.adapter_dtype not in _CUDA_DTYPES:
+        return f"x and the adapters must be float16, bfloat16 or float32, got {problem.x_dtype} and {problem.adapter_dtype}"
+    if problem.rank > _CUDA_MAX_RANK:
+        return f"rank {problem.rank} is above the kernels' limit of {_CUDA_MAX_RANK}"
+    return None
+
+
+def _cuda_forward(*args):
+    from . import extension
+
+    return extension.forward(*args)
+
+
+def _cuda_backward(*args):
+    from . import extension
+
+    return extension.backward(*args)
+
+
+# Preference: Triton first, then CUDA C++, then the reference. No GPU measurement has yet shown the
+# CUDA kernels faster than the Triton ones in any regime, so CUDA serves CUDA tensors only where
+# Triton cannot (or when forced); the benchmark times both so that the GPU check can decide.
 register_backend(Backend("reference", _reference_why_not, reference.forward, reference.backward, priority=0))
+register_backend(Backend("cuda", _cuda_why_not, _cuda_forward, _cuda_backward, priority=5))
 register_backend(Backend("triton", _triton_why_not, _triton_forward, _triton_backward, priority=10))

@@ -59,7 +59,8 @@ def lora_linear_fwd(
 
 
 @lora_linear_fwd.register_fake
-def _(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
+def fake_forward(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """Output shapes of the forward op (also the fake impl of the CUDA extension's op)."""
     u_dtype = lora_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     return x.new_empty((x.shape[0], w_shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=u_dtype)
 
@@ -89,7 +90,9 @@ def lora_linear_bwd(
 
 
 @lora_linear_bwd.register_fake
-def _(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+def fake_backward(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, dropout_p, seed,
+                  need_dx):
+    """Output shapes of the backward op (also the fake impl of the CUDA extension's op)."""
     grad_x = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 

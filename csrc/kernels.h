@@ -1,0 +1,39 @@
+// Launchers of the CUDA kernels, called by ops.cpp. Every tensor is on the current CUDA device,
+// row-major with unit stride along its last dimension; the LoRA tensors (u, du, A, B, bias) are
+// fp32. Each launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "types.h"
+
+namespace fusedlora {
+
+// u (M, r) = drop(x) · Aᵀ.
+void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u);
+
+// y (M, N) = x · deq(W)ᵀ + bias + scaling · u · Bᵀ; u undefined: no LoRA term. Tensor cores for
+// 16-bit x (WMMA, fp32 accumulate), fp32 FMAs for fp32 x.
+void launch_forward_gemm(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
+                         const at::Tensor& bias, double scaling, at::Tensor& y);
+
+// The same for M <= kGemvMaxRows: one warp per output column, 16-byte weight loads.
+constexpr int64_t kGemvMaxRows = 4;
+void launch_forward_gemv(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
+                         const at::Tensor& bias, double scaling, at::Tensor& y);
+
+// du (M, r) = scaling · g · B and dB = scaling · gᵀ · u, one pass over g; dB as per-block
+// partials (P, N, r) to be summed (deterministic).
+void launch_grad_u(const at::Tensor& g, const at::Tensor& u, const at::Tensor& lora_b, double scaling, at::Tensor& du,
+                   at::Tensor& db_partials);
+int64_t grad_u_blocks(int64_t m);
+
+// dA partials (S, r, K): slice s of the rows of duᵀ · drop(x), to be summed.
+void launch_grad_a(const at::Tensor& du, const at::Tensor& x, const Dropout& dropout, at::Tensor& da_partials);
+int64_t grad_a_slices(int64_t m);
+
+// dx (M, K) = g · deq(W) + drop'(du · A); du undefined: no LoRA term.
+void launch_grad_x_gemm(const at::Tensor& g, const WeightView& w, const at::Tensor& du, const at::Tensor& lora_a,
+                        const Dropout& dropout, at::Tensor& dx);
+
+}  // namespace fusedlora

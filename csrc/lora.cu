@@ -1,0 +1,242 @@
+// The skinny LoRA kernels (rank <= 256), fp32 accumulation, the dropout mask regenerated:
+//   shrink:  u  (M, r) = drop(x) · Aᵀ                 one read of x
+//   grad_u:  du (M, r) = s · g · B,  dB = s · gᵀ · u  one read of g; dB as per-block partials
+//   grad_a:  dA (r, K) = duᵀ · drop(x)                 per row-slice partials
+// Partials are summed on the host in a fixed order: the results are bitwise reproducible.
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "common.cuh"
+#include "dispatch.cuh"
+#include "kernels.h"
+
+namespace fusedlora {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxRank = 256;
+
+// shrink: a block takes 32 rows and every rank, stepping through K 32 columns at a time.
+constexpr int kShrinkRows = 32;
+constexpr int kShrinkStep = 32;
+constexpr int kShrinkSlots = kShrinkRows * kMaxRank / kThreads;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    shrink_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ a, int64_t ld_a, Dropout dropout,
+                  float* __restrict__ u, int64_t ld_u, int64_t rows, int64_t k, int rank) {
+  __shared__ float x_tile[kShrinkRows][kShrinkStep + 1];
+  __shared__ float a_tile[kMaxRank][kShrinkStep + 1];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kShrinkRows;
+  float acc[kShrinkSlots] = {};
+  for (int64_t k0 = 0; k0 < k; k0 += kShrinkStep) {
+    for (int i = threadIdx.x; i < kShrinkRows * kShrinkStep; i += kThreads) {
+      const int row = i / kShrinkStep, col = i % kShrinkStep;
+      const int64_t m = m0 + row, kk = k0 + col;
+      x_tile[row][col] = (m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k) : 0.0f;
+    }
+    for (int i = threadIdx.x; i < rank * kShrinkStep; i += kThreads) {
+      const int j = i / kShrinkStep, col = i % kShrinkStep;
+      a_tile[j][col] = k0 + col < k ? a[j * ld_a + k0 + col] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int slot = 0; slot < kShrinkSlots; ++slot) {
+      const int o = threadIdx.x + slot * kThreads;
+      if (o < kShrinkRows * rank) {
+        const int row = o / rank, j = o % rank;
+        float sum = 0.0f;
+        for (int col = 0; col < kShrinkStep; ++col) sum = fmaf(x_tile[row][col], a_tile[j][col], sum);
+        acc[slot] += sum;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int slot = 0; slot < kShrinkSlots; ++slot) {
+    const int o = threadIdx.x + slot * kThreads;
+    const int64_t m = m0 + o / max(rank, 1);
+    if (o < kShrinkRows * rank && m < rows) u[m * ld_u + o % rank] = acc[slot];
+  }
+}
+
+// grad_u: a block walks row tiles of 16 (blockIdx.x, + gridDim.x, ...) and, for each, all of N
+// in steps of 16; its share of dB accumulates in its own partial (read-modify-write, no atomics).
+constexpr int kGradURows = 16;
+constexpr int kGradUStep = 16;
+constexpr int kGradUSlots = kGradURows * kMaxRank / kThreads;
+constexpr int kGradUMaxBlocks = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grad_u_kernel(const T* __restrict__ g, int64_t ld_g, const float* __restrict__ u, int64_t ld_u,
+                  const float* __restrict__ b, int64_t ld_b, float scaling, float* __restrict__ du, int64_t ld_du,
+                  float* __restrict__ db_partials, int64_t rows, int64_t columns, int rank) {
+  __shared__ float g_tile[kGradURows][kGradUStep + 1];
+  __shared__ float u_tile[kGradURows][kMaxRank + 1];
+  __shared__ float b_tile[kGradUStep][kMaxRank + 1];
+  float* db = db_partials + static_cast<int64_t>(blockIdx.x) * columns * rank;
+  const int64_t tiles = (rows + kGradURows - 1) / kGradURows;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t m0 = tile * kGradURows;
+    for (int i = threadIdx.x; i < kGradURows * rank; i += kThreads) {
+      const int row = i / rank, j = i % rank;
+      u_tile[row][j] = m0 + row < rows ? u[(m0 + row) * ld_u + j] : 0.0f;
+    }
+    float acc[kGradUSlots] = {};
+    for (int64_t n0 = 0; n0 < columns; n0 += kGradUStep) {
+      for (int i = threadIdx.x; i < kGradURows * kGradUStep; i += kThreads) {
+        const int row = i / kGradUStep, col = i % kGradUStep;
+        const int64_t m = m0 + row, n = n0 + col;
+        g_tile[row][col] = (m < rows && n < columns) ? to_float(g[m * ld_g + n]) : 0.0f;
+      }
+      for (int i = threadIdx.x; i < kGradUStep * rank; i += kThreads) {
+        const int col = i / rank, j = i % rank;
+        b_tile[col][j] = n0 + col < columns ? b[(n0 + col) * ld_b + j] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int slot = 0; slot < kGradUSlots; ++slot) {
+        const int o = threadIdx.x + slot * kThreads;
+        if (o < kGradURows * rank) {
+          const int row = o / rank, j = o % rank;
+          float sum = 0.0f;
+          for (int col = 0; col < kGradUStep; ++col) sum = fmaf(g_tile[row][col], b_tile[col][j], sum);
+          acc[slot] += sum;
+          // the transposed product for dB: (column n0 + row) of this step, rank j
+          const int64_t n = n0 + row;
+          if (n < columns) {
+            float share = 0.0f;
+            for (int r = 0; r < kGradURows; ++r) share = fmaf(g_tile[r][row], u_tile[r][j], share);
+            db[n * rank + j] += scaling * share;
+          }
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int slot = 0; slot < kGradUSlots; ++slot) {
+      const int o = threadIdx.x + slot * kThreads;
+      const int64_t m = m0 + o / max(rank, 1);
+      if (o < kGradURows * rank && m < rows) du[m * ld_du + o % rank] = scaling * acc[slot];
+    }
+    __syncthreads();
+  }
+}
+
+// grad_a: a block takes 32 columns of K and one slice of the rows, stepping 16 rows at a time.
+constexpr int kGradACols = 32;
+constexpr int kGradARows = 16;
+constexpr int kGradASlots = kMaxRank * kGradACols / kThreads;
+constexpr int64_t kRowsPerSlice = 256;
+constexpr int64_t kMaxSlices = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grad_a_kernel(const float* __restrict__ du, int64_t ld_du, const T* __restrict__ x, int64_t ld_x,
+                  Dropout dropout, float* __restrict__ da_partials, int64_t rows, int64_t k, int rank,
+                  int64_t rows_per_slice) {
+  __shared__ float du_tile[kGradARows][kMaxRank + 1];
+  __shared__ float x_tile[kGradARows][kGradACols + 1];
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kGradACols;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
+  const int64_t last = min(first + rows_per_slice, rows);
+  float acc[kGradASlots] = {};
+  for (int64_t m0 = first; m0 < last; m0 += kGradARows) {
+    for (int i = threadIdx.x; i < kGradARows * rank; i += kThreads) {
+      const int row = i / rank, j = i % rank;
+      du_tile[row][j] = m0 + row < last ? du[(m0 + row) * ld_du + j] : 0.0f;
+    }
+    for (int i = threadIdx.x; i < kGradARows * kGradACols; i += kThreads) {
+      const int row = i / kGradACols, col = i % kGradACols;
+      const int64_t m = m0 + row, kk = k0 + col;
+      x_tile[row][col] = (m < last && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int slot = 0; slot < kGradASlots; ++slot) {
+      const int o = threadIdx.x + slot * kThreads;
+      if (o < rank * kGradACols) {
+        const int j = o / kGradACols, col = o % kGradACols;
+        float sum = 0.0f;
+        for (int row = 0; row < kGradARows; ++row) sum = fmaf(du_tile[row][j], x_tile[row][col], sum);
+        acc[slot] += sum;
+      }
+    }
+    __syncthreads();
+  }
+  float* da = da_partials + static_cast<int64_t>(blockIdx.y) * rank * k;
+#pragma unroll
+  for (int slot = 0; slot < kGradASlots; ++slot) {
+    const int o = threadIdx.x + slot * kThreads;
+    const int64_t kk = k0 + o % kGradACols;
+    if (o < rank * kGradACols && kk < k) da[(o / kGradACols) * k + kk] = acc[slot];
+  }
+}
+
+void check_rank(int64_t rank) {
+  TORCH_CHECK(rank >= 1 && rank <= kMaxRank, "fusedlora: the CUDA kernels take ranks 1..", kMaxRank, ", got ", rank);
+}
+
+}  // namespace
+
+void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u) {
+  const int64_t rows = x.size(0), k = x.size(1), rank = lora_a.size(0);
+  check_rank(rank);
+  if (rows == 0) return;
+  const dim3 grid(static_cast<unsigned>((rows + kShrinkRows - 1) / kShrinkRows));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_shrink", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    shrink_kernel<T><<<grid, kThreads, 0, stream>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0),
+                                                   lora_a.data_ptr<float>(), lora_a.stride(0), dropout,
+                                                   u.data_ptr<float>(), u.stride(0), rows, k, static_cast<int>(rank));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+int64_t grad_u_blocks(int64_t m) {
+  return std::max<int64_t>(1, std::min<int64_t>(kGradUMaxBlocks, (m + kGradURows - 1) / kGradURows));
+}
+
+void launch_grad_u(const at::Tensor& g, const at::Tensor& u, const at::Tensor& lora_b, double scaling, at::Tensor& du,
+                   at::Tensor& db_partials) {
+  const int64_t rows = g.size(0), columns = g.size(1), rank = u.size(1);
+  check_rank(rank);
+  TORCH_CHECK(db_partials.size(0) == grad_u_blocks(rows), "fusedlora: dB partials must have grad_u_blocks(M) rows");
+  if (rows == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FUSEDLORA_DISPATCH_ACTIVATION(g.scalar_type(), "fusedlora_grad_u", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    grad_u_kernel<T><<<static_cast<unsigned>(grad_u_blocks(rows)), kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(g.data_ptr<scalar_t>()), g.stride(0), u.data_ptr<float>(), u.stride(0),
+        lora_b.data_ptr<float>(), lora_b.stride(0), static_cast<float>(scaling), du.data_ptr<float>(), du.stride(0),
+        db_partials.data_ptr<float>(), rows, columns, static_cast<int>(rank));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+int64_t grad_a_slices(int64_t m) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxSlices, (m + kRowsPerSlice - 1) / kRowsPerSlice));
+}
+
+void launch_grad_a(const at::Tensor& du, const at::Tensor& x, const Dropout& dropout, at::Tensor& da_partials) {
+  const int64_t rows = x.size(0), k = x.size(1), rank = du.size(1);
+  check_rank(rank);
+  const int64_t slices = grad_a_slices(rows);
+  TORCH_CHECK(da_partials.size(0) == slices, "fusedlora: dA partials must have grad_a_slices(M) rows");
+  const int64_t rows_per_slice = ((rows + slices - 1) / slices + kGradARows - 1) / kGradARows * kGradARows;
+  const dim3 grid(static_cast<unsigned>((k + kGradACols - 1) / kGradACols), static_cast<unsigned>(slices));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_grad_a", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    grad_a_kernel<T><<<grid, kThreads, 0, stream>>>(du.data_ptr<float>(), du.stride(0),
+                                                   reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0),
+                                                   dropout, da_partials.data_ptr<float>(), rows, k,
+                                                   static_cast<int>(rank), rows_per_slice);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace fusedlora

@@ -1,0 +1,163 @@
+// The CUDA backend's ops, in the `fusedlora` namespace, with the schemas and argument order of
+// the Python ops fusedlora::lora_linear_fwd / lora_linear_bwd (fusedlora/ops.py):
+//   cuda_lora_fwd(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, bias?,
+//                 dropout_p, seed) -> (y, u)
+//   cuda_lora_bwd(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B,
+//                 scaling, dropout_p, seed, need_dx) -> (dx, dA, dB)
+// Registered with TORCH_LIBRARY (no pybind11); their fake impls live in fusedlora/extension.py.
+
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace fusedlora {
+namespace {
+
+using at::Tensor;
+
+WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntArrayRef shape, int64_t blocksize) {
+  TORCH_CHECK(shape.size() == 2, "fusedlora: w_shape must be (N, K), got ", shape);
+  WeightView view{};
+  view.k = shape[1];
+  view.blocksize = blocksize > 0 ? blocksize : 1;
+  const std::string fmt(format);
+  if (fmt == "nf4" || fmt == "fp4") {
+    TORCH_CHECK(tensors.size() == 2 || tensors.size() == 5, "fusedlora: a 4-bit weight has 2 or 5 tensors");
+    view.fmt = fmt == "nf4" ? kNf4 : kFp4;
+    view.nested = tensors.size() == 5;
+    TORCH_CHECK(tensors[0].scalar_type() == at::kByte && tensors[0].is_contiguous(), "fusedlora: packed codes must be contiguous uint8");
+    TORCH_CHECK(tensors[1].scalar_type() == (view.nested ? at::kByte : at::kFloat), "fusedlora: absmax has the wrong dtype");
+    view.data = tensors[0].data_ptr();
+    view.scale = tensors[1].data_ptr();
+    if (view.nested) {
+      view.nested_absmax = tensors[2].data_ptr<float>();
+      view.nested_code = tensors[3].data_ptr<float>();
+      view.nested_offset = tensors[4].data_ptr<float>();
+    }
+    return view;
+  }
+  const Tensor& data = tensors[0];
+  TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1, "fusedlora: the weight must be (N, K) with unit stride along K");
+  view.data = data.data_ptr();
+  view.stride_n = data.stride(0);
+  if (fmt == "int8" || fmt == "fp8") {
+    TORCH_CHECK(tensors.size() == 2 && tensors[1].scalar_type() == at::kFloat, "fusedlora: int8/fp8 need an fp32 scale");
+    view.fmt = fmt == "int8" ? kInt8 : kFp8;
+    view.scale = tensors[1].data_ptr();
+    return view;
+  }
+  TORCH_CHECK(fmt == "dense", "fusedlora: unknown weight format ", fmt);
+  view.fmt = kDense;
+  const auto type = data.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, "fusedlora: dense weights must be fp32/fp16/bf16");
+  view.dense_type = type == at::kHalf ? kFloat16 : type == at::kBFloat16 ? kBFloat16 : kFloat32;
+  return view;
+}
+
+Dropout dropout_of(double p, const Tensor& seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fusedlora: dropout_p must be in [0, 1), got ", p);
+  const int64_t value = seed.item<int64_t>();  // a CPU scalar: no device synchronisation
+  return Dropout{p > 0.0, static_cast<uint32_t>(value), static_cast<uint64_t>(std::floor(p * 4294967296.0)),
+                 static_cast<float>(1.0 / (1.0 - p))};
+}
+
+void check_inputs(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, at::IntArrayRef shape) {
+  TORCH_CHECK(x.is_cuda() && lora_a.is_cuda() && lora_b.is_cuda(), "fusedlora: cuda ops take CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == shape[1], "fusedlora: x must be (M, K)");
+  const auto type = x.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, "fusedlora: x must be fp32/fp16/bf16");
+  TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == shape[1] && lora_b.dim() == 2 && lora_b.size(0) == shape[0] &&
+                  lora_b.size(1) == lora_a.size(0),
+              "fusedlora: lora_A must be (r, K) and lora_B (N, r)");
+}
+
+at::ScalarType lora_dtype(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b) {
+  return at::promote_types(at::promote_types(x.scalar_type(), lora_a.scalar_type()), lora_b.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> cuda_lora_fwd(const Tensor& x_in, at::TensorList w_tensors, c10::string_view w_format,
+                                         at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
+                                         const Tensor& lora_b, double scaling, const std::optional<Tensor>& bias,
+                                         double dropout_p, const Tensor& seed) {
+  check_inputs(x_in, lora_a, lora_b, w_shape);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
+  const int64_t rows = x.size(0), columns = w_shape[0], rank = lora_a.size(0);
+  Tensor y = at::empty({rows, columns}, x.options());
+  Tensor u = at::zeros({rows, rank}, x.options().dtype(at::kFloat));
+  const bool has_lora = scaling != 0.0;
+  const Tensor b32 = lora_b.to(at::kFloat).contiguous();
+  const Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  if (has_lora) launch_shrink(x, lora_a.to(at::kFloat).contiguous(), dropout_of(dropout_p, seed), u);
+  const Tensor lora_u = has_lora ? u : Tensor();
+  if (rows <= kGemvMaxRows) {
+    launch_forward_gemv(x, weight, lora_u, b32, bias32, scaling, y);
+  } else {
+    launch_forward_gemm(x, weight, lora_u, b32, bias32, scaling, y);
+  }
+  return {y, u.to(lora_dtype(x, lora_a, lora_b))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cuda_lora_bwd(const Tensor& grad_y_in, const Tensor& x_in, const Tensor& u,
+                                                 at::TensorList w_tensors, c10::string_view w_format,
+                                                 at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
+                                                 const Tensor& lora_b, double scaling, double dropout_p,
+                                                 const Tensor& seed, bool need_dx) {
+  check_inputs(x_in, lora_a, lora_b, w_shape);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const Tensor grad_y = grad_y_in.contiguous();
+  const int64_t rows = x.size(0), columns = w_shape[0], k = w_shape[1], rank = lora_a.size(0);
+  const Dropout dropout = dropout_of(dropout_p, seed);
+  const bool has_lora = scaling != 0.0 && rows > 0;
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor grad_a = at::zeros({rank, k}, f32), grad_b = at::zeros({columns, rank}, f32), du;
+  const Tensor a32 = lora_a.to(at::kFloat).contiguous();
+  if (has_lora) {
+    du = at::empty({rows, rank}, f32);
+    Tensor db_partials = at::zeros({grad_u_blocks(rows), columns, rank}, f32);
+    launch_grad_u(grad_y, u.to(at::kFloat).contiguous(), lora_b.to(at::kFloat).contiguous(), scaling, du, db_partials);
+    grad_b = db_partials.sum(0);
+    Tensor da_partials = at::empty({grad_a_slices(rows), rank, k}, f32);
+    launch_grad_a(du, x, dropout, da_partials);
+    grad_a = da_partials.sum(0);
+  }
+  Tensor grad_x = at::empty({0}, x.options());
+  if (need_dx) {
+    grad_x = at::empty({rows, k}, x.options());
+    launch_grad_x_gemm(grad_y, weight_view(w_tensors, w_format, w_shape, w_blocksize), du, a32, dropout, grad_x);
+  }
+  return {grad_x, grad_a.to(lora_a.scalar_type()), grad_b.to(lora_b.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedlora, m) {
+  m.def("cuda_lora_fwd(Tensor x, Tensor[] w_tensors, str w_format, int[] w_shape, int w_blocksize, Tensor lora_A, "
+        "Tensor lora_B, float scaling, Tensor? bias, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  m.def("cuda_lora_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor[] w_tensors, str w_format, int[] w_shape, "
+        "int w_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, bool need_dx) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedlora, CUDA, m) {
+  m.impl("cuda_lora_fwd", &cuda_lora_fwd);
+  m.impl("cuda_lora_bwd", &cuda_lora_bwd);
+}
+
+}  // namespace fusedlora
+
+// `import fusedlora._C` loads this library (whose static initialisers register the ops); the
+// module itself is empty (pytorch/extension-cpp's pattern, no pybind11).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,91 @@
+"""The optional CUDA extension `fusedlora._C` (csrc/): loading it, building it just in time, and
+the CUDA backend's entry points.
+
+`load()` imports `fusedlora._C` (built by `FUSEDLORA_BUILD_CUDA=1 pip install --no-build-isolation .`)
+once. When it is missing or broken the CUDA backend says why, one warning is logged, and the other
+backends carry on. Nothing is compiled on import: `build_jit()` compiles csrc/ with
+`torch.utils.cpp_extension.load` into torch's extension cache (a source checkout is needed), and
+`FUSEDLORA_JIT_BUILD=1` lets the first CUDA call do that, announcing it.
+"""
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .ops import fake_backward, fake_forward
+
+log = logging.getLogger("fusedlora")
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+JIT_ENV = "FUSEDLORA_JIT_BUILD"
+
+
+def _register_fakes() -> None:
+    torch.library.register_fake("fusedlora::cuda_lora_fwd")(fake_forward)
+    torch.library.register_fake("fusedlora::cuda_lora_bwd")(fake_backward)
+
+
+def _cuda_home() -> Optional[str]:
+    """A toolkit with the runtime headers: the one nvcc on PATH lives in, or /usr/local/cuda."""
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    return next((c for c in candidates if os.path.exists(os.path.join(c, "include", "cuda_runtime.h"))), None)
+
+
+def build_jit(verbose: bool = False) -> None:
+    """Compile csrc/ for the local GPU (or TORCH_CUDA_ARCH_LIST) and load it; cached by torch."""
+    sources = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.cu"))
+    if not sources:
+        raise RuntimeError(f"no CUDA sources at {CSRC}: a just-in-time build needs a source checkout of fusedlora")
+    if "CUDA_HOME" not in os.environ and _cuda_home():
+        os.environ["CUDA_HOME"] = _cuda_home()
+    from torch.utils.cpp_extension import load as load_extension
+
+    log.warning("fusedlora: compiling the CUDA extension just in time (once; torch caches the build)")
+    load_extension(name="fusedlora_C", sources=[str(s) for s in sources], extra_cuda_cflags=["-O3", "-lineinfo"],
+                   is_python_module=False, verbose=verbose)
+
+
+def _unavailable(reason: str) -> str:
+    log.warning("fusedlora: %s", reason)
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Optional[str]:
+    """Load the extension once; None when its ops are there, else why not (also logged, once)."""
+    try:
+        import fusedlora._C  # noqa: F401  (registers the ops)
+    except Exception as err:
+        missing = isinstance(err, ModuleNotFoundError) and err.name == "fusedlora._C"
+        if missing and os.environ.get(JIT_ENV) == "1":
+            try:
+                build_jit()
+            except Exception as build_error:  # a failed build is reported like a missing extension
+                return _unavailable(f"the just-in-time build of the CUDA extension failed: {build_error}")
+        elif missing:
+            return _unavailable(f"fusedlora._C is not built ({err}); build it with FUSEDLORA_BUILD_CUDA=1 pip install "
+                                f"--no-build-isolation ., or call fusedlora.extension.build_jit() (or set {JIT_ENV}=1)")
+        else:  # a present but broken library: say so, never take the process down
+            return _unavailable(f"fusedlora._C failed to load: {type(err).__name__}: {err}")
+    _register_fakes()
+    return None
+
+
+def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """The CUDA backend's forward; the signature of `fusedlora.reference.forward`."""
+    return torch.ops.fusedlora.cuda_lora_fwd(x, weight.tensors(), weight.fmt, list(weight.shape), weight.blocksize,
+                                             lora_A, lora_B, float(scaling), bias, float(dropout_p),
+                                             torch.tensor(seed, dtype=torch.int64))
+
+
+def backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+    """The CUDA backend's backward; the signature of `fusedlora.reference.backward`."""
+    grad_x, grad_A, grad_B = torch.ops.fusedlora.cuda_lora_bwd(
+        grad_y, x, u, weight.tensors(), weight.fmt, list(weight.shape), weight.blocksize, lora_A, lora_B,
+        float(scaling), float(dropout_p), torch.tensor(seed, dtype=torch.int64), need_dx)
+    return (grad_x if need_dx else None), grad_A, grad_B

@@ -1,0 +1,109 @@
+"""The GPU backends on a GPU (`pytest -m gpu`; bench/gpu_check.sh builds the CUDA extension first):
+Triton and CUDA C++ against an fp32 oracle on the same GPU, every format, both forward paths and
+all gradients, at Llama-3-8B sizes in bf16 and at ragged small sizes in every dtype; the two
+backends against each other; the autotuner choosing a config. Deselected without a GPU."""
+
+import pytest
+import torch
+
+from fusedlora import fused_lora_linear, quantize
+from fusedlora.dropout import keep_mask
+from helpers import assert_close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BACKENDS = ["triton", "cuda"]
+LLAMA = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N) of the q/k-v/up/down projections
+LARGE = [(fmt, m, k, n) for fmt in ("nf4", "int8", "fp8", "dense") for k, n in LLAMA for m in (1, 16, 2048)]
+LARGE += [(fmt, 8192, 4096, 4096) for fmt in ("nf4", "dense")]
+RAGGED = [(1, 64, 80), (3, 65, 48), (7, 96, 136), (33, 192, 80), (130, 200, 72)]  # (M, K, N)
+SMALL = [(fmt, dtype, shape) for fmt in ("nf4", "fp4", "int8", "fp8", "dense")
+         for dtype in (torch.float32, torch.float16, torch.bfloat16) for shape in RAGGED]
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the oracle must be real fp32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _run(backend, monkeypatch, m, k, n, r, fmt, dtype, p=0.1, bias=False, seed=0, blocksize=64):
+    """Backend results and fp32-oracle results for one problem: (y, dx, dA, dB) each."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    g = torch.Generator(device="cuda").manual_seed(seed + m + k + n + r)
+    weight = quantize(torch.randn(n, k, device="cuda", generator=g) * 0.05, fmt, blocksize=blocksize)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype).requires_grad_()
+    lora_A = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).requires_grad_()
+    lora_B = (torch.randn(n, r, device="cuda", generator=g) * 0.05).requires_grad_()
+    b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    grad_y = torch.randn(m, n, device="cuda", generator=g).to(dtype)
+    y = fused_lora_linear(x, weight, lora_A, lora_B, 2.0, b, p, 4242)
+    y.backward(grad_y)
+    got = (y.detach(), x.grad, lora_A.grad, lora_B.grad)
+    keep = keep_mask((m, k), p, 4242, "cuda")
+    leaves = [t.detach().float().requires_grad_() for t in (x, lora_A, lora_B)]
+    dropped = torch.where(keep, leaves[0] / (1 - p), 0.0)
+    expected = leaves[0] @ weight.dequantize(torch.float32).t() + 2.0 * (dropped @ leaves[1].t()) @ leaves[2].t()
+    if b is not None:
+        expected = expected + b.float()
+    expected.backward(grad_y.float())
+    return got, (expected.detach(), *(t.grad for t in leaves))
+
+
+def _assert_matches(got, expected, dtype):
+    for name, a, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        assert a.dtype in (dtype, torch.float32) and torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LARGE, ids=lambda c: f"{c[0]}-M{c[1]}-{c[2]}x{c[3]}")
+def test_bf16_at_llama_sizes(backend, case, monkeypatch):
+    fmt, m, k, n = case
+    _assert_matches(*_run(backend, monkeypatch, m, k, n, 16 if (m + n) % 3 else 64, fmt, torch.bfloat16),
+                    torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("index", range(len(SMALL)))
+def test_ragged_shapes_every_dtype(backend, index, monkeypatch):
+    fmt, dtype, (m, k, n) = SMALL[index]
+    r = (1, 8, 12, 16, 200)[index % 5]
+    _assert_matches(*_run(backend, monkeypatch, m, k, n, r, fmt, dtype, p=0.1 if index % 2 else 0.0,
+                          bias=index % 3 == 0, blocksize=32 if index % 4 == 0 else 64), dtype)
+
+
+@pytest.mark.parametrize("case", [("nf4", 7, 4096, 4096), ("int8", 2048, 4096, 1024), ("dense", 1, 14336, 4096)])
+def test_cuda_and_triton_agree(case, monkeypatch):
+    fmt, m, k, n = case
+    triton_results, _ = _run("triton", monkeypatch, m, k, n, 16, fmt, torch.bfloat16)
+    cuda_results, _ = _run("cuda", monkeypatch, m, k, n, 16, fmt, torch.bfloat16)
+    for a, b in zip(cuda_results, triton_results):
+        assert_close(a, b.double(), torch.bfloat16)
+
+
+def test_the_same_dropout_mask_on_both_backends(monkeypatch):
+    k, p = 128, 0.3
+    weight = quantize(torch.randn(32, k, device="cuda"), "nf4")
+    from fusedlora.ops import lora_linear_fwd
+
+    for backend in BACKENDS:
+        monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+        for m in (3, 100):
+            x = torch.ones(m, k, device="cuda")
+            _, u = lora_linear_fwd(x, weight.tensors(), "nf4", [32, k], 64, torch.eye(k, device="cuda"),
+                                   torch.randn(32, k, device="cuda"), 1.0, None, p, torch.tensor(99))
+            assert torch.equal((u != 0).cpu(), keep_mask((m, k), p, 99)), (backend, m)
+
+
+def test_autotuner_picks_a_config(monkeypatch):
+    from fusedlora.kernels import launch
+    from fusedlora.kernels.backward import lora_grad_x_kernel
+    from fusedlora.kernels.forward import lora_forward_kernel
+
+    _run("triton", monkeypatch, 512, 4096, 1024, 16, "nf4", torch.bfloat16)
+    capability = torch.cuda.get_device_capability()
+    for kernel in (lora_forward_kernel, lora_grad_x_kernel):
+        assert launch._autotuned(kernel, capability).best_config is not None
