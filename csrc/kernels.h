@@ -23,7 +23,8 @@ void launch_forward_gemv(const at::Tensor& x, const WeightView& w, const at::Ten
                          const at::Tensor& bias, double scaling, at::Tensor& y);
 
 // du (M, r) = scaling · g · B and dB = scaling · gᵀ · u, one pass over g; dB as per-block
-// partials (P, N, r) to be summed (deterministic).
+// partials (grad_u_blocks(M), N, r) to be summed (deterministic), or one (1, N, r) buffer that
+// the blocks add into with atomics. The partials must start zeroed.
 void launch_grad_u(const at::Tensor& g, const at::Tensor& u, const at::Tensor& lora_b, double scaling, at::Tensor& du,
                    at::Tensor& db_partials);
 int64_t grad_u_blocks(int64_t m);

@@ -62,7 +62,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // grad_u: a block walks row tiles of 16 (blockIdx.x, + gridDim.x, ...) and, for each, all of N
-// in steps of 16; its share of dB accumulates in its own partial (read-modify-write, no atomics).
+// in steps of 16; its share of dB accumulates in its own partial (read-modify-write, reproducible)
+// or, when `atomic`, into one shared fp32 buffer with atomicAdd (far less memory, not bitwise
+// reproducible).
 constexpr int kGradURows = 16;
 constexpr int kGradUStep = 16;
 constexpr int kGradUSlots = kGradURows * kMaxRank / kThreads;
@@ -72,11 +74,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_u_kernel(const T* __restrict__ g, int64_t ld_g, const float* __restrict__ u, int64_t ld_u,
                   const float* __restrict__ b, int64_t ld_b, float scaling, float* __restrict__ du, int64_t ld_du,
-                  float* __restrict__ db_partials, int64_t rows, int64_t columns, int rank) {
+                  float* __restrict__ db_partials, bool atomic, int64_t rows, int64_t columns, int rank) {
   __shared__ float g_tile[kGradURows][kGradUStep + 1];
   __shared__ float u_tile[kGradURows][kMaxRank + 1];
   __shared__ float b_tile[kGradUStep][kMaxRank + 1];
-  float* db = db_partials + static_cast<int64_t>(blockIdx.x) * columns * rank;
+  float* db = db_partials + (atomic ? 0 : static_cast<int64_t>(blockIdx.x) * columns * rank);
   const int64_t tiles = (rows + kGradURows - 1) / kGradURows;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t m0 = tile * kGradURows;
@@ -109,7 +111,11 @@ __global__ void __launch_bounds__(kThreads)
           if (n < columns) {
             float share = 0.0f;
             for (int r = 0; r < kGradURows; ++r) share = fmaf(g_tile[r][row], u_tile[r][j], share);
-            db[n * rank + j] += scaling * share;
+            if (atomic) {
+              atomicAdd(db + n * rank + j, scaling * share);
+            } else {
+              db[n * rank + j] += scaling * share;
+            }
           }
         }
       }
@@ -204,7 +210,9 @@ void launch_grad_u(const at::Tensor& g, const at::Tensor& u, const at::Tensor& l
                    at::Tensor& db_partials) {
   const int64_t rows = g.size(0), columns = g.size(1), rank = u.size(1);
   check_rank(rank);
-  TORCH_CHECK(db_partials.size(0) == grad_u_blocks(rows), "fusedlora: dB partials must have grad_u_blocks(M) rows");
+  const bool atomic = db_partials.size(0) == 1 && grad_u_blocks(rows) > 1;
+  TORCH_CHECK(atomic || db_partials.size(0) == grad_u_blocks(rows),
+              "fusedlora: dB partials must have 1 (atomics) or grad_u_blocks(M) rows");
   if (rows == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(g.scalar_type(), "fusedlora_grad_u", [&] {
@@ -212,7 +220,7 @@ void launch_grad_u(const at::Tensor& g, const at::Tensor& u, const at::Tensor& l
     grad_u_kernel<T><<<static_cast<unsigned>(grad_u_blocks(rows)), kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(g.data_ptr<scalar_t>()), g.stride(0), u.data_ptr<float>(), u.stride(0),
         lora_b.data_ptr<float>(), lora_b.stride(0), static_cast<float>(scaling), du.data_ptr<float>(), du.stride(0),
-        db_partials.data_ptr<float>(), rows, columns, static_cast<int>(rank));
+        db_partials.data_ptr<float>(), atomic, rows, columns, static_cast<int>(rank));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -226,6 +234,7 @@ void launch_grad_a(const at::Tensor& du, const at::Tensor& x, const Dropout& dro
   check_rank(rank);
   const int64_t slices = grad_a_slices(rows);
   TORCH_CHECK(da_partials.size(0) == slices, "fusedlora: dA partials must have grad_a_slices(M) rows");
+  if (rows == 0 || k == 0) return;
   const int64_t rows_per_slice = ((rows + slices - 1) / slices + kGradARows - 1) / kGradARows * kGradARows;
   const dim3 grid(static_cast<unsigned>((k + kGradACols - 1) / kGradACols), static_cast<unsigned>(slices));
   auto stream = c10::cuda::getCurrentCUDAStream();

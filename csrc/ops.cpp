@@ -123,7 +123,9 @@ std::tuple<Tensor, Tensor, Tensor> cuda_lora_bwd(const Tensor& grad_y_in, const 
   const Tensor a32 = lora_a.to(at::kFloat).contiguous();
   if (has_lora) {
     du = at::empty({rows, rank}, f32);
-    Tensor db_partials = at::zeros({grad_u_blocks(rows), columns, rank}, f32);
+    // Atomics unless torch asks for determinism: the per-block partials cost blocks·N·r floats.
+    const int64_t partials = at::globalContext().deterministicAlgorithms() ? grad_u_blocks(rows) : 1;
+    Tensor db_partials = at::zeros({partials, columns, rank}, f32);
     launch_grad_u(grad_y, u.to(at::kFloat).contiguous(), lora_b.to(at::kFloat).contiguous(), scaling, du, db_partials);
     grad_b = db_partials.sum(0);
     Tensor da_partials = at::empty({grad_a_slices(rows), rank, k}, f32);
