@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -55,9 +56,18 @@ def _unavailable(reason: str) -> str:
     return reason
 
 
-@functools.lru_cache(maxsize=None)
+_LOAD_LOCK = threading.Lock()
+
+
 def load() -> Optional[str]:
-    """Load the extension once; None when its ops are there, else why not (also logged, once)."""
+    """Load the extension once; None when its ops are there, else why not (also logged, once).
+    Thread-safe: concurrent first calls wait for one load (fakes may be registered only once)."""
+    with _LOAD_LOCK:
+        return _load()
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Optional[str]:
     try:
         import fusedlora._C  # noqa: F401  (registers the ops)
     except Exception as err:

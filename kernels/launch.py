@@ -9,6 +9,7 @@ compiles the kernels, at import) CPU tensors run through the interpreter, when f
 import contextlib
 import functools
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -30,6 +31,9 @@ MAX_RANK = 256
 SMALL_M = 16
 _FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# One caller launches at a time: Triton's autotuner and its interpreter keep per-kernel state that
+# concurrent calls would corrupt. Launches are asynchronous, so the lock costs only host time.
+_LAUNCH_LOCK = threading.RLock()
 
 
 def why_not(problem: Problem) -> Optional[str]:
@@ -143,7 +147,7 @@ def _skinny(name: str, config: configs.SkinnyConfig) -> tuple[dict, dict]:
 
 def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     """x (M, K), lora_A (r, K), lora_B (N, r), bias (N,) or None → y (M, N), u (M, r)."""
-    with _on(x.device):
+    with _LAUNCH_LOCK, _on(x.device):
         return _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
 
 
@@ -208,7 +212,7 @@ def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, s
 
 def backward(grad_y, x, u, weight: QuantizedWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
     """grad_y (M, N), x (M, K), u (M, r) → (dx (M, K) or None, dA (r, K), dB (N, r))."""
-    with _on(x.device):
+    with _LAUNCH_LOCK, _on(x.device):
         return _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx)
 
 
