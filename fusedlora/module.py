@@ -125,6 +125,15 @@ class LoRALinear(nn.Module):
         """The frozen weight without the adapter (the pre-merge weight while merged)."""
         return self._premerge_weight if self.merged else self.weight
 
+    def __getattr__(self, name: str):
+        # torch.distributed.checkpoint (FSDP2's and Accelerate's state dicts) resolves every
+        # state-dict key by getattr, so the base weight's keys beside "weight" must resolve too.
+        if name in _WEIGHT_KEYS[1:] and "weight" in self.__dict__:
+            state = self.base_weight.state_dict()
+            if name in state:
+                return state[name]
+        return super().__getattr__(name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
         if self.merged or not self._adapter_enabled:

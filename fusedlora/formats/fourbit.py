@@ -14,6 +14,7 @@ reciprocal of the 256-block absmax, snap to a 65536-point grid, take the nearest
 """
 
 import json
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,21 @@ class FourBitWeight(QuantizedWeight):
 
     def describe(self) -> str:
         return f"{self.fmt}(blocksize={self.blocksize}{', nested' if self.nested else ''})"
+
+    # torch.distributed.checkpoint (FSDP2's and Accelerate's state dicts) resolves every state-dict
+    # key by getattr from the module, so each part of the bitsandbytes key names must be an attribute.
+    @property
+    def quant_map(self) -> Tensor:
+        return code_table(self.fmt, self.packed.device)
+
+    @property
+    def nested_quant_map(self) -> Tensor:
+        return self.nested_code
+
+    @property
+    def quant_state(self) -> SimpleNamespace:
+        key = _QUANT_STATE_KEY.format(self.fmt)
+        return SimpleNamespace(**{key.rsplit(".", 1)[1]: self.state_dict()[key]})
 
     def state_dict(self) -> dict[str, Tensor]:
         quant_state = {
