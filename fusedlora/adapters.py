@@ -2,7 +2,8 @@
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`. PEFT loads what `save_adapter`
 writes, and `load_adapter` loads what PEFT saves. safetensors only: nothing is unpickled. A load
 checks every key, shape and dtype before it touches the model; a save is atomic (a folder written
-beside the target, then swapped in), so an interrupted save leaves the previous adapter intact.
+beside the target, then swapped in), so an interrupted save leaves the previous adapter intact,
+and checksums saved with the tensors catch a file corrupted since (see `fusedlora.safefiles`).
 """
 
 import json
@@ -15,10 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, select_targets
+from .safefiles import AdapterFileError, fsync_file, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,10 +26,6 @@ _UNSUPPORTED = {  # PEFT options this package does not implement: refused, never
     "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
     "layer_replication": None, "lora_bias": False,
 }
-
-
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be loaded into this model; the message names the file and keys."""
 
 
 def _most_common(values: list):
@@ -75,8 +70,7 @@ def _atomic_folder_swap(path: Path, write) -> None:
     tmp.mkdir()
     write(tmp)
     for name in os.listdir(tmp):
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp / name)
     if path.exists():
         os.rename(path, old)
     os.rename(tmp, path)
@@ -99,7 +93,7 @@ def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional
 
     def write(folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        write_safetensors(tensors, folder / WEIGHTS_NAME, atomic=False)
 
     _atomic_folder_swap(Path(path), write)
 
@@ -154,17 +148,6 @@ def read_adapter_config(path) -> dict:
     return config
 
 
-def _read_tensors(path: Path) -> dict:
-    file = path / WEIGHTS_NAME
-    if not file.exists():
-        raise AdapterFileError(f"{file}: no such file (only safetensors adapters are read; nothing is unpickled)")
-    try:
-        with safe_open(file, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        raise AdapterFileError(f"{file}: unreadable safetensors file ({err})") from err
-
-
 def _layer_key(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
@@ -178,7 +161,7 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "nf4") -> 
     """
     path = resolve_adapter_folder(path)
     config = read_adapter_config(path)
-    tensors = {_layer_key(key): value for key, value in _read_tensors(path).items()}
+    tensors = {_layer_key(key): value for key, value in read_safetensors(path / WEIGHTS_NAME)[0].items()}
     existing = lora_layers(model)
     targets = config.get("target_modules") or "all-linear"
     if existing:
@@ -190,7 +173,7 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "nf4") -> 
             linear, r = model.get_submodule(name), pattern_value(config.get("rank_pattern"), name, config["r"])
             shapes[f"{name}.lora_A.weight"] = (r, linear.in_features)
             shapes[f"{name}.lora_B.weight"] = (linear.out_features, r)
-    check_fit(path, tensors, shapes)
+    check_fit(path / WEIGHTS_NAME, tensors, shapes)
     if not existing:
         apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                    quant=quant, rslora=bool(config.get("use_rslora")), rank_pattern=config.get("rank_pattern"),
@@ -206,18 +189,21 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "nf4") -> 
     return model
 
 
-def check_fit(path: Path, tensors: dict, shapes: dict) -> None:
-    """Every expected key present with its shape and a float dtype, and no other key."""
+def check_fit(file: Path, tensors: dict, shapes: dict) -> None:
+    """Every expected key present with its shape, a float dtype and finite values, and no other key."""
     missing = sorted(set(shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(shapes))
     wrong = [f"{key}: {tuple(tensors[key].shape)} in the file, {shape} in the model"
              for key, shape in sorted(shapes.items()) if key in tensors and tuple(tensors[key].shape) != shape]
     not_float = [f"{key}: {tensors[key].dtype}" for key in sorted(shapes)
                  if key in tensors and not tensors[key].is_floating_point()]
+    non_finite = [key for key in sorted(shapes) if key in tensors and tensors[key].is_floating_point()
+                  and not torch.isfinite(tensors[key]).all()]
     problems = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
-                f"mis-shaped {wrong}" if wrong else "", f"not floating point {not_float}" if not_float else ""]
+                f"mis-shaped {wrong}" if wrong else "", f"not floating point {not_float}" if not_float else "",
+                f"holding NaN or Inf {non_finite}" if non_finite else ""]
     if not shapes:
         problems.append("the model has no layer this adapter's target_modules match")
     if any(problems):
-        raise AdapterFileError(f"{path / WEIGHTS_NAME} does not fit this model: "
+        raise AdapterFileError(f"{file} does not fit this model: "
                                + "; ".join(p for p in problems if p))

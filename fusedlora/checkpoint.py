@@ -2,20 +2,18 @@
 safetensors file. Tensors go into the file, everything else (step, param groups, scalar state,
 the adapter config, `extra`) into its metadata as JSON: nothing is unpickled. The file is written
 beside its final name, flushed to disk and renamed over it, so an interrupted save leaves the
-previous checkpoint intact.
+previous checkpoint intact; checksums saved with it catch later corruption (`fusedlora.safefiles`).
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .adapters import AdapterFileError, adapter_config, check_fit, is_writer
+from .adapters import adapter_config, check_fit, is_writer
 from .model import lora_layers, lora_state_dict
+from .safefiles import AdapterFileError, read_safetensors, write_safetensors
 
 _META_KEY = "fusedlora_training_state"
 
@@ -44,30 +42,21 @@ def save_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.
                          "in `extra`") from err
     if not is_writer():
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    save_file(tensors, partial, metadata={_META_KEY: metadata})
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, path, metadata={_META_KEY: metadata})
 
 
 def load_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
     """Restore what `save_training_state` wrote into `model` (and `optimizer`); return
     {"step": ..., "extra": ...}. Checked before anything is assigned: on error, nothing changes."""
     path = Path(path)
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except FileNotFoundError as err:
-        raise AdapterFileError(f"{path}: no such file") from err
-    except Exception as err:  # safetensors' own errors for truncated or corrupt files
-        raise AdapterFileError(f"{path}: unreadable safetensors file ({err})") from err
+    tensors, metadata = read_safetensors(path)
     if _META_KEY not in metadata:
         raise AdapterFileError(f"{path}: not a fusedlora training state (no {_META_KEY!r} metadata)")
-    meta = json.loads(metadata[_META_KEY])
+    try:
+        meta = json.loads(metadata[_META_KEY])
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{path}: its {_META_KEY!r} metadata is damaged ({err})") from err
     adapters = {key.removeprefix("adapter."): value for key, value in tensors.items() if key.startswith("adapter.")}
     shapes = {f"{name}.lora_{ab}.weight": tuple(getattr(layer, f"lora_{ab}").weight.shape)
               for name, layer in lora_layers(model).items() for ab in "AB"}
@@ -84,10 +73,13 @@ def load_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.
         for key, value in meta["optimizer"]["scalars"].items():
             index, name = key.split(".", 1)
             optimizer_state["state"].setdefault(int(index), {})[name] = value
+    if optimizer_state is not None:  # first: torch checks the state fits before it changes the optimizer
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError) as err:
+            raise AdapterFileError(f"{path}: its optimizer state does not fit this optimizer ({err})") from err
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(adapters[f"{name}.lora_A.weight"])
             layer.lora_B.weight.copy_(adapters[f"{name}.lora_B.weight"])
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
     return {"step": meta["step"], "extra": meta["extra"]}
