@@ -5,7 +5,9 @@
 # PNG in OUTDIR, printing a short summary last. Needs no network; fails clearly without a GPU.
 #
 #   bench/gpu_check.sh [OUTDIR]          (default bench/results)
-#   env: PYTHON (default python3), BENCH_BUDGET seconds (default 200), FUSEDLORA_COMMIT
+#   env: PYTHON (default python3), TEST_BUDGET, RELIABILITY_BUDGET and BENCH_BUDGET seconds
+#        (default 240, 120, 200),
+#        FUSEDLORA_FUZZ_SCALE (default 0.1), FUSEDLORA_COMMIT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -37,8 +39,15 @@ fi
 "$python" -m fusedlora info 2>&1 | tee -a "$log"
 
 say "== pytest -m gpu"
-timeout "${TEST_BUDGET:-240}" "$python" -m pytest -m gpu -x -q -p no:cacheprovider tests 2>&1 | tee -a "$log"
-tests_rc=${PIPESTATUS[0]}
+# The backends' correctness first, then the reliability suites; the property tests at a tenth of
+# their full budget (40 examples per backend) so that the benchmark keeps its time.
+export FUSEDLORA_FUZZ_SCALE=${FUSEDLORA_FUZZ_SCALE:-0.1}
+timeout "${TEST_BUDGET:-240}" "$python" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$log"
+backends_rc=${PIPESTATUS[0]}
+timeout "${RELIABILITY_BUDGET:-120}" "$python" -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_gpu.py tests 2>&1 \
+    | tee -a "$log"
+reliability_rc=${PIPESTATUS[0]}
+tests_rc=$(( backends_rc != 0 ? backends_rc : reliability_rc ))
 
 say "== benchmark (budget ${BENCH_BUDGET:-200} s)"
 timeout $(( ${BENCH_BUDGET:-200} + 150 )) "$python" -m fusedlora bench --out "$out" --budget "${BENCH_BUDGET:-200}" 2>&1 \

@@ -7,6 +7,7 @@ import socket
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 STEPS = 4
 BATCH = 8
@@ -68,6 +69,7 @@ def rank_main(rank: int, world: int, mode: str, out_dir: str, port: int) -> None
     model = build()
     packed_before = {name: [t.clone() for t in layer.weight.tensors()]
                      for name, layer in fusedlora.lora_layers(model).items()}
+    frozen_before = {key: value.clone() for key, value in model.state_dict().items() if "lora_" not in key}
     if mode == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model)
     else:
@@ -82,10 +84,15 @@ def rank_main(rank: int, world: int, mode: str, out_dir: str, port: int) -> None
     for loss in losses:
         dist.all_reduce(loss)
     adapters = fusedlora.lora_state_dict(model)
+    # The frozen weights, packed ones included, stay bit-identical when the model's full state
+    # dict is gathered from its shards (FSDP2) or replicas (DDP).
     packed_same = all(torch.equal(a, b) for name, layer in fusedlora.lora_layers(model).items()
                       for a, b in zip(packed_before[name], layer.weight.tensors()))
+    gathered = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
+    frozen_same = all(torch.equal(gathered[key], value) for key, value in frozen_before.items())
     fusedlora.save_adapter(model, os.path.join(out_dir, "adapter"))
     if rank == 0:
         torch.save({"losses": [loss.item() / world for loss in losses], "adapters": adapters,
-                    "packed_same": packed_same}, os.path.join(out_dir, "result.pt"))
+                    "packed_same": packed_same, "frozen_same_when_gathered": frozen_same},
+                   os.path.join(out_dir, "result.pt"))
     dist.destroy_process_group()

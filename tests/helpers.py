@@ -1,4 +1,10 @@
-"""Shared test helpers: the one per-dtype tolerance table and an independent float64 oracle."""
+"""Shared test helpers: the one per-dtype tolerance table, an independent float64 oracle, and the
+checks every Triton-interpreter run wears (poisoned outputs, the bf16 tl.dot fix)."""
+
+import contextlib
+import os
+from typing import Optional
+from unittest import mock
 
 import torch
 
@@ -14,10 +20,14 @@ TOLERANCES = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """Compare `actual` (computed in `dtype`) with a float64 `expected` using the table."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 magnitude: Optional[torch.Tensor] = None) -> None:
+    """Compare `actual` (computed in `dtype`) with a float64 `expected` using the table. The bound
+    scales with `magnitude`, the same computation on |inputs| (`float64_magnitudes`), when given;
+    else with |expected|, which is the same unless a small result cancels out."""
     actual, expected = actual.detach(), expected.detach()
-    scale = expected.double().abs().max().clamp(min=torch.finfo(torch.float64).tiny) if expected.numel() else 1.0
+    reference = (expected if magnitude is None else magnitude).double().abs()
+    scale = reference.max().clamp(min=torch.finfo(torch.float64).tiny) if expected.numel() else 1.0
     torch.testing.assert_close(actual.double(), expected.double(), atol=TOLERANCES[dtype] * float(scale), rtol=0,
                                msg=lambda m: f"{what}: {m}")
 
@@ -59,3 +69,67 @@ def float64_oracle(x, w, lora_A, lora_B, scaling, bias, keep, p, grad_y):
         y = y + bias64
     y.backward(grad_y.double())
     return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def float64_magnitudes(x, w, lora_A, lora_B, scaling, bias, keep, p, grad_y):
+    """`float64_oracle` on the absolute values of every input: the sums of |terms| that bound
+    the rounding error of each result (Higham: |fl(A·B) - A·B| <= γ_n·|A|·|B|)."""
+    def magnitude(t):
+        return None if t is None else t.detach().abs()
+
+    return float64_oracle(magnitude(x), w.abs(), magnitude(lora_A), magnitude(lora_B), abs(scaling), magnitude(bias),
+                          keep, p, magnitude(grad_y))
+
+
+@contextlib.contextmanager
+def poisoned_triton_outputs():
+    """Every buffer the Triton kernels must fill starts as NaN: a missed element shows up."""
+    from fusedlora.kernels import launch
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    with mock.patch.object(launch, "new_output", poisoned):
+        yield
+
+
+@contextlib.contextmanager
+def interpreter_bf16_dot():
+    """Test-only patch (DESIGN §5): the interpreter's tl.dot multiplies bf16 operands as raw
+    uint16 bits; upcast them to fp32 first, as the tensor cores do."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def fp32_handle(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None)
+        return interpreter.TensorHandle(data.view(np.float32), tl.float32)
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, fp32_handle(a), fp32_handle(b), d, input_precision, max_num_imprecise_acc)
+
+    with mock.patch.object(interpreter.InterpreterBuilder, "create_dot", create_dot):
+        yield
+
+
+@contextlib.contextmanager
+def on_backend(backend: str, device: str = "cpu"):
+    """Force `backend` (FUSEDLORA_BACKEND) for the calls inside; Triton on the CPU also gets the
+    interpreter checks above."""
+    previous = os.environ.get("FUSEDLORA_BACKEND")
+    os.environ["FUSEDLORA_BACKEND"] = backend
+    try:
+        if backend == "triton" and device == "cpu":
+            with poisoned_triton_outputs(), interpreter_bf16_dot():
+                yield
+        else:
+            yield
+    finally:
+        if previous is None:
+            del os.environ["FUSEDLORA_BACKEND"]
+        else:
+            os.environ["FUSEDLORA_BACKEND"] = previous

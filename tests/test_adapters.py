@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def _killed_midway(save_call: str, patch: str, cwd):
     """Run a save in a child process that is killed (SIGKILL) in the middle of writing."""
     script = textwrap.dedent(f"""
         import os, signal, torch, torch.nn as nn
-        import fusedlora.adapters as adapters, fusedlora.checkpoint as checkpoint
+        import fusedlora.adapters as adapters, fusedlora.checkpoint as checkpoint, fusedlora.safefiles as safefiles
         from tests_support import _adapted
         {patch}
         model = _adapted(seed=7)
@@ -162,11 +163,11 @@ def test_a_killed_adapter_save_leaves_the_previous_adapter(tmp_path, tests_suppo
     original = _adapted()
     save_adapter(original, tmp_path / "a")
     kill_while_writing = textwrap.dedent("""
-        real = adapters.save_file
+        real = safefiles.save_file
         def save_file(tensors, path, metadata=None):
             real(tensors, path, metadata=metadata)
             os.kill(os.getpid(), signal.SIGKILL)
-        adapters.save_file = save_file
+        safefiles.save_file = save_file
     """).replace("\n", "\n        ")
     _killed_midway(f"adapters.save_adapter(model, {str(tmp_path / 'a')!r})", kill_while_writing, tests_support)
     restored = load_adapter(_adapted(seed=9), tmp_path / "a")
@@ -201,7 +202,7 @@ def test_a_killed_checkpoint_save_leaves_the_previous_checkpoint(tmp_path, tests
         def save_file(tensors, path, metadata=None):
             open(path, "wb").write(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.save_file = save_file
+        safefiles.save_file = save_file
     """).replace("\n", "\n        ")
     _killed_midway(f"checkpoint.save_training_state({str(tmp_path / 'state.safetensors')!r}, model, step=9)",
                    kill_while_writing, tests_support)
@@ -248,3 +249,95 @@ def test_a_training_state_that_does_not_fit_is_refused(tmp_path):
     with pytest.raises(AdapterFileError, match="holds no optimizer state"):
         load_training_state(tmp_path / "state.safetensors", _adapted(),
                             torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
+
+
+def _flip_byte(file, offset_from_end):
+    data = bytearray(file.read_bytes())
+    data[len(data) - offset_from_end] ^= 0x5A
+    file.write_bytes(bytes(data))
+
+
+def test_a_corrupted_tensor_is_named_and_changes_nothing(tmp_path):
+    """A flipped byte inside the tensor data (which safetensors itself cannot notice) fails the
+    checksum saved with the file; a flipped byte in its JSON header makes it unreadable."""
+    save_adapter(_adapted(), tmp_path / "a")
+    _flip_byte(tmp_path / "a" / WEIGHTS_NAME, 3)  # the data of the last tensor in the file
+    model = _adapted(seed=3)
+    before = _adapter_params(model)
+    with pytest.raises(AdapterFileError, match=r"the bytes of \['base_model\.model\.up\.lora_B\.weight'\] do not "
+                                               r"match the checksums saved with them \(the file is corrupted\)"):
+        load_adapter(model, tmp_path / "a")
+    assert all(torch.equal(before[name], p) for name, p in _adapter_params(model).items())
+    save_adapter(_adapted(), tmp_path / "b")
+    file = tmp_path / "b" / WEIGHTS_NAME
+    data = bytearray(file.read_bytes())
+    data[8] = ord("#")  # the first character of the header's JSON
+    file.write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="unreadable safetensors file"):
+        load_adapter(model, tmp_path / "b")
+
+
+def test_non_finite_adapter_values_are_refused(tmp_path):
+    """A file without checksums (PEFT writes none) whose values are NaN is refused, by key."""
+    save_adapter(_adapted(), tmp_path / "a")
+    bad = torch.zeros(64, 4)
+    bad[1, 2] = float("nan")
+    _break(tmp_path / "a", **{"base_model__model__up__lora_B__weight": bad})
+    with pytest.raises(AdapterFileError, match=r"holding NaN or Inf \['up.lora_B.weight'\]"):
+        load_adapter(_adapted(seed=3), tmp_path / "a")
+
+
+def test_a_damaged_training_state_is_named_and_changes_nothing(tmp_path):
+    model = _adapted()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _train(model, optimizer, 1, seed=0)
+    file = tmp_path / "state.safetensors"
+    save_training_state(file, model, optimizer, step=1)
+    target = _adapted(seed=3)
+    before = _adapter_params(target)
+    wrong_optimizer = torch.optim.AdamW([p for p in target.parameters() if p.requires_grad][:2], lr=1e-2)
+    with pytest.raises(AdapterFileError, match="its optimizer state does not fit this optimizer"):
+        load_training_state(file, target, wrong_optimizer)
+    _flip_byte(file, 5)
+    with pytest.raises(AdapterFileError, match="do not match the checksums"):
+        load_training_state(file, target)
+    file.write_bytes(file.read_bytes()[:-200])
+    with pytest.raises(AdapterFileError, match="unreadable safetensors file"):
+        load_training_state(file, target)
+    assert all(torch.equal(before[name], p) for name, p in _adapter_params(target).items())
+
+
+# Every step of a save that touches the disk; the child is killed right after the n-th of them.
+_KILL_AFTER_STEP = textwrap.dedent("""
+    import pathlib
+    steps = [0]
+    def killing(function):
+        def step(*args, **kwargs):
+            result = function(*args, **kwargs)
+            steps[0] += 1
+            if steps[0] == {n}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        return step
+    pathlib.Path.write_text = killing(pathlib.Path.write_text)
+    safefiles.save_file = killing(safefiles.save_file)
+    os.fsync = killing(os.fsync)
+    os.rename = killing(os.rename)
+    os.replace = killing(os.replace)
+    shutil.rmtree = killing(shutil.rmtree)
+""").replace("\n", "\n        ")
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_a_save_killed_after_any_step_leaves_a_whole_adapter(tmp_path, tests_support, n):
+    """Killed after any disk step of the save (rmtree of a stale partial folder, the config, the
+    tensors, each fsync, each rename): the folder loads whole, as the old adapter or the new."""
+    original = _adapted()
+    save_adapter(original, tmp_path / "a")
+    patch = "import shutil\n        " + _KILL_AFTER_STEP.replace("{n}", str(n))
+    _killed_midway(f"adapters.save_adapter(model, {str(tmp_path / 'a')!r})", patch, tests_support)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the recovery warning, tested above
+        loaded = _adapter_params(load_adapter(_adapted(seed=9), tmp_path / "a"))
+    candidates = [_adapter_params(original), _adapter_params(_adapted(seed=7))]
+    assert any(all(torch.equal(loaded[key], c[key]) for key in loaded) for c in candidates)

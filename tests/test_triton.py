@@ -4,7 +4,6 @@ table; outputs poisoned before every call; the dropout mask bit for bit; opcheck
 
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,12 +12,10 @@ import fusedlora.formats as formats
 from fusedlora import fused_lora_linear, quantize
 from fusedlora.dropout import keep_mask
 from fusedlora.ops import lora_linear_bwd, lora_linear_fwd
-from helpers import assert_close, float64_oracle, random_weight
+from helpers import assert_close, float64_oracle, interpreter_bf16_dot, poisoned_triton_outputs, random_weight
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter suite: conftest sets TRITON_INTERPRET=1 where there is no GPU")
-triton_language = pytest.importorskip("triton.language")
-interpreter = pytest.importorskip("triton.runtime.interpreter")
 launch = pytest.importorskip("fusedlora.kernels.launch")
 configs = pytest.importorskip("fusedlora.kernels.configs")
 
@@ -34,29 +31,9 @@ def triton_forced(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels must fill starts as NaN: a missed element shows up."""
-    monkeypatch.setattr(launch, "new_output",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-
-
-def _fp32_handle(handle):
-    if handle.dtype != triton_language.bfloat16:
-        return handle
-    data = interpreter._convert_float(handle.data, triton_language.bfloat16, triton_language.float32, None)
-    return interpreter.TensorHandle(data.view(np.float32), triton_language.float32)
-
-
-@pytest.fixture(autouse=True)
-def interpreter_bf16_dot(monkeypatch):
-    """Test-only patch (DESIGN §5): the interpreter's tl.dot multiplies bf16 operands as raw
-    uint16 bits; upcast them to fp32 first, as the tensor cores do."""
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, _fp32_handle(a), _fp32_handle(b), d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+def interpreter_checks():
+    with poisoned_triton_outputs(), interpreter_bf16_dot():
+        yield
 
 
 def _check(m, k, n, r, fmt, dtype, *, adapter_dtype=None, bias=True, p=0.0, blocksize=64, double_quant=True,
