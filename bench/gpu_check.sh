@@ -6,7 +6,7 @@
 #
 #   bench/gpu_check.sh [OUTDIR]          (default bench/results)
 #   env: PYTHON (default python3), TEST_BUDGET, RELIABILITY_BUDGET and BENCH_BUDGET seconds
-#        (default 240, 120, 200),
+#        (default 240, 180, 200),
 #        FUSEDLORA_FUZZ_SCALE (default 0.1), FUSEDLORA_COMMIT
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ say "== pytest -m gpu"
 export FUSEDLORA_FUZZ_SCALE=${FUSEDLORA_FUZZ_SCALE:-0.1}
 timeout "${TEST_BUDGET:-240}" "$python" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$log"
 backends_rc=${PIPESTATUS[0]}
-timeout "${RELIABILITY_BUDGET:-120}" "$python" -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_gpu.py tests 2>&1 \
+timeout "${RELIABILITY_BUDGET:-180}" "$python" -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_gpu.py tests 2>&1 \
     | tee -a "$log"
 reliability_rc=${PIPESTATUS[0]}
 tests_rc=$(( backends_rc != 0 ? backends_rc : reliability_rc ))

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, select_targets
-from .safefiles import AdapterFileError, fsync_file, read_safetensors, write_safetensors
+from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,13 +64,15 @@ def _atomic_folder_swap(path: Path, write) -> None:
     """Write a folder's files with `write(tmp)` beside `path`, then swap it in with renames."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    old = path.with_name(f".{path.name}.previous-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = partial_name(path), partial_name(path, "previous")
     tmp.mkdir()
-    write(tmp)
-    for name in os.listdir(tmp):
-        fsync_file(tmp / name)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            fsync_file(tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         os.rename(path, old)
     os.rename(tmp, path)
@@ -104,7 +106,7 @@ def resolve_adapter_folder(path) -> Path:
     path = Path(path)
     if path.exists():
         return path
-    previous = sorted(path.parent.glob(f".{path.name}.previous-*"))
+    previous = sorted(path.parent.glob(f".{path.name}.previous-*"), key=lambda p: p.stat().st_mtime)
     if previous:
         warnings.warn(f"{path} is missing; an interrupted save left the previous adapter at {previous[-1]}, "
                       "which is loaded instead", stacklevel=3)

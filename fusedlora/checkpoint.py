@@ -50,7 +50,7 @@ def load_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.
     """Restore what `save_training_state` wrote into `model` (and `optimizer`); return
     {"step": ..., "extra": ...}. Checked before anything is assigned: on error, nothing changes."""
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_safetensors(path, require_digests=True)
     if _META_KEY not in metadata:
         raise AdapterFileError(f"{path}: not a fusedlora training state (no {_META_KEY!r} metadata)")
     try:

@@ -22,14 +22,23 @@ TOLERANCES = {
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
                  magnitude: Optional[torch.Tensor] = None) -> None:
-    """Compare `actual` (computed in `dtype`) with a float64 `expected` using the table. The bound
-    scales with `magnitude`, the same computation on |inputs| (`float64_magnitudes`), when given;
-    else with |expected|, which is the same unless a small result cancels out."""
-    actual, expected = actual.detach(), expected.detach()
-    reference = (expected if magnitude is None else magnitude).double().abs()
-    scale = reference.max().clamp(min=torch.finfo(torch.float64).tiny) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), atol=TOLERANCES[dtype] * float(scale), rtol=0,
-                               msg=lambda m: f"{what}: {m}")
+    """Compare `actual` (computed in `dtype`) with a float64 `expected` using the table: normwise,
+    scaled by max |expected|; or, given `magnitude` (the same computation on |inputs|, from
+    `float64_magnitudes`), element by element, scaled by each element's own sum of |terms|."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if magnitude is None:
+        scale = expected.abs().max().clamp(min=torch.finfo(torch.float64).tiny) if expected.numel() else 1.0
+        torch.testing.assert_close(actual, expected, atol=TOLERANCES[dtype] * float(scale), rtol=0,
+                                   msg=lambda m: f"{what}: {m}")
+        return
+    bound = TOLERANCES[dtype] * magnitude.detach().double().abs() + torch.finfo(torch.float32).tiny
+    error = (actual - expected).abs()
+    bad = ~(error <= bound)  # NaN counts as bad
+    if bad.any():
+        index = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements outside the bound; first at {index}: "
+                             f"got {float(actual[index])}, expected {float(expected[index])}, bound "
+                             f"{float(bound[index])}")
 
 
 def spec_hash(index: int, seed: int) -> int:

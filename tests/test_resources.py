@@ -46,7 +46,8 @@ def _steps(layer, optimizer, count, device="cpu"):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_a_thousand_steps_on_the_cpu_do_not_grow_memory():
-    """Leaking one activation per step would add 64 MiB; the process may grow by at most 8."""
+    """Leaking one activation per step would add 64 MiB; the process may grow by at most 32
+    (allocator arenas and fragmentation move by a few)."""
     layer = _layer()
     optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-3)
     _steps(layer, optimizer, 100)  # warm up: allocator pools, optimizer state
@@ -55,7 +56,7 @@ def test_a_thousand_steps_on_the_cpu_do_not_grow_memory():
     _steps(layer, optimizer, 1000)
     gc.collect()
     assert _live_tensors() == tensors
-    assert _resident_bytes() - resident < 8 * 2**20
+    assert _resident_bytes() - resident < 32 * 2**20
 
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=_GPU) for b in ("triton", "cuda", "reference")])
@@ -114,7 +115,10 @@ def _assert_threads_match_serial(backend, device, rounds):
         assert len(results[index]) == rounds
         for got in results[index]:
             for name, a, b in zip(("y", "dx", "dA", "dB"), got, expected):
-                assert_close(a.cpu(), b.double().cpu(), torch.float32, f"thread {index} {name}")
+                if device == "cpu":
+                    assert torch.equal(a, b), f"thread {index} {name}"
+                else:  # GPU atomics (split-K, dB) may reorder additions between calls
+                    assert_close(a.cpu(), b.double().cpu(), torch.float32, f"thread {index} {name}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -174,7 +174,7 @@ class FourBitWeight(QuantizedWeight):
         tensors = {
             "weight": self.packed.view(-1, 1),
             "weight.absmax": self.absmax,
-            "weight.quant_map": code_table(self.fmt, self.packed.device),
+            "weight.quant_map": self.quant_map,
         }
         if self.nested:
             quant_state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
