@@ -23,6 +23,12 @@ BACKENDS = [
 ROWS = [5, 40]  # both forward paths of the kernels: small-M (M <= 16) and shrink + GEMM
 
 
+def _float64(x, weight, lora_A, lora_B, scaling, bias=None):
+    """The float64 result on the CPU, whatever device the inputs are on."""
+    return float64_lora(x.cpu(), weight.dequantize(torch.float64).cpu(), lora_A.cpu(), lora_B.cpu(), scaling,
+                        None if bias is None else bias.cpu())
+
+
 def _adapters(n, k, r, device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     lora_A = (torch.randn(r, k, generator=g) / k**0.5).to(device, dtype)
@@ -48,8 +54,7 @@ def test_nan_and_inf_in_x_propagate_like_nn_linear(backend, device, fmt, m):
     assert torch.equal(torch.isfinite(y), torch.isfinite(expected))
     assert not torch.isfinite(y[1:4]).any()
     clean = [i for i in range(m) if i not in (1, 2, 3)]
-    assert_close(y[clean].cpu(), float64_lora(x[clean].cpu(), weight.dequantize(torch.float64).cpu(), lora_A.cpu(),
-                                              lora_B.cpu(), 1.0, bias.cpu()), torch.float32)
+    assert_close(y[clean].cpu(), _float64(x[clean], weight, lora_A, lora_B, 1.0, bias), torch.float32)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -111,8 +116,7 @@ def test_zero_denormal_and_tiny_blocks_run_finite(backend, device, fmt):
     with on_backend(backend, device):
         y = fused_lora_linear(x, weight, lora_A, lora_B, 1.0)
     assert torch.isfinite(y).all()
-    expected = float64_lora(x.cpu(), weight.dequantize(torch.float64).cpu(), lora_A.cpu(), lora_B.cpu(), 1.0)
-    assert_close(y.cpu(), expected, torch.float32)
+    assert_close(y.cpu(), _float64(x, weight, lora_A, lora_B, 1.0), torch.float32)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -130,8 +134,7 @@ def test_zero_scaling_and_zero_b_give_the_base_output_bit_for_bit(backend, devic
         off = fused_lora_linear(x, weight, lora_A, lora_B, 0.0, bias)
         zero_b = fused_lora_linear(x, weight, lora_A, torch.zeros_like(lora_B), 3.0, bias, 0.2, seed=1)
     assert torch.equal(off, zero_b)
-    assert_close(off.cpu(), float64_lora(x.cpu(), weight.dequantize(torch.float64).cpu(), lora_A.cpu(),
-                                         torch.zeros_like(lora_B).cpu(), 0.0, bias.cpu()), torch.bfloat16)
+    assert_close(off.cpu(), _float64(x, weight, lora_A, torch.zeros_like(lora_B), 0.0, bias), torch.bfloat16)
     if backend == "reference":
         assert torch.equal(off, F.linear(x, weight.dequantize(torch.bfloat16), bias))
 
@@ -147,8 +150,7 @@ def test_rank_above_min_of_k_and_n_is_allowed(backend, device, m):
     with on_backend(backend, device):
         y = fused_lora_linear(x, weight, lora_A, lora_B, 0.5)
         y.sum().backward()
-    assert_close(y.cpu(), float64_lora(x.cpu(), weight.dequantize(torch.float64).cpu(), lora_A.cpu(),
-                                       lora_B.cpu(), 0.5), torch.float32)
+    assert_close(y.cpu(), _float64(x, weight, lora_A, lora_B, 0.5), torch.float32)
     assert lora_A.grad.shape == (r, k) and torch.isfinite(lora_A.grad).all() and torch.isfinite(x.grad).all()
 
 

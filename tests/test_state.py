@@ -15,11 +15,15 @@ peft = pytest.importorskip("peft")
 FORMATS = ["nf4", "fp4", "int8", "fp8"]
 
 
-def _llama(quant, seed=0):
+def _plain_llama(seed=0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return apply_lora(transformers.LlamaForCausalLM(config), "all-linear", r=4, alpha=8, quant=quant)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _llama(quant, seed=0):
+    return apply_lora(_plain_llama(seed), "all-linear", r=4, alpha=8, quant=quant)
 
 
 def _packed(model) -> dict:
@@ -54,10 +58,7 @@ def test_prepare_model_for_kbit_training_keeps_packed_weights(quant):
     peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     _assert_same_packed(before, model)
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    prepared = peft.prepare_model_for_kbit_training(transformers.LlamaForCausalLM(config),
+    prepared = peft.prepare_model_for_kbit_training(_plain_llama(),
                                                     use_gradient_checkpointing=True,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_lora(prepared, "all-linear", r=4, alpha=8, quant=quant)
