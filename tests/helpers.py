@@ -1,5 +1,6 @@
-"""Shared test helpers: the one per-dtype tolerance table, an independent float64 oracle, and the
-checks every Triton-interpreter run wears (poisoned outputs, the bf16 tl.dot fix)."""
+"""Shared test helpers: the one per-dtype tolerance table, an independent float64 oracle, what
+bitsandbytes' bytes mean decoded by hand, and the checks every Triton-interpreter run wears
+(poisoned outputs, the bf16 tl.dot fix)."""
 
 import contextlib
 import os
@@ -7,6 +8,7 @@ from typing import Optional
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 # Largest error of a result computed in `dtype`, as a fraction of the largest |value| of its
 # float64 reference (a normwise bound: the rounding error of a dot product scales with its
@@ -19,19 +21,33 @@ TOLERANCES = {
     torch.bfloat16: 3e-2,
 }
 
+# Below its normal range a dtype has a fixed absolute spacing (float16: 2^-24 ≈ 6e-8), so a result
+# rounded there is off by up to half a spacing whatever its size, and a gradient passes through a
+# few such roundings (u or du, then itself) scaled by values of order one. Every bound therefore
+# also allows this many subnormal spacings of the dtype the result was computed in.
+SUBNORMAL_SPACINGS = 4
+
+
+def absolute_floor(dtype: torch.dtype) -> float:
+    """The part of every bound that does not scale with the values: `SUBNORMAL_SPACINGS` subnormal
+    spacings of `dtype`, and never less than float32's smallest normal (the kernels accumulate in it)."""
+    info = torch.finfo(dtype)
+    return SUBNORMAL_SPACINGS * info.smallest_normal * info.eps + torch.finfo(torch.float32).tiny
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
                  magnitude: Optional[torch.Tensor] = None) -> None:
     """Compare `actual` (computed in `dtype`) with a float64 `expected` using the table: normwise,
     scaled by max |expected|; or, given `magnitude` (the same computation on |inputs|, from
-    `float64_magnitudes`), element by element, scaled by each element's own sum of |terms|."""
+    `float64_magnitudes`), element by element, scaled by each element's own sum of |terms|. Both
+    add `absolute_floor(dtype)`."""
     actual, expected = actual.detach().double(), expected.detach().double()
     if magnitude is None:
-        scale = expected.abs().max().clamp(min=torch.finfo(torch.float64).tiny) if expected.numel() else 1.0
-        torch.testing.assert_close(actual, expected, atol=TOLERANCES[dtype] * float(scale), rtol=0,
-                                   msg=lambda m: f"{what}: {m}")
+        scale = expected.abs().max() if expected.numel() else 1.0
+        torch.testing.assert_close(actual, expected, atol=TOLERANCES[dtype] * float(scale) + absolute_floor(dtype),
+                                   rtol=0, msg=lambda m: f"{what}: {m}")
         return
-    bound = TOLERANCES[dtype] * magnitude.detach().double().abs() + torch.finfo(torch.float32).tiny
+    bound = TOLERANCES[dtype] * magnitude.detach().double().abs() + absolute_floor(dtype)
     error = (actual - expected).abs()
     bad = ~(error <= bound)  # NaN counts as bad
     if bad.any():
@@ -88,6 +104,40 @@ def float64_magnitudes(x, w, lora_A, lora_B, scaling, bias, keep, p, grad_y):
 
     return float64_oracle(magnitude(x), w.abs(), magnitude(lora_A), magnitude(lora_B), abs(scaling), magnitude(bias),
                           keep, p, magnitude(grad_y))
+
+
+# bitsandbytes is the oracle of what it writes (packed bytes, absmax, nested codes, state-dict keys),
+# never of what its CPU kernels compute: those depend on the processor's instruction set (with
+# AVX-512 its dequantize_4bit returned wrong bfloat16 values, and Linear4bit's eval forward repacks
+# the weight and rounds its scales). What its bytes mean is decoded here by hand instead.
+def decode_bnb_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """The weight that bitsandbytes' 4-bit `packed` bytes and `QuantState` stand for, in `state.dtype`
+    and `state.shape`: `state.code[nibble] · absmax[i // blocksize]` in fp32, the high nibble first,
+    a nested absmax being `state2.code[q] · state2.absmax[j // state2.blocksize] + state.offset`."""
+    n = state.shape.numel()
+    data = packed.reshape(-1).to(torch.int64)
+    nibbles = torch.stack((data >> 4, data & 0xF), dim=1).reshape(-1)[:n]
+    absmax = state.absmax
+    if state.nested:
+        nested = state.state2
+        per_code = nested.absmax.repeat_interleave(nested.blocksize)[: absmax.numel()]
+        absmax = nested.code[absmax.to(torch.int64)] * per_code + state.offset
+    values = state.code[nibbles] * absmax.repeat_interleave(state.blocksize)[:n]
+    return values.reshape(state.shape).to(state.dtype)
+
+
+@contextlib.contextmanager
+def bnb_linear4bit_decoded_by_hand(bnb):
+    """`bnb.nn.Linear4bit.forward` as its bytes define it (see `decode_bnb_4bit`): the input cast to
+    the layer's compute dtype, F.linear with the decoded weight and bias, cast back."""
+    def forward(self, x):
+        dtype = self.compute_dtype or x.dtype
+        weight = decode_bnb_4bit(self.weight.data, self.weight.quant_state).to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), weight, bias).to(x.dtype)
+
+    with mock.patch.object(bnb.nn.Linear4bit, "forward", forward):
+        yield
 
 
 @contextlib.contextmanager

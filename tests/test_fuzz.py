@@ -4,12 +4,16 @@ every backend must match a float64 oracle for y and all gradients, within the sh
 table, its outputs poisoned. On the CPU: the reference and Triton (under the interpreter), with
 examples bounded so that CI stays fast; `-m gpu` runs a larger profile on every GPU backend.
 
-The CI profile is derandomized (the same examples each run, see conftest.py); HYPOTHESIS_PROFILE=fuzz
+The CI profile is derandomized (the same examples each run, see hypothesis_profiles.py); HYPOTHESIS_PROFILE=fuzz
 draws fresh ones, and FUSEDLORA_FUZZ_SCALE multiplies the budgets. Whatever it finds becomes an
 `@example` below."""
 
 import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +136,10 @@ CORNERS = [
     # Found by hypothesis: a (24, 1) dA summing 128 terms that cancel to a tenth of their size; the
     # oracle's bound scaled with the result, not the terms (tests/helpers.py now takes both).
     _regression(m=128, k=1, n=1, r=24, blocksize=32, seed=243),
+    # Found by hypothesis: float16 dA elements of about 2.7e-6 are float16 subnormals, spaced 2^-24,
+    # so correct rounding missed a bound that scaled with the terms alone (the bound now also allows
+    # subnormal spacings of the dtype, tests/helpers.py `absolute_floor`).
+    _regression(m=1, k=125, n=1, r=5, fmt="int8", dtype=torch.float16, adapter_dtype=torch.float16, seed=2),
 ]
 
 
@@ -154,6 +162,42 @@ def test_every_cpu_backend_matches_float64(backend, budget):
         check(problem, backend)
 
     run()
+
+
+DRAW = textwrap.dedent("""
+    import importlib, sys
+    import torch
+    import hypothesis_profiles
+    hypothesis_profiles.load_profile()
+    from hypothesis import given, settings
+    from test_fuzz import problems
+    for name in sys.argv[1:]:
+        importlib.import_module(name)
+    drawn = []
+
+    @settings(max_examples=60)
+    @given(problem=problems(max_dim=300, dtypes=[torch.float32, torch.float16]))
+    def draw(problem):
+        drawn.append(repr(problem))
+
+    draw()
+    print("\\n".join(drawn))
+""")
+
+
+def test_the_ci_profile_draws_the_same_examples_whatever_else_is_imported():
+    """Reproducible means the same examples alone or in the full run, here or on another machine:
+    nothing but the test itself may steer the draws (hypothesis_profiles.py)."""
+    def draws(*modules):
+        env = {**os.environ, "HYPOTHESIS_PROFILE": "ci", "PYTHONPATH": str(Path(__file__).parent)}
+        result = subprocess.run([sys.executable, "-c", DRAW, *modules], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.splitlines()
+
+    alone = draws()
+    assert len(alone) == 60 and len(set(alone)) > 50
+    assert draws("fusedlora.benchmark.cli", "fusedlora.demo", "fusedlora.kernels.aot", "fusedlora.checkpoint") == alone
 
 
 @pytest.mark.gpu
