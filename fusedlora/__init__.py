@@ -3,6 +3,33 @@
     y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ (+ bias), W stored as nf4 / fp4 / int8 / fp8 / dense
 """
 
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+
+def _kernels_from_checkout() -> None:
+    """Make `fusedlora.kernels` the repository's top-level kernels/ folder when this package is
+    imported from a source checkout (setup.py installs that folder as fusedlora/kernels/).
+
+    kernels/ has no __init__.py, so from the repository root it never shadows another
+    distribution's top-level `kernels`; here it becomes a namespace subpackage of fusedlora, as it
+    is in an installed wheel.
+    """
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    checkout_kernels = os.path.join(os.path.dirname(package_dir), "kernels")
+    if os.path.isdir(os.path.join(package_dir, "kernels")) or not os.path.isdir(checkout_kernels):
+        return
+    if __name__ + ".kernels" not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(__name__ + ".kernels", None, is_package=True)
+        spec.submodule_search_locations = [checkout_kernels]
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    globals()["kernels"] = sys.modules[__name__ + ".kernels"]
+
+
+_kernels_from_checkout()
+
 from .adapters import AdapterFileError, load_adapter, save_adapter
 from .checkpoint import load_training_state, save_training_state
 from .formats import FORMATS, QuantizedWeight, from_bnb_module, quantize
