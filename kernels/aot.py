@@ -8,6 +8,7 @@ adapters, the skinny kernels' shipped configs and the first autotuning candidate
 (`--all-candidates`: every one). Pointers, strides and N, K get Triton's runtime alignment hint
 (divisible by 16), as a launch on Llama-style shapes would. `--check` exits 1 if a variant
 fails to compile or spills. Run it without TRITON_INTERPRET (the interpreter cannot compile).
+TRITON_PTXAS_PATH chooses the ptxas, as it does for Triton itself.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from . import configs
@@ -112,14 +114,15 @@ def compile_variant(variant: Variant, arch: int):
 
 
 def resource_report(name: str, compiled) -> Report:
-    """Registers and spills from `ptxas -v` on the kernel's PTX."""
+    """Registers and spills from `ptxas -v` on the kernel's PTX, with the ptxas that Triton compiled
+    it with (its bundled one, or TRITON_PTXAS_PATH's: the PTX's version is the one that ptxas reads)."""
     ptx = compiled.asm["ptx"]
-    target = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    target = re.search(r"\.target\s+(sm_(\d+)\w*)", ptx)
+    ptxas = get_ptxas(int(target.group(2))).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
         handle.write(ptx)
     try:
-        log = subprocess.run([ptxas, f"-arch={target}", "-v", handle.name, "-o", os.devnull],
+        log = subprocess.run([ptxas, f"-arch={target.group(1)}", "-v", handle.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(handle.name)

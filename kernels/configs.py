@@ -20,6 +20,12 @@ def _gemm(bm, bn, bk, warps, stages, group=8):
                          num_warps=warps, num_stages=stages)
 
 
+# Triton before 3.8 (3.6 ships with torch 2.11, the oldest supported torch and the GPU machine's)
+# allocates the 4-bit main loops' registers less tightly: the configs that 3.8 fits in 224
+# registers spill there, so those Tritons get configs of their own (`python -m fusedlora.kernels.aot`
+# under each version, tests/test_triton_compile.py in CI).
+BEFORE_TRITON_3_8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8)
+
 # Large tiles keep BLOCK_M >= 128 so one dequantized W tile serves many rows (DESIGN §8).
 HOPPER_GEMM = [  # the first candidate of each list is checked spill-free by tests/test_triton_compile.py
     _gemm(128, 128, 64, 8, 3),
@@ -29,6 +35,14 @@ HOPPER_GEMM = [  # the first candidate of each list is checked spill-free by tes
     _gemm(64, 128, 64, 4, 4),
     _gemm(64, 64, 64, 4, 4),
 ]
+# Before 3.8 the 4-bit GEMMs spill at BLOCK_K = 64 in every tile above, and fit at 32.
+HOPPER_GEMM_BEFORE_3_8 = [
+    _gemm(128, 128, 32, 8, 3),
+    _gemm(128, 128, 32, 8, 4),
+    _gemm(128, 64, 32, 4, 3),
+    _gemm(64, 128, 32, 4, 4),
+    _gemm(64, 64, 32, 4, 4),
+]
 AMPERE_GEMM = [
     _gemm(128, 64, 32, 4, 4),
     _gemm(128, 128, 32, 8, 3),
@@ -36,11 +50,18 @@ AMPERE_GEMM = [
     _gemm(128, 64, 64, 4, 3),
     _gemm(64, 64, 64, 4, 3),
 ]
+AMPERE_GEMM_BEFORE_3_8 = [
+    _gemm(128, 128, 32, 8, 3),
+    _gemm(128, 64, 32, 8, 3),
+    _gemm(64, 64, 32, 4, 4),
+]
 
 
 def gemm_candidates(capability: tuple[int, int]) -> list:
     """Autotuning candidates for the forward and grad_x GEMMs on a device of `capability`."""
-    return HOPPER_GEMM if capability[0] >= 9 else AMPERE_GEMM
+    if capability[0] >= 9:
+        return HOPPER_GEMM_BEFORE_3_8 if BEFORE_TRITON_3_8 else HOPPER_GEMM
+    return AMPERE_GEMM_BEFORE_3_8 if BEFORE_TRITON_3_8 else AMPERE_GEMM
 
 
 def m_bucket(m: int) -> int:
@@ -92,7 +113,8 @@ def decode_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
     block_n = 64
     tiles = triton.cdiv(n, block_n)
     split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
-    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k
+    warps = 8 if BEFORE_TRITON_3_8 else 4  # 4 warps spill the 4-bit formats before Triton 3.8
+    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=warps, num_stages=3), split_k
 
 
 def grad_u_config(m: int) -> SkinnyConfig:
