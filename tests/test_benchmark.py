@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,12 +119,42 @@ def test_pytest_benchmark_cases_run():
     assert "4 passed" in result.stdout
 
 
-def test_gpu_check_fails_clearly_without_a_gpu(tmp_path):
+def _gpu_check(out: Path, **env) -> subprocess.CompletedProcess:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: bench/gpu_check.sh would run for real")
-    env = {**os.environ, "PYTHON": sys.executable}
-    result = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], capture_output=True, text=True,
-                            cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(["bash", "bench/gpu_check.sh", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable, **env}, timeout=120)
+
+
+def _probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel of a module `fusedlora_probe`."""
+    wheel = folder / "fusedlora_probe-0.1-py3-none-any.whl"
+    info = "fusedlora_probe-0.1.dist-info"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("fusedlora_probe.py", "")
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: fusedlora-probe\nVersion: 0.1\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_gpu_check_fails_clearly_without_a_gpu(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _probe_wheel(wheels)
+    result = _gpu_check(tmp_path / "out", WHEELS=str(wheels))
     assert result.returncode == 2
     assert "no CUDA GPU is visible" in result.stdout
-    assert "no CUDA GPU is visible" in (tmp_path / "gpu_check.log").read_text()
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "no CUDA GPU is visible" in log and "installed fusedlora_probe-0.1-py3-none-any.whl" in log
+
+
+def test_gpu_check_names_every_missing_module_in_one_line(tmp_path):
+    bare = tmp_path / "bare-python"  # the same interpreter without its site-packages: no torch, no pytest
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    result = _gpu_check(tmp_path / "out", PYTHON=str(bare), PYTHONPATH="")
+    assert result.returncode == 2
+    (line,) = [line for line in result.stdout.splitlines() if "has no module" in line]
+    assert all(name in line for name in ("torch", "triton", "pytest", "hypothesis", "safetensors")), line
+    assert "nothing was checked" in line and line in (tmp_path / "out" / "gpu_check.log").read_text()

@@ -87,14 +87,6 @@ def main(argv=None) -> int:
     started = time.monotonic()
     measured_ceilings = ceilings(clock)
     runner = CaseRunner(clock, providers)
-    results, skipped = [], 0
-    for index, case in enumerate(bar := tqdm(chosen, desc="benchmark", unit="case")):
-        if args.budget is not None and time.monotonic() - started > args.budget:
-            skipped = len(chosen) - index
-            break
-        bar.set_postfix_str(case.label)
-        results += [m.to_json() for m in runner.run(case)]
-    rows = derived(results, measured_ceilings)
     meta = {
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -102,11 +94,22 @@ def main(argv=None) -> int:
         "versions": _versions(),
         "timing": clock.label,
         "argv": argv if argv is not None else [],
-        "cases_skipped_by_budget": skipped,
+        "cases_skipped_by_budget": 0,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}-{device.type}"
+    results, skipped = [], 0
+    for index, case in enumerate(bar := tqdm(chosen, desc="benchmark", unit="case")):
+        if args.budget is not None and time.monotonic() - started > args.budget:
+            skipped = len(chosen) - index
+            break
+        bar.set_postfix_str(case.label)
+        results += [m.to_json() for m in runner.run(case)]
+        # Written after every case, so that a run stopped from outside keeps what it measured.
+        write_json(stem.with_suffix(".json"), meta, measured_ceilings, derived(results, measured_ceilings))
+    meta["cases_skipped_by_budget"] = skipped
+    rows = derived(results, measured_ceilings)
     write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows)
     plotted = plot(stem.with_suffix(".png"), rows)
     print(table(rows, clock.label, measured_ceilings))

@@ -8,6 +8,7 @@ as a bare bf16 F.linear forward plus g·W); `speed-up vs X` is X's time over the
 """
 
 import json
+import os
 from collections import defaultdict
 
 from .cases import Case
@@ -86,8 +87,11 @@ def _ratio(value) -> str:
 
 
 def write_json(path, meta: dict, ceilings: dict, rows: list) -> None:
-    with open(path, "w") as handle:
+    """Write the results to `path` whole or not at all (a run may be stopped while it writes)."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as handle:
         json.dump({"meta": meta, "ceilings": ceilings, "results": rows}, handle, indent=1)
+    os.replace(partial, path)
 
 
 def plot(path, rows: list) -> bool:
