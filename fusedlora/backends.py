@@ -1,11 +1,15 @@
 """The backend registry: each backend says why it cannot take a call, dispatch takes the first
-that can (in order of preference), and `FUSEDLORA_BACKEND=triton|cuda|reference` forces one and
-fails loudly.
+that can (in order of preference). `with force_backend("triton"):` forces one for the calls made
+inside (`FUSEDLORA_BACKEND=triton|cuda|reference` is the default outside any such block), and a
+forced backend that cannot take a call fails loudly. The backward of a call always runs on the
+backend that ran its forward (`fusedlora.ops` records it).
 """
 
+import contextlib
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -51,15 +55,44 @@ def backends() -> list[Backend]:
     return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
 
 
+_FORCED: ContextVar[Optional[str]] = ContextVar("fusedlora_forced_backend", default=None)
+
+
+def forced_backend() -> str:
+    """The backend forced for calls made here: the innermost `force_backend` block's, else
+    FUSEDLORA_BACKEND's, else "" (none: dispatch chooses)."""
+    scoped = _FORCED.get()
+    return scoped if scoped is not None else os.environ.get(BACKEND_ENV, "").strip()
+
+
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Run the fusedlora calls made inside on backend `name` (this thread or task only)."""
+    backend_named(name)
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def backend_named(name: str) -> Backend:
+    """The registered backend called `name`."""
+    if name not in _BACKENDS:
+        raise ValueError(f"backend {name!r} is not known; known backends: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
 def select_backend(problem: Problem) -> Backend:
     """The backend that runs `problem`: the forced one, or the first that can take it."""
-    forced = os.environ.get(BACKEND_ENV, "").strip()
+    forced = forced_backend()
     if forced:
         if forced not in _BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={forced!r} names no backend; known backends: {sorted(_BACKENDS)}")
+            raise ValueError(f"the forced backend {forced!r} ({BACKEND_ENV} or force_backend) names no backend; "
+                             f"known backends: {sorted(_BACKENDS)}")
         reason = _BACKENDS[forced].why_not(problem)
         if reason is not None:
-            raise RuntimeError(f"{BACKEND_ENV}={forced} cannot run this call: {reason}")
+            raise RuntimeError(f"the forced backend {forced} cannot run this call: {reason}")
         return _BACKENDS[forced]
     reasons = {}
     for backend in backends():
@@ -136,9 +169,9 @@ def _cuda_backward(*args):
     return extension.backward(*args)
 
 
-# Preference: Triton first, then CUDA C++, then the reference. No GPU measurement has yet shown the
-# CUDA kernels faster than the Triton ones in any regime, so CUDA serves CUDA tensors only where
-# Triton cannot (or when forced); the benchmark times both so that the GPU check can decide.
+# Preference: Triton first, then CUDA C++ (for CUDA tensors Triton cannot take, or when forced),
+# then the reference. The benchmark times both GPU families side by side, so that measurements
+# decide this order.
 register_backend(Backend("reference", _reference_why_not, reference.forward, reference.backward, priority=0))
 register_backend(Backend("cuda", _cuda_why_not, _cuda_forward, _cuda_backward, priority=5))
 register_backend(Backend("triton", _triton_why_not, _triton_forward, _triton_backward, priority=10))

@@ -6,10 +6,12 @@ backend (reference, Triton, CUDA) implements:
     fusedlora::lora_linear_fwd(x (M,K), w_tensors, w_format, w_shape, w_blocksize,
                                lora_A, lora_B, scaling, bias?, dropout_p, seed) -> (y (M,N), u (M,r))
     fusedlora::lora_linear_bwd(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize,
-                               lora_A, lora_B, scaling, dropout_p, seed, need_dx) -> (dx, dA, dB)
+                               lora_A, lora_B, scaling, dropout_p, seed, need_dx, backend) -> (dx, dA, dB)
 
 The weight travels as its storage tensors plus format, shape and blocksize (custom ops take
-tensors, not objects). Backward saves x, u and the seed, nothing the size of W (DESIGN §1).
+tensors, not objects). Backward saves x, u and the seed, nothing the size of W (docs/design.md §1), and
+the name of the backend that ran the forward: the backward runs there, whatever is forced when
+it runs (the backends' own ops, such as the CUDA extension's, take every argument but `backend`).
 `seed` is a 0-d int64 tensor so that a fresh seed per call does not recompile compiled code.
 """
 
@@ -17,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .backends import Problem, select_backend
+from .backends import Problem, backend_named, select_backend
 from .checks import as_weight, check_lora_inputs
 from .dropout import SEED_LIMIT
 from .formats import QuantizedWeight
@@ -26,8 +28,7 @@ from .reference import lora_dtype
 Tensor = torch.Tensor
 
 
-def _weight_and_backend(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B):
-    weight = QuantizedWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
+def _chosen_backend(x, w_format, w_shape, lora_A, lora_B):
     problem = Problem(
         device=x.device,
         x_dtype=x.dtype,
@@ -37,7 +38,7 @@ def _weight_and_backend(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lo
         in_features=w_shape[1],
         out_features=w_shape[0],
     )
-    return weight, select_backend(problem)
+    return select_backend(problem)
 
 
 @torch.library.custom_op("fusedlora::lora_linear_fwd", mutates_args=())
@@ -54,7 +55,8 @@ def lora_linear_fwd(
     dropout_p: float,
     seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    weight, backend = _weight_and_backend(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B)
+    weight = QuantizedWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
+    backend = _chosen_backend(x, w_format, w_shape, lora_A, lora_B)
     return backend.forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed))
 
 
@@ -80,10 +82,12 @@ def lora_linear_bwd(
     dropout_p: float,
     seed: Tensor,
     need_dx: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dx is an empty tensor when `need_dx` is False (custom ops cannot return None)."""
-    weight, backend = _weight_and_backend(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B)
-    grad_x, grad_A, grad_B = backend.backward(
+    """Runs on `backend`, the one that ran the forward. dx is an empty tensor when `need_dx` is
+    False (custom ops cannot return None)."""
+    weight = QuantizedWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
+    grad_x, grad_A, grad_B = backend_named(backend).backward(
         grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, int(seed), need_dx
     )
     return (grad_x if need_dx else x.new_empty((0,))), grad_A, grad_B
@@ -91,8 +95,9 @@ def lora_linear_bwd(
 
 @lora_linear_bwd.register_fake
 def fake_backward(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, dropout_p, seed,
-                  need_dx):
-    """Output shapes of the backward op (also the fake impl of the CUDA extension's op)."""
+                  need_dx, backend=None):
+    """Output shapes of the backward op (also the fake impl of the CUDA extension's op, which has
+    no `backend` argument)."""
     grad_x = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
@@ -104,6 +109,8 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_meta = (w_format, w_shape, w_blocksize)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = None if bias is None else bias.dtype
+    # The forward op chose its backend from the same problem and forcing as this, just now.
+    ctx.backend = _chosen_backend(x, w_format, w_shape, lora_A, lora_B).name
 
 
 def _backward(ctx, grad_y, grad_u):
@@ -111,7 +118,7 @@ def _backward(ctx, grad_y, grad_u):
     needs = ctx.needs_input_grad
     grad_x, grad_A, grad_B = lora_linear_bwd(
         grad_y.contiguous(), x, u, w_tensors, *ctx.weight_meta, lora_A, lora_B,
-        ctx.scaling, ctx.dropout_p, seed, needs[0],
+        ctx.scaling, ctx.dropout_p, seed, needs[0], ctx.backend,
     )
     grad_bias = grad_y.sum(0).to(ctx.bias_dtype) if needs[8] else None
     return (

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlora.backends import BACKEND_ENV, Problem
+from fusedlora.backends import Problem, forced_backend
 from fusedlora.dropout import drop_threshold
 from fusedlora.formats import QuantizedWeight
 from fusedlora.formats.codebooks import code_table
@@ -50,8 +50,8 @@ def why_not(problem: Problem) -> Optional[str]:
     elif device.type == "cpu":
         if not INTERPRETING:
             return "CPU tensors run on Triton only under TRITON_INTERPRET=1"
-        if os.environ.get(BACKEND_ENV, "").strip() != "triton":
-            return f"the Triton interpreter takes CPU tensors only when {BACKEND_ENV}=triton forces it"
+        if forced_backend() != "triton":
+            return "the Triton interpreter takes CPU tensors only when the triton backend is forced"
     else:
         return f"{device.type} tensors are not supported"
     if problem.x_dtype not in _TL_DTYPES:

@@ -3,7 +3,6 @@ bitsandbytes' bytes mean decoded by hand, and the checks every Triton-interprete
 (poisoned outputs, the bf16 tl.dot fix)."""
 
 import contextlib
-import os
 from typing import Optional
 from unittest import mock
 
@@ -58,7 +57,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def spec_hash(index: int, seed: int) -> int:
-    """DESIGN §1's dropout hash transcribed with Python integers (independent of fusedlora)."""
+    """The dropout hash of docs/design.md §3, transcribed with Python integers (independent of fusedlora)."""
     m = 0xFFFFFFFF
     h = ((index & m) * 0x9E3779B1 & m) ^ (((index >> 32) * 0x85EBCA77) & m) ^ seed
     h ^= h >> 16
@@ -154,7 +153,7 @@ def poisoned_triton_outputs():
 
 @contextlib.contextmanager
 def interpreter_bf16_dot():
-    """Test-only patch (DESIGN §5): the interpreter's tl.dot multiplies bf16 operands as raw
+    """Test-only patch (docs/design.md §6): the interpreter's tl.dot multiplies bf16 operands as raw
     uint16 bits; upcast them to fp32 first, as the tensor cores do."""
     import numpy as np
     import triton.language as tl
@@ -177,18 +176,13 @@ def interpreter_bf16_dot():
 
 @contextlib.contextmanager
 def on_backend(backend: str, device: str = "cpu"):
-    """Force `backend` (FUSEDLORA_BACKEND) for the calls inside; Triton on the CPU also gets the
-    interpreter checks above."""
-    previous = os.environ.get("FUSEDLORA_BACKEND")
-    os.environ["FUSEDLORA_BACKEND"] = backend
-    try:
+    """Force `backend` (`fusedlora.backends.force_backend`: this thread only) for the calls inside;
+    Triton on the CPU also gets the interpreter checks above."""
+    from fusedlora.backends import force_backend
+
+    with force_backend(backend):
         if backend == "triton" and device == "cpu":
             with poisoned_triton_outputs(), interpreter_bf16_dot():
                 yield
         else:
             yield
-    finally:
-        if previous is None:
-            del os.environ["FUSEDLORA_BACKEND"]
-        else:
-            os.environ["FUSEDLORA_BACKEND"] = previous

@@ -1,6 +1,9 @@
 """The op `fused_lora_linear`: math against float64, gradients, custom-op registration, dtypes,
 dropout, autocast, dispatch, and clear errors for bad input."""
 
+import dataclasses
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +12,7 @@ import fusedlora.backends as backends
 from fusedlora import fused_lora_linear, quantize
 from fusedlora.dropout import keep_mask
 from fusedlora.ops import lora_linear_bwd, lora_linear_fwd
-from helpers import assert_close, float64_lora, float64_oracle, random_weight
+from helpers import assert_close, float64_lora, float64_oracle, on_backend, random_weight
 
 FORMATS = ["nf4", "fp4", "int8", "fp8", "dense"]
 OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -63,8 +66,8 @@ def test_opcheck(fmt, dropout):
     grad_y = torch.randn(7, 40)
     plain = [t.detach() for t in (x, lora_A, lora_B)]
     bwd_args = (grad_y, plain[0], torch.randn(7, 4), *args[1:5], plain[1], plain[2], 0.5, dropout, seed)
-    torch.library.opcheck(lora_linear_bwd, (*bwd_args, True), test_utils=test_utils)
-    torch.library.opcheck(lora_linear_bwd, (*bwd_args, False), test_utils=test_utils)
+    torch.library.opcheck(lora_linear_bwd, (*bwd_args, True, "reference"), test_utils=test_utils)
+    torch.library.opcheck(lora_linear_bwd, (*bwd_args, False, "reference"), test_utils=test_utils)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -194,7 +197,7 @@ def test_non_contiguous_adapters_in_opcheck_and_compiled_backward():
     a_t, b_t = lora_A.t().contiguous().requires_grad_(), lora_B.t().contiguous().requires_grad_()
     seed = torch.tensor(0, dtype=torch.int64)
     args = (torch.randn(8, 32), x, torch.randn(8, 4), weight.tensors(), "dense", [32, 64], 0,
-            a_t.detach().t(), b_t.detach().t(), 0.5, 0.0, seed, True)
+            a_t.detach().t(), b_t.detach().t(), 0.5, 0.0, seed, True, "reference")
     torch.library.opcheck(lora_linear_bwd, args)
 
     def f(x, a_t, b_t):
@@ -216,8 +219,14 @@ def test_no_dx_when_x_needs_no_grad():
 
 def test_empty_batch():
     _, weight, lora_A, lora_B, b = _problem()
-    y = fused_lora_linear(torch.randn(0, 96), weight, lora_A, lora_B, 1.0, b)
-    assert y.shape == (0, 80)
+    x = torch.randn(0, 96, requires_grad=True)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    y = fused_lora_linear(x, weight, lora_A, lora_B, 1.0, b, 0.1)
+    assert y.shape == (0, 80) and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == (0, 96)
+    assert torch.equal(lora_A.grad, torch.zeros_like(lora_A)) and torch.equal(lora_B.grad, torch.zeros_like(lora_B))
 
 
 def test_forced_backend(monkeypatch):
@@ -228,6 +237,58 @@ def test_forced_backend(monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "nonexistent")
     with pytest.raises(ValueError, match="names no backend"):
         fused_lora_linear(x, weight, lora_A, lora_B, 1.0, b)
+
+
+def _spy_on_backends(monkeypatch) -> list:
+    """Record (pass, backend) for every forward and backward that a backend runs."""
+    calls = []
+
+    def spy(name, fn, what):
+        def called(*args):
+            calls.append((what, name))
+            return fn(*args)
+        return called
+
+    for name, backend in list(backends._BACKENDS.items()):
+        monkeypatch.setitem(backends._BACKENDS, name, dataclasses.replace(
+            backend, forward=spy(name, backend.forward, "fwd"), backward=spy(name, backend.backward, "bwd")))
+    return calls
+
+
+def test_the_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
+    pytest.importorskip("triton")
+    calls = _spy_on_backends(monkeypatch)
+    x, weight, lora_A, lora_B, b = _problem()
+    x.requires_grad_()
+    lora_B.requires_grad_()
+    with on_backend("triton"):  # on the CPU, Triton runs only where it is forced
+        y = fused_lora_linear(x, weight, lora_A, lora_B, 1.0, b, 0.1)
+    y.sum().backward()
+    assert calls == [("fwd", "triton"), ("bwd", "triton")]
+    calls.clear()
+    y = fused_lora_linear(x, weight, lora_A, lora_B, 1.0, b, 0.1)
+    with on_backend("triton"):
+        y.sum().backward()
+    assert calls == [("fwd", "reference"), ("bwd", "reference")]
+
+
+def test_forcing_is_scoped_nested_and_per_thread(monkeypatch):
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    assert backends.forced_backend() == ""
+    seen_in_thread = []
+    with backends.force_backend("reference"):
+        with backends.force_backend("triton"):
+            assert backends.forced_backend() == "triton"
+            thread = threading.Thread(target=lambda: seen_in_thread.append(backends.forced_backend()))
+            thread.start()
+            thread.join()
+        assert backends.forced_backend() == "reference"
+    assert backends.forced_backend() == "" and seen_in_thread == [""]
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "reference")
+    assert backends.forced_backend() == "reference"  # the variable is the default outside any block
+    with pytest.raises(ValueError, match="backend 'trition' is not known"):
+        with backends.force_backend("trition"):
+            pass
 
 
 def test_forced_backend_that_cannot_take_the_call_fails_loudly(monkeypatch):

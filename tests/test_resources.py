@@ -2,6 +2,7 @@
 threads give the results of calls made one at a time (Triton's autotuner, its interpreter and the
 kernel caches are shared state, guarded by a lock in fusedlora.kernels.launch)."""
 
+import contextvars
 import gc
 import sys
 import threading
@@ -104,7 +105,8 @@ def _assert_threads_match_serial(backend, device, rounds):
             failures.append(f"thread {index}: {type(err).__name__}: {err}")
 
     with on_backend(backend, device):
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+        # Each thread runs in a copy of this context, so that the forced backend holds there too.
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, i)) for i in range(len(problems))]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -170,7 +170,7 @@ def test_opcheck_with_triton_forced(m):
     args = (x, weight.tensors(), "nf4", [24, 64], 64, lora_A, lora_B, 0.5, torch.randn(24), 0.1, seed)
     torch.library.opcheck(lora_linear_fwd, args)
     plain = (torch.randn(m, 24), x.detach(), torch.randn(m, 4), *args[1:5], lora_A.detach(), lora_B.detach(),
-             0.5, 0.1, seed, True)
+             0.5, 0.1, seed, True, "triton")
     torch.library.opcheck(lora_linear_bwd, plain)
 
 

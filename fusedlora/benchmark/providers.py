@@ -9,9 +9,7 @@
   matmul of the same shape costs, the bar fusedlora is measured against.
 """
 
-import contextlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedlora.backends import BACKEND_ENV, Problem, backends
+from fusedlora.backends import Problem, backends, force_backend
 from fusedlora.formats import quantize
 from fusedlora.ops import fused_lora_linear
 
@@ -72,19 +70,6 @@ class Provider:
     per_format: bool = True  # False: the same for every format, measured once per shape, M and rank
 
 
-@contextlib.contextmanager
-def forced_backend(name: str):
-    previous = os.environ.get(BACKEND_ENV)
-    os.environ[BACKEND_ENV] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[BACKEND_ENV]
-        else:
-            os.environ[BACKEND_ENV] = previous
-
-
 def _adapters(tensors: CaseTensors) -> tuple:
     return tensors.lora_A.clone().requires_grad_(), tensors.lora_B.clone().requires_grad_()
 
@@ -100,7 +85,7 @@ def _fusedlora(backend: str) -> Provider:
         lora_A, lora_B = _adapters(tensors)
 
         def forward(x):
-            with forced_backend(backend):
+            with force_backend(backend):  # its backward runs on the same backend (fusedlora.ops)
                 return fused_lora_linear(x, weight, lora_A, lora_B, SCALING, dropout_p=dropout)
 
         return Layer(forward, [lora_A, lora_B], [*weight.tensors(), lora_A, lora_B], case.fmt, weight.nbytes)

@@ -5,12 +5,13 @@ from typing import Optional
 
 import torch
 
+from fusedlora.backends import force_backend
 from fusedlora.formats import quantize
 from fusedlora.ops import fused_lora_linear
 
 from .cases import Case
 from .memory import peak_bytes, saved_activation_bytes
-from .providers import SCALING, CaseTensors, Layer, Provider, forced_backend
+from .providers import SCALING, CaseTensors, Layer, Provider
 from .timing import Clock
 
 ROTATIONS = 4  # input copies cycled through the timed runs
@@ -45,7 +46,7 @@ def _reference_outputs(tensors: CaseTensors, fmt: str) -> tuple:
     """y and dx of the reference backend on the first input copy, for weight format `fmt`."""
     weight = quantize(tensors.weight, fmt)
     x = tensors.xs[0].clone().requires_grad_()
-    with forced_backend("reference"):
+    with force_backend("reference"):
         y = fused_lora_linear(x, weight, tensors.lora_A, tensors.lora_B, SCALING)
     y.backward(tensors.grads[0])
     return y.detach(), x.grad
