@@ -1,5 +1,5 @@
 // Shared device code of the CUDA kernels: dtype conversions, the frozen weight's dequantization
-// (DESIGN §2) and the dropout hash (DESIGN §1), bit-identical to fusedlora.dropout and to the
+// (docs/design.md §2) and the dropout hash (§3), bit-identical to fusedlora.dropout and to the
 // Triton kernels. Torch builds with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__: convert explicitly.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Tiled GEMMs with the frozen weight dequantized into shared memory, tile by tile (DESIGN §3):
+// Tiled GEMMs with the frozen weight dequantized into shared memory, tile by tile (docs/design.md §4):
 //   forward: y  (M, N) = x (M, K) · deq(W)ᵀ + bias + s · u · Bᵀ      (reduction over K)
 //   grad_x:  dx (M, K) = g (M, N) · deq(W) + drop'(du · A)             (reduction over N)
 // A block of 4 warps computes a 64×64 output tile, each warp 32×32. 16-bit activations use the

@@ -1,6 +1,6 @@
 """The dropout mask: a pure function of (seed, element index), identical in every backend.
 
-For element i of the row-major flattened (M, K) input and a 32-bit seed (DESIGN §1):
+For element i of the row-major flattened (M, K) input and a 32-bit seed (docs/design.md §3):
 
     h    = (lo32(i) · 0x9E3779B1) ^ (hi32(i) · 0x85EBCA77) ^ seed          (mod 2^32)
     h    = fmix32(h)                       (MurmurHash3's finaliser)

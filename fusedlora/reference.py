@@ -1,5 +1,5 @@
 """The PyTorch reference of the fused op: the oracle every kernel is tested against, and the
-CPU fallback. It computes exactly what PEFT computes (DESIGN §1), unfused:
+CPU fallback. It computes exactly what PEFT computes (docs/design.md §1), unfused:
 
     y  = (x·deq(W)ᵀ + bias  in x's dtype)  +  s·(drop(x)·Aᵀ)·Bᵀ  in the LoRA dtype, cast to x's dtype
     du = s·g·B        dB = s·gᵀ·u        dA = duᵀ·drop(x)        dx = g·deq(W) + drop'(du·A)

@@ -1,4 +1,4 @@
-"""Backward kernels (DESIGN §1, §3), for g = dL/dy (M, N):
+"""Backward kernels (docs/design.md §1, §4), for g = dL/dy (M, N):
 
     du = s·g·B  and  dB = s·gᵀ·u      one pass over g                 `lora_grad_u_kernel`
     dx = g·deq(W) + drop'(du·A)       GEMM over N, dequant in the loop  `lora_grad_x_kernel`

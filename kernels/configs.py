@@ -26,7 +26,7 @@ def _gemm(bm, bn, bk, warps, stages, group=8):
 # under each version, tests/test_triton_compile.py in CI).
 BEFORE_TRITON_3_8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8)
 
-# Large tiles keep BLOCK_M >= 128 so one dequantized W tile serves many rows (DESIGN §8).
+# Large tiles keep BLOCK_M >= 128 so one dequantized W tile serves many rows (docs/design.md §9).
 HOPPER_GEMM = [  # the first candidate of each list is checked spill-free by tests/test_triton_compile.py
     _gemm(128, 128, 64, 8, 3),
     _gemm(128, 256, 64, 8, 3),

@@ -1,4 +1,4 @@
-"""Loading a tile of the frozen weight W (N, K), dequantized in registers (DESIGN §2).
+"""Loading a tile of the frozen weight W (N, K), dequantized in registers (docs/design.md §2).
 
 `FMT` selects the storage: DENSE (returned as stored), INT8 and FP8 (values only, as fp32: the
 per-row scale factors out of the K loop and is applied by the caller, see `row_scale`), NF4 / FP4

@@ -1,4 +1,4 @@
-"""The dropout keep-mask inside kernels, bit-identical to `fusedlora.dropout` (DESIGN §1).
+"""The dropout keep-mask inside kernels, bit-identical to `fusedlora.dropout` (docs/design.md §3).
 
 keep(i) = fmix32((lo32(i)·0x9E3779B1) ^ (hi32(i)·0x85EBCA77) ^ seed) >= threshold, for the int64
 row-major element index i = m·K + k; uint32 arithmetic wraps mod 2^32 as the hash requires.

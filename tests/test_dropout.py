@@ -1,4 +1,4 @@
-"""The dropout mask: DESIGN §1's hash exactly, including 64-bit element indices."""
+"""The dropout mask: the hash of docs/design.md §3 exactly, including 64-bit element indices."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Weight formats: the DESIGN §2 test vector and statistics, round trips, storage, bad input."""
+"""Weight formats: the test vector of docs/design.md §2 and statistics, round trips, storage, bad input."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Frozen-weight formats: nf4, fp4, int8, fp8 and dense (DESIGN §2).
+"""Frozen-weight formats: nf4, fp4, int8, fp8 and dense (docs/design.md §2).
 
 `quantize` makes a `QuantizedWeight` from a float (N, K) tensor; `QuantizedWeight.from_state_dict`
 and `from_bnb_module` take weights that bitsandbytes quantized, reusing their bytes.

@@ -1,6 +1,6 @@
 """NF4 / FP4: 4-bit codes with one absmax per block, bit-compatible with bitsandbytes Linear4bit.
 
-Layout (DESIGN §2): element i of the row-major flattened (N, K) weight is the high nibble of byte
+Layout (docs/design.md §2): element i of the row-major flattened (N, K) weight is the high nibble of byte
 i // 2 when i is even, the low nibble when odd; `absmax[i // blocksize]` scales it:
 `W_i = code[q_i] · absmax[i // blocksize]`. With nested ("double") quantization the absmax are
 themselves uint8 codes into the signed dynamic map, one fp32 `nested_absmax` per 256 blocks and
@@ -9,7 +9,7 @@ one fp32 `nested_offset`: `absmax_j = map[a_j] · nested_absmax[j // 256] + nest
 Quantization reproduces the packed bytes and absmax of bitsandbytes' CPU path bit for bit: values
 are scaled by the fp32 reciprocal of their block's absmax (a trailing partial block divides
 instead), the nearest code wins with ties to the lower code, and an odd element count is padded
-with the code of 0.0 (DESIGN §2 said a zero nibble; bitsandbytes writes the code of 0.0). Nested absmax codes follow bitsandbytes' CPU kernel: scale by the fp32
+with the code of 0.0, as bitsandbytes does. Nested absmax codes follow bitsandbytes' CPU kernel: scale by the fp32
 reciprocal of the 256-block absmax, snap to a 65536-point grid, take the nearest map entry.
 """
 
