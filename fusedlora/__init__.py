@@ -36,6 +36,7 @@ from .formats import FORMATS, QuantizedWeight, from_bnb_module, quantize
 from .model import TrainableSummary, apply_lora, lora_layers, lora_state_dict, merge_and_unload, trainable_summary
 from .module import LoRALinear
 from .ops import fused_lora_linear
+from .torchtune import from_torchtune, to_torchtune
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "TrainableSummary",
     "apply_lora",
     "from_bnb_module",
+    "from_torchtune",
     "fused_lora_linear",
     "load_adapter",
     "load_training_state",
@@ -56,5 +58,6 @@ __all__ = [
     "quantize",
     "save_adapter",
     "save_training_state",
+    "to_torchtune",
     "trainable_summary",
 ]

@@ -15,9 +15,19 @@ def _run(*args: str) -> str:
     return result.stdout
 
 
-def test_info_lists_the_reference_backend():
-    out = _run("info")
-    assert "fusedlora" in out and re.search(r"cpu\s+reference\s+available", out)
+def test_info_names_the_versions_and_every_backend_with_its_answer():
+    import torch
+
+    import fusedlora
+    from fusedlora.backends import backends
+
+    lines = _run("info").splitlines()
+    assert lines[0].startswith(f"fusedlora {fusedlora.__version__}, torch {torch.__version__}, python ")
+    assert any(line.strip().startswith("CUDA extension fusedlora._C: ") for line in lines)
+    rows = {match.group(1): match.group(2) for line in lines if (match := re.match(r"\s+cpu\s+(\w+)\s+(.*)$", line))}
+    assert set(rows) == {backend.name for backend in backends()}
+    assert rows["reference"] == "available" and rows["cuda"] == "unavailable: takes CUDA tensors only"
+    assert rows["triton"].startswith("unavailable: ")  # on the CPU, Triton runs only when forced
 
 
 def test_demo_fine_tunes_saves_and_reloads(tmp_path):

@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedlora import LoRALinear, apply_lora, lora_layers, merge_and_unload
-from fusedlora.torchtune import from_torchtune, to_torchtune
+from fusedlora import LoRALinear, apply_lora, from_torchtune, lora_layers, merge_and_unload, to_torchtune
 from helpers import bnb_linear4bit_decoded_by_hand
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""`python -m fusedlora bench` / `python bench/run.py`: measure, print the table, write JSON + PNG."""
+"""`python -m fusedlora bench`: measure, print the table, write JSON + PNG."""
 
 import argparse
 import datetime
