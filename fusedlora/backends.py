@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import reference
+from .contract import MAX_RANK
 
 BACKEND_ENV = "FUSEDLORA_BACKEND"
 
@@ -131,7 +132,6 @@ def _triton_backward(*args):
     return _triton_launchers().backward(*args)
 
 
-_CUDA_MAX_RANK = 256
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -152,8 +152,8 @@ def _cuda_why_not(problem: Problem) -> Optional[str]:
         return f"fp8 weights need compute capability 8.9 or newer, got {capability}"
     if problem.x_dtype not in _CUDA_DTYPES or problem.adapter_dtype not in _CUDA_DTYPES:
         return f"x and the adapters must be float16, bfloat16 or float32, got {problem.x_dtype} and {problem.adapter_dtype}"
-    if problem.rank > _CUDA_MAX_RANK:
-        return f"rank {problem.rank} is above the kernels' limit of {_CUDA_MAX_RANK}"
+    if problem.rank > MAX_RANK:
+        return f"rank {problem.rank} is above the kernels' limit of {MAX_RANK}"
     return None
 
 

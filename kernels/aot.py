@@ -26,17 +26,19 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
+from fusedlora.contract import FORMAT_IDS
+
 from . import configs
 from .backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
 from .forward import lora_decode_kernel, lora_forward_kernel, lora_shrink_kernel
 
 _WEIGHTS = {  # name: (FMT, NESTED, weight pointer type, scale pointer type)
-    "nf4": (3, True, "*u8", "*u8"),
-    "nf4-plain": (3, False, "*u8", "*fp32"),
-    "fp4": (4, True, "*u8", "*u8"),
-    "int8": (1, False, "*i8", "*fp32"),
-    "fp8": (2, False, "*fp8e4nv", "*fp32"),
-    "dense": (0, False, "*bf16", "*bf16"),
+    "nf4": (FORMAT_IDS["nf4"], True, "*u8", "*u8"),
+    "nf4-plain": (FORMAT_IDS["nf4"], False, "*u8", "*fp32"),
+    "fp4": (FORMAT_IDS["fp4"], True, "*u8", "*u8"),
+    "int8": (FORMAT_IDS["int8"], False, "*i8", "*fp32"),
+    "fp8": (FORMAT_IDS["fp8"], False, "*fp8e4nv", "*fp32"),
+    "dense": (FORMAT_IDS["dense"], False, "*bf16", "*bf16"),
 }
 _POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "g_ptr": "*bf16", "dx_ptr": "*bf16",
              "u_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "du_ptr": "*fp32", "db_ptr": "*fp32",
@@ -74,7 +76,8 @@ def variants(arch: int, all_candidates: bool = False) -> list[Variant]:
     for fmt, (fmt_id, nested, w_type, scale_type) in _WEIGHTS.items():
         if fmt == "fp8" and arch < 89:
             continue
-        weight = dict(FMT=fmt_id, NESTED=nested, BLOCKSIZE=64 if fmt_id >= 3 else 1, K_ALIGNED=True)
+        four_bit = fmt_id in (FORMAT_IDS["nf4"], FORMAT_IDS["fp4"])
+        weight = dict(FMT=fmt_id, NESTED=nested, BLOCKSIZE=64 if four_bit else 1, K_ALIGNED=True)
         types = {**_POINTERS, "w_ptr": w_type, "scale_ptr": scale_type}
         for index, candidate in enumerate(gemm if all_candidates else gemm[:1]):
             tiles = dict(candidate.kwargs)

@@ -12,11 +12,13 @@ Indices are int64, so weights past 2^31 elements work.
 import triton
 import triton.language as tl
 
-DENSE = tl.constexpr(0)
-INT8 = tl.constexpr(1)
-FP8 = tl.constexpr(2)
-NF4 = tl.constexpr(3)
-FP4 = tl.constexpr(4)
+from fusedlora.contract import FORMAT_IDS
+
+DENSE = tl.constexpr(FORMAT_IDS["dense"])
+INT8 = tl.constexpr(FORMAT_IDS["int8"])
+FP8 = tl.constexpr(FORMAT_IDS["fp8"])
+NF4 = tl.constexpr(FORMAT_IDS["nf4"])
+FP4 = tl.constexpr(FORMAT_IDS["fp4"])
 
 
 @triton.jit

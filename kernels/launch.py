@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fusedlora.backends import Problem, forced_backend
+from fusedlora.contract import FORMAT_IDS, MAX_RANK
 from fusedlora.dropout import drop_threshold
 from fusedlora.formats import QuantizedWeight
 from fusedlora.formats.codebooks import code_table
@@ -27,9 +28,7 @@ from .backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
 from .forward import lora_decode_kernel, lora_forward_kernel, lora_shrink_kernel
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_RANK = 256
 SMALL_M = 16
-_FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # One caller launches at a time: Triton's autotuner and its interpreter keep per-kernel state that
 # concurrent calls would corrupt. Launches are asynchronous, so the lock costs only host time.
@@ -74,14 +73,14 @@ def _weight_args(weight: QuantizedWeight) -> dict:
         code = _device_code_table(weight.fmt, weight.packed.device)
         nested = [weight.nested_absmax, weight.nested_code, weight.nested_offset] if weight.nested else [code] * 3
         pointers = [weight.packed, weight.absmax, code, *nested]
-        return dict(pointers=pointers, stride_wn=0, FMT=_FORMAT_IDS[weight.fmt], NESTED=weight.nested,
+        return dict(pointers=pointers, stride_wn=0, FMT=FORMAT_IDS[weight.fmt], NESTED=weight.nested,
                     BLOCKSIZE=weight.blocksize, K_ALIGNED=weight.shape[1] % weight.blocksize == 0)
     data = weight.weight if weight.fmt == "dense" else weight.data
     if data.stride(1) != 1:
         data = data.contiguous()
     scale = data if weight.fmt == "dense" else weight.scale
     return dict(pointers=[data, scale, data, data, data, data], stride_wn=data.stride(0),
-                FMT=_FORMAT_IDS[weight.fmt], NESTED=False, BLOCKSIZE=1, K_ALIGNED=True)
+                FMT=FORMAT_IDS[weight.fmt], NESTED=False, BLOCKSIZE=1, K_ALIGNED=True)
 
 
 def _dot_args(x_dtype: torch.dtype, adapter_dtypes: tuple) -> dict:
