@@ -4,24 +4,32 @@
 # cases first, then run the GPU tests, writing the log and the JSON into OUTDIR as it goes, so that
 # a run cut short still leaves them. Fails clearly without a GPU or without a package it needs.
 #
-#   bench/gpu_check.sh [OUTDIR]          (default bench/results; whole run within 8 minutes)
-#   env: PYTHON (default python3); BUILD_BUDGET, BENCH_BUDGET, TEST_BUDGET and RELIABILITY_BUDGET
-#        seconds (default 120, 100, 120, 60); FUSEDLORA_FUZZ_SCALE (default 0.1); FUSEDLORA_COMMIT;
-#        WHEELS (default bench/wheels: wheels for packages the GPU image lacks, filled by
-#        bench/fetch_wheels.sh and carried with the tree; bitsandbytes for the PEFT+bitsandbytes peer)
+#   bench/gpu_check.sh [OUTDIR]          (default bench/results; whole run within TOTAL_BUDGET)
+#   env: PYTHON (default python3); TOTAL_BUDGET seconds (default 470: every step is cut to what is
+#        left of it); BUILD_BUDGET, BENCH_BUDGET, TEST_BUDGET, RELIABILITY_BUDGET seconds (default
+#        120, 100, 120, 60); FUSEDLORA_FUZZ_SCALE (default 0.1); FUSEDLORA_COMMIT (the commit to
+#        record where the tree has no .git); WHEELS (default bench/wheels: wheels for packages the
+#        GPU image lacks, filled by bench/fetch_wheels.sh and carried with the tree)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+deadline=$((SECONDS + ${TOTAL_BUDGET:-470}))
 out=${1:-bench/results}
+case "$out" in /*) ;; *) [ $# -ge 1 ] && out="$PWD/$out" ;; esac  # an OUTDIR given is relative to the caller
+cd "$(dirname "$0")/.."
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 log="$out/gpu_check.log"
 : >"$log"
 python=${PYTHON:-python3}
 say() { echo "$*" | tee -a "$log"; }
+# Seconds a step may take: its own budget, or what is left before the deadline if that is less.
+budget() { local left=$((deadline - SECONDS)); [ "$left" -lt 1 ] && left=1; echo $(( $1 < left ? $1 : left )); }
+step() { local seconds=$1; shift; timeout -k 5 "$(budget "$seconds")" "$@"; }
 
 wheels=${WHEELS:-bench/wheels}
+site=
 if compgen -G "$wheels/*.whl" >/dev/null; then
     site=$(mktemp -d)
-    if "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl >>"$log" 2>&1; then
+    trap 'rm -rf "$site"' EXIT
+    if step 60 "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl >>"$log" 2>&1; then
         export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
         say "gpu_check: installed $(cd "$wheels" && echo *.whl) into $site"
     else
@@ -29,61 +37,77 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
     fi
 fi
 
-# Every import the run needs, checked before anything is built; one line says what is missing.
-preflight=$("$python" - 2>>"$log" <<'EOF'
-import importlib.util
-required = ["torch", "triton", "numpy", "pytest", "hypothesis", "safetensors", "tqdm", "setuptools", "ninja"]
-optional = ["bitsandbytes", "peft", "transformers", "matplotlib"]
-missing = [name for name in required if importlib.util.find_spec(name) is None]
-absent = [name for name in optional if importlib.util.find_spec(name) is None]
-if missing:
-    print("missing " + ", ".join(missing))
-elif absent:
-    print("without " + ", ".join(absent))
+# Every import the run needs, tried before anything is built; one line says what is missing.
+preflight=$(step 120 "$python" - 2>>"$log" <<'EOF'
+import importlib, importlib.metadata, importlib.util
+required = ["torch", "triton", "numpy", "safetensors", "tqdm"]
+optional = {"pytest": "the GPU tests", "hypothesis": "the GPU tests", "ninja": "a fast CUDA build",
+            "bitsandbytes": "the peft-bnb peer", "peft": "the PEFT peers", "transformers": "the model tests",
+            "matplotlib": "the plot"}
+def importable(name):
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:
+        return False
+missing = [name for name in required if not importable(name)]
+# The installers are looked up, not imported (setuptools refuses to import after distutils).
+missing += [name for name in ("pip", "setuptools") if importlib.util.find_spec(name) is None]
+if "setuptools" not in missing:
+    version = tuple(int(p) for p in importlib.metadata.version("setuptools").split(".")[:2])
+    if version < (70, 1) and importlib.util.find_spec("wheel") is None:
+        missing.append("setuptools>=70.1 or wheel")
+absent = [f"{name} ({use})" for name, use in optional.items() if not importable(name)]
+print("missing " + ", ".join(missing) if missing else "ok" + ("; without " + ", ".join(absent) if absent else ""))
 EOF
 )
 case "$preflight" in
     missing*) say "gpu_check: $python has no module: ${preflight#missing }; nothing was checked"; exit 2 ;;
-    without*) say "gpu_check: going on without ${preflight#without } (the cases and tests that need them are skipped)" ;;
-    "") ;;
+    "ok; without "*) say "gpu_check: going on without ${preflight#ok; without }" ;;
+    ok) ;;
     *) say "gpu_check: $python could not run the import check (see $log); nothing was checked"; exit 2 ;;
 esac
-if ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$log" 2>&1; then
+if ! step 120 "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$log" 2>&1; then
     say "gpu_check: no CUDA GPU is visible to $python; nothing was checked"
     exit 2
 fi
 export FUSEDLORA_COMMIT=${FUSEDLORA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 say "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $FUSEDLORA_COMMIT"
-"$python" -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
+step 60 "$python" -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
 
 say "== install, with the CUDA extension built for this GPU (budget ${BUILD_BUDGET:-120} s)"
-arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-if ! FUSEDLORA_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_BUDGET:-120}" \
-        "$python" -m pip install --no-deps --no-build-isolation --no-index -q -e . >>"$log" 2>&1; then
+arch=$(step 60 "$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if ! FUSEDLORA_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} \
+        step "${BUILD_BUDGET:-120}" "$python" -m pip install --no-deps --no-build-isolation --no-index -q -e . >>"$log" 2>&1; then
     say "gpu_check: building the CUDA extension failed or ran out of time (see $log); installing without it"
-    "$python" -m pip install --no-deps --no-build-isolation --no-index -q -e . >>"$log" 2>&1 \
+    step 60 "$python" -m pip install --no-deps --no-build-isolation --no-index -q -e . >>"$log" 2>&1 \
         || { say "gpu_check: install failed"; exit 3; }
 fi
-"$python" -m fusedlora info 2>&1 | tee -a "$log"
+step 60 "$python" -m fusedlora info 2>&1 | tee -a "$log"
 
 say "== benchmark, headline cases first (budget ${BENCH_BUDGET:-100} s)"
-timeout $(( ${BENCH_BUDGET:-100} + 60 )) "$python" -m fusedlora bench --out "$out" --budget "${BENCH_BUDGET:-100}" 2>&1 \
+step $(( ${BENCH_BUDGET:-100} + 60 )) "$python" -m fusedlora bench --out "$out" --budget "$(budget "${BENCH_BUDGET:-100}")" 2>&1 \
     | grep -v -E '[0-9]+/[0-9]+ \[' | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 
 say "== pytest -m gpu"
-# The backends' correctness first, then the reliability suites; the property tests at a tenth of
-# their full budget (40 examples per backend) so that the run keeps its time.
-export FUSEDLORA_FUZZ_SCALE=${FUSEDLORA_FUZZ_SCALE:-0.1}
-timeout "${TEST_BUDGET:-120}" "$python" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$log"
-backends_rc=${PIPESTATUS[0]}
-timeout "${RELIABILITY_BUDGET:-60}" "$python" -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_gpu.py tests 2>&1 \
-    | tee -a "$log"
-reliability_rc=${PIPESTATUS[0]}
-tests_rc=$(( backends_rc != 0 ? backends_rc : reliability_rc ))
+if "$python" -c "import pytest, hypothesis" >/dev/null 2>&1; then
+    # The backends' correctness first, then the reliability suites; the property tests at a tenth of
+    # their full budget (40 examples per backend) so that the run keeps its time.
+    export FUSEDLORA_FUZZ_SCALE=${FUSEDLORA_FUZZ_SCALE:-0.1}
+    step "${TEST_BUDGET:-120}" "$python" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$log"
+    backends_rc=${PIPESTATUS[0]}
+    step "${RELIABILITY_BUDGET:-60}" "$python" -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_gpu.py tests 2>&1 \
+        | tee -a "$log"
+    reliability_rc=${PIPESTATUS[0]}
+    tests_rc=$(( backends_rc != 0 ? backends_rc : reliability_rc ))
+else
+    say "gpu_check: pytest or hypothesis is missing: the GPU tests were not run"
+    tests_rc=4
+fi
 
 latest=$(ls -t "$out"/bench-*-cuda.json 2>/dev/null | head -n 1)
 say "== summary"
-[ -n "$latest" ] && "$python" -m fusedlora bench --summarize "$latest" 2>&1 | tee -a "$log"
+[ -n "$latest" ] && step 30 "$python" -m fusedlora bench --summarize "$latest" 2>&1 | tee -a "$log"
 say "gpu tests: exit $tests_rc; benchmark: exit $bench_rc; results in $out"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

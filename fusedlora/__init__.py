@@ -18,8 +18,11 @@ def _kernels_from_checkout() -> None:
     is in an installed wheel.
     """
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    checkout_kernels = os.path.join(os.path.dirname(package_dir), "kernels")
-    if os.path.isdir(os.path.join(package_dir, "kernels")) or not os.path.isdir(checkout_kernels):
+    checkout = os.path.dirname(package_dir)
+    checkout_kernels = os.path.join(checkout, "kernels")
+    in_checkout = os.path.isfile(os.path.join(checkout, "setup.py")) and os.path.isfile(
+        os.path.join(checkout_kernels, "launch.py"))
+    if os.path.isdir(os.path.join(package_dir, "kernels")) or not in_checkout:
         return
     if __name__ + ".kernels" not in sys.modules:
         spec = importlib.machinery.ModuleSpec(__name__ + ".kernels", None, is_package=True)

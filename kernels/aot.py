@@ -7,8 +7,9 @@ One row per kernel variant: every weight format (fp8 from sm_89), bf16 activatio
 adapters, the skinny kernels' shipped configs and the first autotuning candidate of each GEMM
 (`--all-candidates`: every one). Pointers, strides and N, K get Triton's runtime alignment hint
 (divisible by 16), as a launch on Llama-style shapes would. `--check` exits 1 if a variant
-fails to compile or spills. Run it without TRITON_INTERPRET (the interpreter cannot compile).
-TRITON_PTXAS_PATH chooses the ptxas, as it does for Triton itself.
+fails to compile, spills or needs more shared memory than a block may have. Run it without
+TRITON_INTERPRET (the interpreter cannot compile). TRITON_PTXAS_PATH chooses the ptxas, as it
+does for Triton itself.
 """
 
 import argparse
@@ -44,6 +45,8 @@ _POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "g_ptr": "
              "u_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "du_ptr": "*fp32", "db_ptr": "*fp32",
              "da_ptr": "*fp32", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
              "nested_offset_ptr": "*fp32"}
+# The most shared memory one block may use, by compute capability (CUDA's per-architecture limits).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _SCALARS = {"scaling": "fp32", "keep_scale": "fp32", "seed": "i64", "threshold": "i64"}
 _ALIGNED_INTS = re.compile(r"^(N|K|stride_\w+)$")
 _BF16_DOTS = dict(X_DOT=tl.bfloat16, X_PRECISION="tf32", LORA_DOT=tl.bfloat16, LORA_PRECISION="tf32", BLOCK_R=16)
@@ -71,12 +74,12 @@ class Report:
 
 def variants(arch: int, all_candidates: bool = False) -> list[Variant]:
     """The kernel variants to compile for sm_`arch`."""
-    gemm = configs.gemm_candidates((arch // 10, arch % 10))
     chosen = []
     for fmt, (fmt_id, nested, w_type, scale_type) in _WEIGHTS.items():
         if fmt == "fp8" and arch < 89:
             continue
         four_bit = fmt_id in (FORMAT_IDS["nf4"], FORMAT_IDS["fp4"])
+        gemm = configs.gemm_candidates((arch // 10, arch % 10), four_bit)
         weight = dict(FMT=fmt_id, NESTED=nested, BLOCKSIZE=64 if four_bit else 1, K_ALIGNED=True)
         types = {**_POINTERS, "w_ptr": w_type, "scale_ptr": scale_type}
         for index, candidate in enumerate(gemm if all_candidates else gemm[:1]):
@@ -88,7 +91,7 @@ def variants(arch: int, all_candidates: bool = False) -> list[Variant]:
             chosen.append(Variant(f"grad_x/{fmt}/{index}", lora_grad_x_kernel,
                                   dict(common, HAS_LORA=True, HAS_DROPOUT=True), types,
                                   candidate.num_warps, candidate.num_stages))
-        decode, _ = configs.decode_config(4096, 4096, 132)
+        decode, _ = configs.decode_config(4096, 4096, 132, four_bit)
         chosen.append(Variant(f"decode/{fmt}", lora_decode_kernel,
                               dict(weight, **_BF16_DOTS, **decode.meta, HAS_BIAS=True, HAS_LORA=True,
                                    HAS_DROPOUT=True, SPLIT_K=4, BLOCK_M=16),
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedlora.kernels.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (80, 89, 90)")
     parser.add_argument("--all-candidates", action="store_true", help="compile every GEMM autotuning candidate")
-    parser.add_argument("--check", action="store_true", help="exit 1 on a compile failure or a spill")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on a compile failure, a spill or more shared memory than a block may use")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
@@ -152,9 +156,10 @@ def main(argv=None) -> int:
             failures += 1
             print(f"{variant.name:24s} FAILED: {str(err).splitlines()[0][:200]}")
             continue
-        failures += bool(report.spill_stores or report.spill_loads)
+        too_much_shared = report.shared_bytes > SHARED_MEMORY_LIMIT.get(args.arch, SHARED_MEMORY_LIMIT[80])
+        failures += bool(report.spill_stores or report.spill_loads or too_much_shared)
         print(f"{report.name:24s} {report.registers:5d} {report.spill_stores:9d} {report.spill_loads:9d} "
-              f"{report.shared_bytes:8d}  {report.tensor_cores}")
+              f"{report.shared_bytes:8d}  {report.tensor_cores}" + ("  over the shared-memory limit" * too_much_shared))
     return 1 if args.check and failures else 0
 
 

@@ -21,9 +21,10 @@ def _gemm(bm, bn, bk, warps, stages, group=8):
 
 
 # Triton before 3.8 (3.6 ships with torch 2.11, the oldest supported torch and the GPU machine's)
-# allocates the 4-bit main loops' registers less tightly: the configs that 3.8 fits in 224
-# registers spill there, so those Tritons get configs of their own (`python -m fusedlora.kernels.aot`
-# under each version, tests/test_triton_compile.py in CI).
+# allocates the 4-bit main loops' registers less tightly: the nf4/fp4 configs that 3.8 fits in 224
+# registers spill there, so the 4-bit formats get configs of their own under those Tritons (every
+# candidate spill-free on sm_90 and sm_80 by `python -m fusedlora.kernels.aot --all-candidates`;
+# tests/test_triton_compile.py checks the first ones in CI under both versions).
 BEFORE_TRITON_3_8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8)
 
 # Large tiles keep BLOCK_M >= 128 so one dequantized W tile serves many rows (docs/design.md §9).
@@ -57,11 +58,13 @@ AMPERE_GEMM_BEFORE_3_8 = [
 ]
 
 
-def gemm_candidates(capability: tuple[int, int]) -> list:
-    """Autotuning candidates for the forward and grad_x GEMMs on a device of `capability`."""
+def gemm_candidates(capability: tuple[int, int], four_bit: bool) -> list:
+    """Autotuning candidates for the forward and grad_x GEMMs on a device of `capability`, for a
+    4-bit (nf4, fp4) weight or another."""
+    own = four_bit and BEFORE_TRITON_3_8
     if capability[0] >= 9:
-        return HOPPER_GEMM_BEFORE_3_8 if BEFORE_TRITON_3_8 else HOPPER_GEMM
-    return AMPERE_GEMM_BEFORE_3_8 if BEFORE_TRITON_3_8 else AMPERE_GEMM
+        return HOPPER_GEMM_BEFORE_3_8 if own else HOPPER_GEMM
+    return AMPERE_GEMM_BEFORE_3_8 if own else AMPERE_GEMM
 
 
 def m_bucket(m: int) -> int:
@@ -107,13 +110,13 @@ def shrink_config(m: int, block_r: int) -> SkinnyConfig:
     return SkinnyConfig({"BLOCK_M": 64 if m >= 4096 else 32, "BLOCK_K": 64}, num_warps=4)
 
 
-def decode_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
+def decode_config(n: int, k: int, sm_count: int, four_bit: bool) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the small-M kernel: enough programs to keep every SM streaming W.
     BLOCK_K = 64 keeps a 4-bit tile within one absmax block per row (blocksize >= 64)."""
     block_n = 64
     tiles = triton.cdiv(n, block_n)
     split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
-    warps = 8 if BEFORE_TRITON_3_8 else 4  # 4 warps spill the 4-bit formats before Triton 3.8
+    warps = 8 if four_bit and BEFORE_TRITON_3_8 else 4  # 4 warps spill the 4-bit formats before Triton 3.8
     return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=warps, num_stages=3), split_k
 
 

@@ -125,8 +125,12 @@ def _reduce_with_atomics() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel, capability: tuple[int, int]):
-    return triton.autotune(configs=configs.gemm_candidates(capability), key=configs.AUTOTUNE_KEY)(kernel)
+def _autotuned(kernel, capability: tuple[int, int], four_bit: bool):
+    return triton.autotune(configs=configs.gemm_candidates(capability, four_bit), key=configs.AUTOTUNE_KEY)(kernel)
+
+
+def _four_bit(fmt_id: int) -> bool:
+    return fmt_id in (FORMAT_IDS["nf4"], FORMAT_IDS["fp4"])
 
 
 def _launch_gemm(kernel, tiles_of, device, *args, **kwargs):
@@ -135,7 +139,8 @@ def _launch_gemm(kernel, tiles_of, device, *args, **kwargs):
         meta = configs.INTERPRETER["gemm"]
         kernel[(tiles_of(meta),)](*args, **kwargs, **meta)
     else:
-        _autotuned(kernel, torch.cuda.get_device_capability(device))[lambda meta: (tiles_of(meta),)](*args, **kwargs)
+        tuned = _autotuned(kernel, torch.cuda.get_device_capability(device), _four_bit(kwargs["FMT"]))
+        tuned[lambda meta: (tiles_of(meta),)](*args, **kwargs)
 
 
 def _skinny(name: str, config: configs.SkinnyConfig) -> tuple[dict, dict]:
@@ -188,7 +193,7 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs):
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
-    heuristic, split_k = configs.decode_config(n, k, _sm_count(x.device))
+    heuristic, split_k = configs.decode_config(n, k, _sm_count(x.device), _four_bit(constexprs["FMT"]))
     meta, options = _skinny("decode", heuristic)
     if INTERPRETING:
         split_k = configs.INTERPRETER["decode_split_k"]

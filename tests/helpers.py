@@ -35,18 +35,18 @@ def absolute_floor(dtype: torch.dtype) -> float:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
-                 magnitude: Optional[torch.Tensor] = None) -> None:
+                 magnitude: Optional[torch.Tensor] = None, floor_gain=1.0) -> None:
     """Compare `actual` (computed in `dtype`) with a float64 `expected` using the table: normwise,
     scaled by max |expected|; or, given `magnitude` (the same computation on |inputs|, from
     `float64_magnitudes`), element by element, scaled by each element's own sum of |terms|. Both
-    add `absolute_floor(dtype)`."""
+    add `absolute_floor(dtype)`, times `floor_gain` (from `float64_floor_gains`) where given."""
     actual, expected = actual.detach().double(), expected.detach().double()
     if magnitude is None:
         scale = expected.abs().max() if expected.numel() else 1.0
         torch.testing.assert_close(actual, expected, atol=TOLERANCES[dtype] * float(scale) + absolute_floor(dtype),
                                    rtol=0, msg=lambda m: f"{what}: {m}")
         return
-    bound = TOLERANCES[dtype] * magnitude.detach().double().abs() + absolute_floor(dtype)
+    bound = TOLERANCES[dtype] * magnitude.detach().double().abs() + absolute_floor(dtype) * floor_gain
     error = (actual - expected).abs()
     bad = ~(error <= bound)  # NaN counts as bad
     if bad.any():
@@ -111,17 +111,20 @@ def float64_magnitudes(x, w, lora_A, lora_B, scaling, bias, keep, p, grad_y):
 # the weight and rounds its scales). What its bytes mean is decoded here by hand instead.
 def decode_bnb_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     """The weight that bitsandbytes' 4-bit `packed` bytes and `QuantState` stand for, in `state.dtype`
-    and `state.shape`: `state.code[nibble] · absmax[i // blocksize]` in fp32, the high nibble first,
+    and `state.shape`: `code[nibble] · absmax[i // blocksize]` in fp32, the high nibble first,
     a nested absmax being `state2.code[q] · state2.absmax[j // state2.blocksize] + state.offset`."""
+    from bitsandbytes.functional import get_4bit_type
+
     n = state.shape.numel()
-    data = packed.reshape(-1).to(torch.int64)
+    data = packed.contiguous().view(torch.uint8).reshape(-1).to(torch.int64)  # any quant_storage dtype
     nibbles = torch.stack((data >> 4, data & 0xF), dim=1).reshape(-1)[:n]
     absmax = state.absmax
     if state.nested:
         nested = state.state2
         per_code = nested.absmax.repeat_interleave(nested.blocksize)[: absmax.numel()]
         absmax = nested.code[absmax.to(torch.int64)] * per_code + state.offset
-    values = state.code[nibbles] * absmax.repeat_interleave(state.blocksize)[:n]
+    code = get_4bit_type(state.quant_type, device=data.device)  # bitsandbytes decodes with this, not state.code
+    values = code[nibbles] * absmax.repeat_interleave(state.blocksize)[:n]
     return values.reshape(state.shape).to(state.dtype)
 
 
@@ -137,6 +140,22 @@ def bnb_linear4bit_decoded_by_hand(bnb):
 
     with mock.patch.object(bnb.nn.Linear4bit, "forward", forward):
         yield
+
+
+def float64_floor_gains(x, lora_A, lora_B, scaling, keep, p, grad_y):
+    """How far the absolute floor of each result reaches: u and du are rounded into the compute
+    dtype too, so their own subnormal error arrives in y through s·B, in dx through A/(1-p), in dA
+    through drop(x) and in dB through s·g. Returns the factors (>= 1) for y and [dx, dA, dB, dbias],
+    each broadcastable to its result."""
+    x64 = x.detach().double().abs().reshape(-1, x.shape[-1])
+    dropped = x64 if keep is None else torch.where(keep, x64 / (1 - p), 0.0)
+    a, b, g = (t.detach().double().abs() for t in (lora_A, lora_B, grad_y))
+    s = abs(scaling)
+    y = 1 + s * b.sum(1)[None, :]
+    dx = 1 + a.sum(0)[None, :] / (1 - p)
+    da = 1 + dropped.sum(0)[None, :]
+    db = 1 + s * g.sum(0)[:, None]
+    return y, [dx, da, db, 1.0]
 
 
 @contextlib.contextmanager

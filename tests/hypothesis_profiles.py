@@ -17,6 +17,7 @@ def _without_project_constants() -> None:
     use no such constants (tests/test_fuzz.py checks that the draws do not depend on imports)."""
     from hypothesis.internal.conjecture import providers
 
+    assert hasattr(providers, "_get_local_constants"), "hypothesis moved its local constants: update this patch"
     none_found = providers.Constants()
     providers._get_local_constants = lambda: none_found
 

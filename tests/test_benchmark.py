@@ -34,6 +34,7 @@ def test_quick_cpu_run_writes_json_table_and_plot(tmp_path):
     assert next(tmp_path.glob("bench-*-cpu.png")).stat().st_size > 1000
     meta = recorded["meta"]
     assert meta["commit"] and meta["date"] and meta["device"].startswith("CPU") and meta["versions"]["torch"]
+    assert meta["complete"] and meta["cases_done"] == meta["cases_total"] == len(default_cases(gpu=False, quick=True))
     assert recorded["ceilings"]["copy_gb_per_s"] > 0 and recorded["ceilings"]["bf16_matmul_tflop_per_s"] > 0
     by_provider = {}
     for row in recorded["results"]:
@@ -149,12 +150,17 @@ def test_gpu_check_fails_clearly_without_a_gpu(tmp_path):
     assert "no CUDA GPU is visible" in log and "installed fusedlora_probe-0.1-py3-none-any.whl" in log
 
 
+def test_gpu_check_says_so_when_its_python_cannot_run(tmp_path):
+    result = _gpu_check(tmp_path / "out", PYTHON=str(tmp_path / "no-such-python"))
+    assert result.returncode == 2 and "could not run the import check" in result.stdout, result.stdout
+
+
 def test_gpu_check_names_every_missing_module_in_one_line(tmp_path):
-    bare = tmp_path / "bare-python"  # the same interpreter without its site-packages: no torch, no pytest
+    bare = tmp_path / "bare-python"  # the same interpreter without its site-packages: no torch, no triton
     bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
     bare.chmod(0o755)
     result = _gpu_check(tmp_path / "out", PYTHON=str(bare), PYTHONPATH="")
     assert result.returncode == 2
     (line,) = [line for line in result.stdout.splitlines() if "has no module" in line]
-    assert all(name in line for name in ("torch", "triton", "pytest", "hypothesis", "safetensors")), line
+    assert all(name in line for name in ("torch", "triton", "numpy", "safetensors", "tqdm")), line
     assert "nothing was checked" in line and line in (tmp_path / "out" / "gpu_check.log").read_text()

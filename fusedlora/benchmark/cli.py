@@ -77,6 +77,9 @@ def main(argv=None) -> int:
         with open(args.summarize) as handle:
             recorded = json.load(handle)
         print(summary(recorded["results"], recorded["ceilings"]))
+        meta = recorded["meta"]
+        if not meta.get("complete", True):
+            print(f"(an incomplete run: stopped after {meta['cases_done']} of {meta['cases_total']} cases)")
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -94,6 +97,9 @@ def main(argv=None) -> int:
         "versions": _versions(),
         "timing": clock.label,
         "argv": argv if argv is not None else [],
+        "complete": False,  # until the last case: a file left by a run stopped from outside says so
+        "cases_total": len(chosen),
+        "cases_done": 0,
         "cases_skipped_by_budget": 0,
     }
     out = Path(args.out)
@@ -106,9 +112,11 @@ def main(argv=None) -> int:
             break
         bar.set_postfix_str(case.label)
         results += [m.to_json() for m in runner.run(case)]
+        meta["cases_done"] = index + 1
         # Written after every case, so that a run stopped from outside keeps what it measured.
         write_json(stem.with_suffix(".json"), meta, measured_ceilings, derived(results, measured_ceilings))
     meta["cases_skipped_by_budget"] = skipped
+    meta["complete"] = True
     rows = derived(results, measured_ceilings)
     write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows)
     plotted = plot(stem.with_suffix(".png"), rows)
