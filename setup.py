@@ -6,24 +6,14 @@ compiles. The kernels use WMMA (HMMA), which needs no sm_90a objects."""
 
 import glob
 import os
-import shutil
+import runpy
 
 from setuptools import setup
 
-
-def _cuda_home() -> str | None:
-    """The CUDA toolkit to build against: the one whose bin/ holds `nvcc` on PATH, else
-    /usr/local/cuda, whichever has the runtime headers (an `nvcc` wrapper script in /usr/local/bin
-    would otherwise make torch look in /usr/local and miss them)."""
-    nvcc = shutil.which("nvcc")
-    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
-    return next((c for c in candidates if os.path.exists(os.path.join(c, "include", "cuda_runtime.h"))), None)
-
-
 ext_modules, cmdclass = [], {}
 if os.environ.get("FUSEDLORA_BUILD_CUDA") == "1":
-    if "CUDA_HOME" not in os.environ and _cuda_home():
-        os.environ["CUDA_HOME"] = _cuda_home()
+    toolkit = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusedlora", "toolkit.py")
+    runpy.run_path(toolkit)["point_cuda_home"]()  # without importing fusedlora, which needs torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -37,7 +27,7 @@ if os.environ.get("FUSEDLORA_BUILD_CUDA") == "1":
     cmdclass = {"build_ext": BuildExtension}
 
 setup(
-    packages=["fusedlora", "fusedlora.formats", "fusedlora.benchmark", "fusedlora.kernels"],
+    packages=["fusedlora", "fusedlora.backends", "fusedlora.formats", "fusedlora.benchmark", "fusedlora.kernels"],
     package_dir={"fusedlora.kernels": "kernels"},
     package_data={"fusedlora": ["data/*.tsv", "data/*.md"]},
     ext_modules=ext_modules,

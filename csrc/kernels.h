@@ -17,10 +17,10 @@ void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout&
 void launch_forward_gemm(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
                          const at::Tensor& bias, double scaling, at::Tensor& y);
 
-// The same for M <= kGemvMaxRows: one warp per output column, 16-byte weight loads.
-constexpr int64_t kGemvMaxRows = 4;
-void launch_forward_gemv(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
-                         const at::Tensor& bias, double scaling, at::Tensor& y);
+// The same for M <= kSmallMMaxRows: one warp per output column, 16-byte weight loads.
+constexpr int64_t kSmallMMaxRows = 4;
+void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::Tensor& u,
+                            const at::Tensor& lora_b, const at::Tensor& bias, double scaling, at::Tensor& y);
 
 // du (M, r) = scaling · g · B and dB = scaling · gᵀ · u, one pass over g; dB as per-block
 // partials (grad_u_blocks(M), N, r) to be summed (deterministic), or one (1, N, r) buffer that

@@ -4,7 +4,8 @@
 //                 dropout_p, seed) -> (y, u)
 //   cuda_lora_bwd(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B,
 //                 scaling, dropout_p, seed, need_dx) -> (dx, dA, dB)
-// Registered with TORCH_LIBRARY (no pybind11); their fake impls live in fusedlora/extension.py.
+// Registered with TORCH_LIBRARY (no pybind11); their fake impls are fusedlora/contract.py's,
+// registered by fusedlora/extension.py.
 
 #include <ATen/ATen.h>
 #include <Python.h>
@@ -98,8 +99,8 @@ std::tuple<Tensor, Tensor> cuda_lora_fwd(const Tensor& x_in, at::TensorList w_te
   const Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   if (has_lora) launch_shrink(x, lora_a.to(at::kFloat).contiguous(), dropout_of(dropout_p, seed), u);
   const Tensor lora_u = has_lora ? u : Tensor();
-  if (rows <= kGemvMaxRows) {
-    launch_forward_gemv(x, weight, lora_u, b32, bias32, scaling, y);
+  if (rows <= kSmallMMaxRows) {
+    launch_forward_small_m(x, weight, lora_u, b32, bias32, scaling, y);
   } else {
     launch_forward_gemm(x, weight, lora_u, b32, bias32, scaling, y);
   }

@@ -21,7 +21,7 @@ def _kernels_from_checkout() -> None:
     checkout = os.path.dirname(package_dir)
     checkout_kernels = os.path.join(checkout, "kernels")
     in_checkout = os.path.isfile(os.path.join(checkout, "setup.py")) and os.path.isfile(
-        os.path.join(checkout_kernels, "launch.py"))
+        os.path.join(checkout_kernels, "forward.py"))
     if os.path.isdir(os.path.join(package_dir, "kernels")) or not in_checkout:
         return
     if __name__ + ".kernels" not in sys.modules:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from .checks import check_probability
 from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, select_targets
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
@@ -139,9 +140,10 @@ def read_adapter_config(path) -> dict:
     for name, expected in (("rank_pattern", "an object"), ("alpha_pattern", "an object")):
         if not isinstance(config.get(name) or {}, dict):
             raise AdapterFileError(f"{file}: {name!r} must be {expected}, got {config[name]!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise AdapterFileError(f"{file}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    try:
+        check_probability("'lora_dropout'", config.get("lora_dropout", 0.0))
+    except ValueError as err:
+        raise AdapterFileError(f"{file}: {err}") from None
     if config.get("bias", "none") != "none":
         raise AdapterFileError(f"{file}: bias={config['bias']!r} adapters are not supported (only 'none')")
     for name, default in _UNSUPPORTED.items():
@@ -184,10 +186,8 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "nf4") -> 
         for name, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
             layer.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
-            layer.lora_alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
-            layer.lora_dropout = float(config.get("lora_dropout", 0.0))
-            layer.use_rslora = bool(config.get("use_rslora"))
-            layer.scaling = layer.lora_alpha / (math.sqrt(layer.r) if layer.use_rslora else layer.r)
+            layer.set_hyperparameters(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),
+                                      config.get("lora_dropout", 0.0), config.get("use_rslora"))
     return model
 
 

@@ -28,6 +28,13 @@ def check_real(name: str, value) -> None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
 
 
+def check_probability(name: str, value) -> float:
+    """A dropout probability: a real number in [0, 1). Returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _check_float_tensor(name: str, t, dtypes=ACTIVATION_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -64,7 +71,6 @@ def check_lora_inputs(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias,
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling!r}")
     check_real("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    check_probability("dropout_p", dropout_p)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
         raise ValueError(f"seed must be None or an int in [0, 2**32), got {seed!r}")

@@ -1,5 +1,5 @@
-"""The optional CUDA extension `fusedlora._C` (csrc/): loading it, building it just in time, and
-the CUDA backend's entry points.
+"""The optional CUDA extension `fusedlora._C` (csrc/): loading it and building it just in time
+(the backend that calls its ops is `fusedlora.backends.cuda`).
 
 `load()` imports `fusedlora._C` (built by `FUSEDLORA_BUILD_CUDA=1 pip install --no-build-isolation .`)
 once. When it is missing or broken the CUDA backend says why, one warning is logged, and the other
@@ -11,14 +11,14 @@ backends carry on. Nothing is compiled on import: `build_jit()` compiles csrc/ w
 import functools
 import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .ops import fake_backward, fake_forward
+from .contract import fake_backward, fake_forward
+from .toolkit import point_cuda_home
 
 log = logging.getLogger("fusedlora")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -30,20 +30,12 @@ def _register_fakes() -> None:
     torch.library.register_fake("fusedlora::cuda_lora_bwd")(fake_backward)
 
 
-def _cuda_home() -> Optional[str]:
-    """A toolkit with the runtime headers: the one nvcc on PATH lives in, or /usr/local/cuda."""
-    nvcc = shutil.which("nvcc")
-    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
-    return next((c for c in candidates if os.path.exists(os.path.join(c, "include", "cuda_runtime.h"))), None)
-
-
 def build_jit(verbose: bool = False) -> None:
     """Compile csrc/ for the local GPU (or TORCH_CUDA_ARCH_LIST) and load it; cached by torch."""
     sources = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.cu"))
     if not sources:
         raise RuntimeError(f"no CUDA sources at {CSRC}: a just-in-time build needs a source checkout of fusedlora")
-    if "CUDA_HOME" not in os.environ and _cuda_home():
-        os.environ["CUDA_HOME"] = _cuda_home()
+    point_cuda_home()
     from torch.utils.cpp_extension import load as load_extension
 
     log.warning("fusedlora: compiling the CUDA extension just in time (once; torch caches the build)")
@@ -85,17 +77,3 @@ def _load() -> Optional[str]:
     _register_fakes()
     return None
 
-
-def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    """The CUDA backend's forward; the signature of `fusedlora.reference.forward`."""
-    return torch.ops.fusedlora.cuda_lora_fwd(x, weight.tensors(), weight.fmt, list(weight.shape), weight.blocksize,
-                                             lora_A, lora_B, float(scaling), bias, float(dropout_p),
-                                             torch.tensor(seed, dtype=torch.int64))
-
-
-def backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
-    """The CUDA backend's backward; the signature of `fusedlora.reference.backward`."""
-    grad_x, grad_A, grad_B = torch.ops.fusedlora.cuda_lora_bwd(
-        grad_y, x, u, weight.tensors(), weight.fmt, list(weight.shape), weight.blocksize, lora_A, lora_B,
-        float(scaling), float(dropout_p), torch.tensor(seed, dtype=torch.int64), need_dx)
-    return (grad_x if need_dx else None), grad_A, grad_B

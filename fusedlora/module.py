@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .checks import check_probability
 from .formats import QuantizedWeight, from_bnb_module, quantize
 from .ops import fused_lora_linear
 
@@ -60,8 +61,6 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r must be an int >= 1, got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         out_features, in_features = weight.shape
@@ -79,14 +78,19 @@ class LoRALinear(nn.Module):
         self.lora_A = LoRAFactor(r, in_features, adapter_dtype, weight.device)
         self.lora_B = LoRAFactor(out_features, r, adapter_dtype, weight.device)
         self.r = r
-        self.lora_alpha = alpha
-        self.lora_dropout = float(dropout)
-        self.use_rslora = rslora
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.set_hyperparameters(alpha, dropout, rslora)
         self.merged = False
         self._adapter_enabled = True
         self._premerge_weight: Optional[QuantizedWeight] = None
         self.reset_lora_parameters(init)
+
+    def set_hyperparameters(self, alpha: float, dropout: float, rslora: bool) -> None:
+        """Set lora_alpha, lora_dropout, use_rslora and the scaling they give: alpha / r, or
+        alpha / sqrt(r) with rslora."""
+        self.lora_dropout = check_probability("dropout", dropout)
+        self.lora_alpha = alpha
+        self.use_rslora = bool(rslora)
+        self.scaling = alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0,

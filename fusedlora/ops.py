@@ -4,26 +4,28 @@ Two custom ops carry the work, in the `fusedlora` namespace, with one argument o
 backend (reference, Triton, CUDA) implements:
 
     fusedlora::lora_linear_fwd(x (M,K), w_tensors, w_format, w_shape, w_blocksize,
-                               lora_A, lora_B, scaling, bias?, dropout_p, seed) -> (y (M,N), u (M,r))
+                               lora_A, lora_B, scaling, bias?, dropout_p, seed) -> (y (M,N), u (M,r), backend)
     fusedlora::lora_linear_bwd(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize,
                                lora_A, lora_B, scaling, dropout_p, seed, need_dx, backend) -> (dx, dA, dB)
 
 The weight travels as its storage tensors plus format, shape and blocksize (custom ops take
-tensors, not objects). Backward saves x, u and the seed, nothing the size of W (docs/design.md §1), and
-the name of the backend that ran the forward: the backward runs there, whatever is forced when
-it runs (the backends' own ops, such as the CUDA extension's, take every argument but `backend`).
-`seed` is a 0-d int64 tensor so that a fresh seed per call does not recompile compiled code.
+tensors, not objects). Backward saves x, u and the seed, nothing the size of W (docs/design.md
+§1), and `backend`, the number of the backend that ran the forward (a 0-d int64 CPU tensor, so
+that compiled code carries the value of each call, not the one it was traced with): the backward
+runs there, whatever is forced when it runs. A backend's own ops, such as the CUDA extension's,
+have neither `backend`. `seed` is a 0-d int64 tensor so that a fresh seed per call does not
+recompile compiled code.
 """
 
 from typing import Optional
 
 import torch
 
-from .backends import Problem, backend_named, select_backend
+from .backends import Problem, backend_id, backend_with_id, select_backend
 from .checks import as_weight, check_lora_inputs
+from .contract import fake_backward, fake_forward
 from .dropout import SEED_LIMIT
 from .formats import QuantizedWeight
-from .reference import lora_dtype
 
 Tensor = torch.Tensor
 
@@ -54,17 +56,16 @@ def lora_linear_fwd(
     bias: Optional[Tensor],
     dropout_p: float,
     seed: Tensor,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     weight = QuantizedWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
     backend = _chosen_backend(x, w_format, w_shape, lora_A, lora_B)
-    return backend.forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed))
+    y, u = backend.forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed))
+    return y, u, torch.tensor(backend_id(backend.name), dtype=torch.int64)
 
 
 @lora_linear_fwd.register_fake
-def fake_forward(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    """Output shapes of the forward op (also the fake impl of the CUDA extension's op)."""
-    u_dtype = lora_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
-    return x.new_empty((x.shape[0], w_shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=u_dtype)
+def _fake_forward_with_backend(*args):
+    return (*fake_forward(*args), torch.empty((), dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("fusedlora::lora_linear_bwd", mutates_args=())
@@ -82,43 +83,35 @@ def lora_linear_bwd(
     dropout_p: float,
     seed: Tensor,
     need_dx: bool,
-    backend: str,
+    backend: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs on `backend`, the one that ran the forward. dx is an empty tensor when `need_dx` is
-    False (custom ops cannot return None)."""
+    """Runs on `backend`, the forward's. dx is an empty tensor when `need_dx` is False (custom
+    ops cannot return None)."""
     weight = QuantizedWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
-    grad_x, grad_A, grad_B = backend_named(backend).backward(
+    grad_x, grad_A, grad_B = backend_with_id(int(backend)).backward(
         grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, int(seed), need_dx
     )
     return (grad_x if need_dx else x.new_empty((0,))), grad_A, grad_B
 
 
-@lora_linear_bwd.register_fake
-def fake_backward(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, dropout_p, seed,
-                  need_dx, backend=None):
-    """Output shapes of the backward op (also the fake impl of the CUDA extension's op, which has
-    no `backend` argument)."""
-    grad_x = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
-    return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+lora_linear_bwd.register_fake(fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
     x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, output[1], seed, lora_A, lora_B, *w_tensors)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, output[1], seed, output[2], lora_A, lora_B, *w_tensors)
     ctx.weight_meta = (w_format, w_shape, w_blocksize)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = None if bias is None else bias.dtype
-    # The forward op chose its backend from the same problem and forcing as this, just now.
-    ctx.backend = _chosen_backend(x, w_format, w_shape, lora_A, lora_B).name
 
 
-def _backward(ctx, grad_y, grad_u):
-    x, u, seed, lora_A, lora_B, *w_tensors = ctx.saved_tensors
+def _backward(ctx, grad_y, grad_u, grad_backend):
+    x, u, seed, backend, lora_A, lora_B, *w_tensors = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x, grad_A, grad_B = lora_linear_bwd(
         grad_y.contiguous(), x, u, w_tensors, *ctx.weight_meta, lora_A, lora_B,
-        ctx.scaling, ctx.dropout_p, seed, needs[0], ctx.backend,
+        ctx.scaling, ctx.dropout_p, seed, needs[0], backend,
     )
     grad_bias = grad_y.sum(0).to(ctx.bias_dtype) if needs[8] else None
     return (
@@ -165,7 +158,7 @@ def fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0
     weight = as_weight(weight)
     check_lora_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
     x, lora_A, lora_B, bias = _autocast_inputs(x, lora_A, lora_B, bias)
-    y, _ = lora_linear_fwd(
+    y, _, _ = lora_linear_fwd(
         x.reshape(-1, x.shape[-1]), weight.tensors(), weight.fmt, list(weight.shape), weight.blocksize,
         lora_A, lora_B, float(scaling), bias, float(dropout_p), _seed_tensor(seed, dropout_p),
     )

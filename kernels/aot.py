@@ -31,7 +31,7 @@ from fusedlora.contract import FORMAT_IDS
 
 from . import configs
 from .backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
-from .forward import lora_decode_kernel, lora_forward_kernel, lora_shrink_kernel
+from .forward import lora_small_m_kernel, lora_forward_kernel, lora_shrink_kernel
 
 _WEIGHTS = {  # name: (FMT, NESTED, weight pointer type, scale pointer type)
     "nf4": (FORMAT_IDS["nf4"], True, "*u8", "*u8"),
@@ -91,11 +91,11 @@ def variants(arch: int, all_candidates: bool = False) -> list[Variant]:
             chosen.append(Variant(f"grad_x/{fmt}/{index}", lora_grad_x_kernel,
                                   dict(common, HAS_LORA=True, HAS_DROPOUT=True), types,
                                   candidate.num_warps, candidate.num_stages))
-        decode, _ = configs.decode_config(4096, 4096, 132, four_bit)
-        chosen.append(Variant(f"decode/{fmt}", lora_decode_kernel,
-                              dict(weight, **_BF16_DOTS, **decode.meta, HAS_BIAS=True, HAS_LORA=True,
+        small_m, _ = configs.small_m_config(4096, 4096, 132, four_bit)
+        chosen.append(Variant(f"small_m/{fmt}", lora_small_m_kernel,
+                              dict(weight, **_BF16_DOTS, **small_m.meta, HAS_BIAS=True, HAS_LORA=True,
                                    HAS_DROPOUT=True, SPLIT_K=4, BLOCK_M=16),
-                              types, decode.num_warps, decode.num_stages))
+                              types, small_m.num_warps, small_m.num_stages))
     lora = dict(LORA_DOT=tl.bfloat16, LORA_PRECISION="tf32", BLOCK_R=16)
     for name, kernel, config, extra in [
         ("shrink", lora_shrink_kernel, configs.shrink_config(8192, 16), dict(HAS_DROPOUT=True)),

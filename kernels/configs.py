@@ -3,7 +3,7 @@
 The two GEMM-shaped kernels (forward, grad_x) are autotuned on the GPU among the candidates of
 the device's architecture (Hopper: sm_90; Ampere: sm_80/86/89), keyed on the bucketed M, N, K,
 the weight format and the padded rank; the choice is cached per key. The skinny kernels
-(shrink, decode, grad_u, grad_a) take a heuristic config. Under the Triton interpreter every
+(shrink, small_m, grad_u, grad_a) take a heuristic config. Under the Triton interpreter every
 kernel runs one small config, since the interpreter's cost grows with programs × loop steps.
 """
 
@@ -20,24 +20,29 @@ def _gemm(bm, bn, bk, warps, stages, group=8):
                          num_warps=warps, num_stages=stages)
 
 
-# Triton before 3.8 (3.6 ships with torch 2.11, the oldest supported torch and the GPU machine's)
-# allocates the 4-bit main loops' registers less tightly: the nf4/fp4 configs that 3.8 fits in 224
-# registers spill there, so the 4-bit formats get configs of their own under those Tritons (every
-# candidate spill-free on sm_90 and sm_80 by `python -m fusedlora.kernels.aot --all-candidates`;
-# tests/test_triton_compile.py checks the first ones in CI under both versions).
+# Every candidate below compiles without spills and within a block's shared memory, on sm_90 and
+# sm_80, under Triton 3.8 and 3.6 (`python -m fusedlora.kernels.aot --all-candidates --check`
+# under each; tests/test_triton_compile.py checks the first ones in CI under both). The 4-bit
+# formats' dequantization takes registers of its own, so they get lists of their own, and Triton
+# before 3.8 (3.6 ships with torch 2.11, the oldest supported torch and the GPU machine's) fits
+# their main loops only at BLOCK_K = 32.
 BEFORE_TRITON_3_8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8)
 
 # Large tiles keep BLOCK_M >= 128 so one dequantized W tile serves many rows (docs/design.md §9).
-HOPPER_GEMM = [  # the first candidate of each list is checked spill-free by tests/test_triton_compile.py
+# (128x256 and 256x128 tiles spill, and their grad_x needs more shared memory than a block has.)
+HOPPER_GEMM = [
     _gemm(128, 128, 64, 8, 3),
-    _gemm(128, 256, 64, 8, 3),
     _gemm(128, 128, 64, 8, 4),
-    _gemm(256, 128, 64, 8, 3),
     _gemm(64, 128, 64, 4, 4),
     _gemm(64, 64, 64, 4, 4),
 ]
-# Before 3.8 the 4-bit GEMMs spill at BLOCK_K = 64 in every tile above, and fit at 32.
-HOPPER_GEMM_BEFORE_3_8 = [
+HOPPER_GEMM_4BIT = [
+    _gemm(128, 128, 64, 8, 3),
+    _gemm(128, 64, 32, 4, 3),
+    _gemm(64, 128, 32, 4, 4),
+    _gemm(64, 64, 64, 4, 4),
+]
+HOPPER_GEMM_4BIT_BEFORE_3_8 = [
     _gemm(128, 128, 32, 8, 3),
     _gemm(128, 128, 32, 8, 4),
     _gemm(128, 64, 32, 4, 3),
@@ -51,7 +56,13 @@ AMPERE_GEMM = [
     _gemm(128, 64, 64, 4, 3),
     _gemm(64, 64, 64, 4, 3),
 ]
-AMPERE_GEMM_BEFORE_3_8 = [
+AMPERE_GEMM_4BIT = [
+    _gemm(128, 64, 32, 4, 4),
+    _gemm(64, 128, 32, 4, 4),
+    _gemm(128, 64, 64, 4, 3),
+    _gemm(64, 64, 64, 4, 3),
+]
+AMPERE_GEMM_4BIT_BEFORE_3_8 = [
     _gemm(128, 128, 32, 8, 3),
     _gemm(128, 64, 32, 8, 3),
     _gemm(64, 64, 32, 4, 4),
@@ -61,10 +72,12 @@ AMPERE_GEMM_BEFORE_3_8 = [
 def gemm_candidates(capability: tuple[int, int], four_bit: bool) -> list:
     """Autotuning candidates for the forward and grad_x GEMMs on a device of `capability`, for a
     4-bit (nf4, fp4) weight or another."""
-    own = four_bit and BEFORE_TRITON_3_8
-    if capability[0] >= 9:
-        return HOPPER_GEMM_BEFORE_3_8 if own else HOPPER_GEMM
-    return AMPERE_GEMM_BEFORE_3_8 if own else AMPERE_GEMM
+    hopper = capability[0] >= 9
+    if not four_bit:
+        return HOPPER_GEMM if hopper else AMPERE_GEMM
+    if BEFORE_TRITON_3_8:
+        return HOPPER_GEMM_4BIT_BEFORE_3_8 if hopper else AMPERE_GEMM_4BIT_BEFORE_3_8
+    return HOPPER_GEMM_4BIT if hopper else AMPERE_GEMM_4BIT
 
 
 def m_bucket(m: int) -> int:
@@ -92,11 +105,11 @@ class SkinnyConfig:
 INTERPRETER = {
     "gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4},
     "shrink": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
-    "decode": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
+    "small_m": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
     "grad_u": SkinnyConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
     "grad_a": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
     "atomics": False,
-    "decode_split_k": 1,
+    "small_m_split_k": 1,
     "grad_a_split_m": 1,
 }
 
@@ -110,7 +123,7 @@ def shrink_config(m: int, block_r: int) -> SkinnyConfig:
     return SkinnyConfig({"BLOCK_M": 64 if m >= 4096 else 32, "BLOCK_K": 64}, num_warps=4)
 
 
-def decode_config(n: int, k: int, sm_count: int, four_bit: bool) -> tuple[SkinnyConfig, int]:
+def small_m_config(n: int, k: int, sm_count: int, four_bit: bool) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the small-M kernel: enough programs to keep every SM streaming W.
     BLOCK_K = 64 keeps a 4-bit tile within one absmax block per row (blocksize >= 64)."""
     block_n = 64

@@ -1,12 +1,13 @@
-"""Forward kernels: the LoRA shrink, the fused large-M GEMM, and the one-launch small-M GEMV.
+"""Forward kernels: the LoRA shrink, the fused large-M GEMM, and the one-launch small-M kernel.
 
     u = drop(x)·Aᵀ                                   (M, r)  `lora_shrink_kernel`
     y = x·deq(W)ᵀ [·row_scale] + bias + s·u·Bᵀ         (M, N)  `lora_forward_kernel`
-    both at once, split over K, for M <= 16             `lora_decode_kernel`
+    both at once, split over K, for M <= 16             `lora_small_m_kernel`
 
 All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32); the LoRA products
-run in `LORA_DOT` (x's dtype for 16-bit x, see `launch._dot_args`), and u is stored in the LoRA
-dtype. The LoRA term and the bias are added in the epilogue, so y is written exactly once.
+run in `LORA_DOT` (x's dtype for 16-bit x, see `fusedlora.backends.triton_launch._dot_args`), and
+u is stored in the LoRA dtype. The LoRA term and the bias are added in the epilogue, so y is
+written exactly once.
 """
 
 import triton
@@ -116,7 +117,7 @@ def lora_forward_kernel(
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
-def lora_decode_kernel(
+def lora_small_m_kernel(
     x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
     a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr,
     M, N, K, R, scaling, seed, threshold, keep_scale,

@@ -161,7 +161,7 @@ def float64_floor_gains(x, lora_A, lora_B, scaling, keep, p, grad_y):
 @contextlib.contextmanager
 def poisoned_triton_outputs():
     """Every buffer the Triton kernels must fill starts as NaN: a missed element shows up."""
-    from fusedlora.kernels import launch
+    from fusedlora.backends import triton_launch as launch
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -51,7 +51,8 @@ def test_the_wheel_holds_the_extension(installed):
     wheel, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
     assert any(name.startswith("fusedlora/_C") and name.endswith(".so") for name in names), names
-    assert "fusedlora/kernels/launch.py" in names and "fusedlora/extension.py" in names
+    assert "fusedlora/kernels/forward.py" in names and "fusedlora/backends/triton_launch.py" in names
+    assert "fusedlora/extension.py" in names
 
 
 def test_the_extension_loads_and_its_ops_match_the_python_ops(installed):
@@ -65,10 +66,11 @@ def test_the_extension_loads_and_its_ops_match_the_python_ops(installed):
             schema = op.default._schema
             arguments = [(a.name, str(a.type).replace("SymInt", "int")) for a in schema.arguments]
             return arguments, [str(r.type) for r in schema.returns]
-        assert signature(torch.ops.fusedlora.cuda_lora_fwd) == signature(torch.ops.fusedlora.lora_linear_fwd)
-        # The dispatching op also names the backend that ran the forward; a backend's own op does not.
+        # The dispatching ops also carry the backend that ran the forward; a backend's own ops do not.
+        arguments, (*returns, backend) = signature(torch.ops.fusedlora.lora_linear_fwd)
+        assert backend == "Tensor" and signature(torch.ops.fusedlora.cuda_lora_fwd) == (arguments, returns)
         (*arguments, backend), returns = signature(torch.ops.fusedlora.lora_linear_bwd)
-        assert backend == ("backend", "str")
+        assert backend == ("backend", "Tensor")
         assert signature(torch.ops.fusedlora.cuda_lora_bwd) == (arguments, returns)
         print("ok")
     """ % str(site))
@@ -92,13 +94,15 @@ def test_fake_tensors_get_the_same_outputs_as_the_python_ops(installed):
                 seed = torch.tensor(3)
                 args = (x, tensors, fmt, [48, 64], weight.blocksize, a, b, 2.0, None, 0.1, seed)
                 ours = torch.ops.fusedlora.cuda_lora_fwd(*args)
-                theirs = torch.ops.fusedlora.lora_linear_fwd(*args)
+                *theirs, backend = torch.ops.fusedlora.lora_linear_fwd(*args)
+                assert len(ours) == len(theirs) and (backend.shape, backend.dtype) == ((), torch.int64)
                 for o, t in zip(ours, theirs):
                     assert (o.shape, o.dtype, o.device, o.stride()) == (t.shape, t.dtype, t.device, t.stride())
                 g = torch.empty(33, 48, device="cuda", dtype=torch.bfloat16)
                 for need_dx in (True, False):
                     bwd = (g, x, ours[1], tensors, fmt, [48, 64], weight.blocksize, a, b, 2.0, 0.1, seed, need_dx)
-                    for o, t in zip(torch.ops.fusedlora.cuda_lora_bwd(*bwd), torch.ops.fusedlora.lora_linear_bwd(*bwd, "cuda")):
+                    for o, t in zip(torch.ops.fusedlora.cuda_lora_bwd(*bwd),
+                                    torch.ops.fusedlora.lora_linear_bwd(*bwd, backend)):
                         assert (o.shape, o.dtype, o.device, o.stride()) == (t.shape, t.dtype, t.device, t.stride())
         print("ok")
     """)
@@ -141,7 +145,7 @@ def test_the_sdist_ships_the_sources(tmp_path):
     result = _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], timeout=300)
     assert result.returncode == 0, result.stderr
     members = tarfile.open(next(tmp_path.glob("fusedlora-*.tar.gz"))).getnames()
-    for source in ("csrc/gemm.cu", "csrc/gemv.cu", "csrc/lora.cu", "csrc/ops.cpp", "csrc/common.cuh"):
+    for source in ("csrc/gemm.cu", "csrc/small_m.cu", "csrc/lora.cu", "csrc/ops.cpp", "csrc/common.cuh"):
         assert any(member.endswith(source) for member in members), source
 
 

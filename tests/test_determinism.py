@@ -1,6 +1,6 @@
 """Determinism: the same inputs and seed give bit-identical outputs and gradients on repeated calls
 of one backend, and under `torch.use_deterministic_algorithms(True)` no backend reduces with
-atomics. On a GPU the Triton backend's split-K decode and dB, and the CUDA backend's dB, add with
+atomics. On a GPU the Triton backend's split-K small-M kernel and dB, and the CUDA backend's dB, add with
 fp32 atomics by default (as torch's own index_add does); deterministic mode switches them to
 per-block partials summed in a fixed order."""
 
@@ -69,29 +69,29 @@ class _LaunchSpy:
 
 
 def test_deterministic_mode_turns_the_triton_atomics_off(monkeypatch, deterministic):
-    """With the GPU's choices forced on the interpreter (atomic dB, split-K decode), deterministic
+    """With the GPU's choices forced on the interpreter (atomic dB, split-K small-M kernel), deterministic
     mode launches the partial-sum variants instead, and the results still match."""
-    launch = pytest.importorskip("fusedlora.kernels.launch")
+    launch = pytest.importorskip("fusedlora.backends.triton_launch")
     configs = pytest.importorskip("fusedlora.kernels.configs")
     monkeypatch.setitem(configs.INTERPRETER, "atomics", True)
-    monkeypatch.setitem(configs.INTERPRETER, "decode_split_k", 3)
-    launches = {"grad_u": [], "decode": []}
+    monkeypatch.setitem(configs.INTERPRETER, "small_m_split_k", 3)
+    launches = {"grad_u": [], "small_m": []}
     monkeypatch.setattr(launch, "lora_grad_u_kernel", _LaunchSpy(launch.lora_grad_u_kernel, launches["grad_u"]))
-    monkeypatch.setattr(launch, "lora_decode_kernel", _LaunchSpy(launch.lora_decode_kernel, launches["decode"]))
+    monkeypatch.setattr(launch, "lora_small_m_kernel", _LaunchSpy(launch.lora_small_m_kernel, launches["small_m"]))
     _assert_repeatable("triton", "cpu", 5)
-    assert launches["decode"] and all(kw["SPLIT_K"] == 1 for kw in launches["decode"])
+    assert launches["small_m"] and all(kw["SPLIT_K"] == 1 for kw in launches["small_m"])
     assert launches["grad_u"] and not any(kw["ATOMIC_DB"] for kw in launches["grad_u"])
 
     torch.use_deterministic_algorithms(False)  # and without it, the GPU's atomic paths are taken
-    launches["grad_u"].clear(), launches["decode"].clear()
+    launches["grad_u"].clear(), launches["small_m"].clear()
     _results("triton", "cpu", 5)
-    assert launches["decode"][0]["SPLIT_K"] == 3 and launches["grad_u"][0]["ATOMIC_DB"]
+    assert launches["small_m"][0]["SPLIT_K"] == 3 and launches["grad_u"][0]["ATOMIC_DB"]
 
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=_GPU) for b in ("triton", "cuda")])
 @pytest.mark.parametrize("m", [8, 4096])
 def test_deterministic_mode_is_bitwise_repeatable_on_the_gpu(backend, m, deterministic):
-    """Shapes where the default path would add with atomics: split-K decode (M = 8, K = 4096) and
+    """Shapes where the default path would add with atomics: split-K small-M kernel (M = 8, K = 4096) and
     many row blocks adding into dB (M = 4096)."""
     _assert_repeatable(backend, "cuda", m, k=4096, n=1024, r=16)
 

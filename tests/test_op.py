@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlora.backends as backends
+import fusedlora.backends.registry as registry
 from fusedlora import fused_lora_linear, quantize
 from fusedlora.dropout import keep_mask
 from fusedlora.ops import lora_linear_bwd, lora_linear_fwd
@@ -66,8 +67,9 @@ def test_opcheck(fmt, dropout):
     grad_y = torch.randn(7, 40)
     plain = [t.detach() for t in (x, lora_A, lora_B)]
     bwd_args = (grad_y, plain[0], torch.randn(7, 4), *args[1:5], plain[1], plain[2], 0.5, dropout, seed)
-    torch.library.opcheck(lora_linear_bwd, (*bwd_args, True, "reference"), test_utils=test_utils)
-    torch.library.opcheck(lora_linear_bwd, (*bwd_args, False, "reference"), test_utils=test_utils)
+    reference = torch.tensor(backends.backend_id("reference"))
+    torch.library.opcheck(lora_linear_bwd, (*bwd_args, True, reference), test_utils=test_utils)
+    torch.library.opcheck(lora_linear_bwd, (*bwd_args, False, reference), test_utils=test_utils)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -197,7 +199,7 @@ def test_non_contiguous_adapters_in_opcheck_and_compiled_backward():
     a_t, b_t = lora_A.t().contiguous().requires_grad_(), lora_B.t().contiguous().requires_grad_()
     seed = torch.tensor(0, dtype=torch.int64)
     args = (torch.randn(8, 32), x, torch.randn(8, 4), weight.tensors(), "dense", [32, 64], 0,
-            a_t.detach().t(), b_t.detach().t(), 0.5, 0.0, seed, True, "reference")
+            a_t.detach().t(), b_t.detach().t(), 0.5, 0.0, seed, True, torch.tensor(backends.backend_id("reference")))
     torch.library.opcheck(lora_linear_bwd, args)
 
     def f(x, a_t, b_t):
@@ -249,8 +251,8 @@ def _spy_on_backends(monkeypatch) -> list:
             return fn(*args)
         return called
 
-    for name, backend in list(backends._BACKENDS.items()):
-        monkeypatch.setitem(backends._BACKENDS, name, dataclasses.replace(
+    for name, backend in list(registry._BACKENDS.items()):
+        monkeypatch.setitem(registry._BACKENDS, name, dataclasses.replace(
             backend, forward=spy(name, backend.forward, "fwd"), backward=spy(name, backend.backward, "bwd")))
     return calls
 
@@ -270,6 +272,22 @@ def test_the_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
     with on_backend("triton"):
         y.sum().backward()
     assert calls == [("fwd", "reference"), ("bwd", "reference")]
+
+
+def test_compiled_code_runs_each_backward_where_its_forward_ran(monkeypatch):
+    """The backend travels as a value of each call, not as a constant of the traced graph."""
+    pytest.importorskip("triton")
+    calls = _spy_on_backends(monkeypatch)
+    x, weight, lora_A, lora_B, b = _problem(m=8, k=64, n=32, r=4, fmt="dense")
+    lora_B.requires_grad_()
+    compiled = torch.compile(lambda x: fused_lora_linear(x, weight, lora_A, lora_B, 0.5, b), fullgraph=True)
+    compiled(x).sum().backward()
+    assert calls == [("fwd", "reference"), ("bwd", "reference")]
+    calls.clear()
+    with on_backend("triton"):
+        y = compiled(x)
+    y.sum().backward()
+    assert calls == [("fwd", "triton"), ("bwd", "triton")]
 
 
 def test_forcing_is_scoped_nested_and_per_thread(monkeypatch):
@@ -294,7 +312,7 @@ def test_forcing_is_scoped_nested_and_per_thread(monkeypatch):
 def test_forced_backend_that_cannot_take_the_call_fails_loudly(monkeypatch):
     x, weight, lora_A, lora_B, b = _problem()
     picky = backends.Backend("picky", lambda problem: f"rank {problem.rank} is not 64", None, None, priority=-1)
-    monkeypatch.setitem(backends._BACKENDS, "picky", picky)
+    monkeypatch.setitem(registry._BACKENDS, "picky", picky)
     monkeypatch.setenv("FUSEDLORA_BACKEND", "picky")
     with pytest.raises(RuntimeError, match="picky cannot run this call: rank 8 is not 64"):
         fused_lora_linear(x, weight, lora_A, lora_B, 1.0, b)
@@ -305,10 +323,10 @@ def test_dispatch_takes_the_first_backend_that_can(monkeypatch):
 
     def forward(*args):
         calls.append("preferred")
-        return backends._BACKENDS["reference"].forward(*args)
+        return registry._BACKENDS["reference"].forward(*args)
 
     preferred = backends.Backend("preferred", lambda p: None if p.fmt == "int8" else "int8 only", forward, None, priority=5)
-    monkeypatch.setitem(backends._BACKENDS, "preferred", preferred)
+    monkeypatch.setitem(registry._BACKENDS, "preferred", preferred)
     x, weight, lora_A, lora_B, b = _problem(fmt="nf4")
     fused_lora_linear(x, weight, lora_A, lora_B, 1.0, b)
     assert calls == []

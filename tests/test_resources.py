@@ -1,6 +1,6 @@
 """Resources: no memory growth over a thousand training steps, and concurrent calls from several
 threads give the results of calls made one at a time (Triton's autotuner, its interpreter and the
-kernel caches are shared state, guarded by a lock in fusedlora.kernels.launch)."""
+kernel caches are shared state, guarded by a lock in fusedlora.backends.triton_launch)."""
 
 import contextvars
 import gc

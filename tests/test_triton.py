@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 import fusedlora.formats as formats
 from fusedlora import fused_lora_linear, quantize
+from fusedlora.backends import backend_id
 from fusedlora.dropout import keep_mask
 from fusedlora.ops import lora_linear_bwd, lora_linear_fwd
 from helpers import assert_close, float64_oracle, interpreter_bf16_dot, poisoned_triton_outputs, random_weight
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter suite: conftest sets TRITON_INTERPRET=1 where there is no GPU")
-launch = pytest.importorskip("fusedlora.kernels.launch")
+launch = pytest.importorskip("fusedlora.backends.triton_launch")
 configs = pytest.importorskip("fusedlora.kernels.configs")
 
 FORMATS = ["nf4", "fp4", "int8", "fp8", "dense"]
@@ -99,9 +100,9 @@ def test_rank_above_128(m):
 
 
 def test_split_reductions(monkeypatch):
-    """The paths a GPU takes for small grids: split-K decode, atomic dB, split-M dA."""
+    """The paths a GPU takes for small grids: split-K small-M kernel, atomic dB, split-M dA."""
     monkeypatch.setitem(configs.INTERPRETER, "atomics", True)
-    monkeypatch.setitem(configs.INTERPRETER, "decode_split_k", 3)
+    monkeypatch.setitem(configs.INTERPRETER, "small_m_split_k", 3)
     monkeypatch.setitem(configs.INTERPRETER, "grad_a_split_m", 2)
     for m in (7, 33):
         _check(m, 192, 80, 8, "nf4", torch.float32, p=0.1)
@@ -121,7 +122,7 @@ def test_dropout_mask_equals_the_reference_mask():
         x = torch.ones(m, k)
         args = (x, weight.tensors(), "nf4", [32, k], 64, torch.eye(k), torch.randn(32, k), 1.0, None, p,
                 torch.tensor(seed))
-        _, u = lora_linear_fwd(*args)
+        _, u, _ = lora_linear_fwd(*args)
         assert torch.equal(u != 0, keep_mask((m, k), p, seed))
         torch.testing.assert_close(u[u != 0], torch.full_like(u[u != 0], 1 / (1 - p)))
 
@@ -132,7 +133,7 @@ def test_the_fused_path_never_materialises_the_weight_or_the_dropout(monkeypatch
 
     for weight_class in (formats.FourBitWeight, formats.Int8Weight, formats.Fp8Weight, formats.DenseWeight):
         monkeypatch.setattr(weight_class, "dequantize", refuse)
-    monkeypatch.setattr("fusedlora.reference.apply_dropout", refuse)
+    monkeypatch.setattr("fusedlora.backends.reference.apply_dropout", refuse)
     weight = quantize(torch.randn(40, 64), "nf4")
     for m in (3, 33):
         x = torch.randn(m, 64, requires_grad=True)
@@ -170,7 +171,7 @@ def test_opcheck_with_triton_forced(m):
     args = (x, weight.tensors(), "nf4", [24, 64], 64, lora_A, lora_B, 0.5, torch.randn(24), 0.1, seed)
     torch.library.opcheck(lora_linear_fwd, args)
     plain = (torch.randn(m, 24), x.detach(), torch.randn(m, 4), *args[1:5], lora_A.detach(), lora_B.detach(),
-             0.5, 0.1, seed, True, "triton")
+             0.5, 0.1, seed, True, torch.tensor(backend_id("triton")))
     torch.library.opcheck(lora_linear_bwd, plain)
 
 

@@ -1,31 +1,27 @@
-"""Launchers of the Triton backend: check, allocate, grid, launch.
+"""Launchers of the Triton backend (host glue): allocate, grid, launch the kernels of kernels/.
 
-`forward` and `backward` have the signatures of `fusedlora.reference.forward/backward`; `why_not`
-answers the backend registry. Kernels are chosen by M: M <= 16 takes the one-launch small-M
-kernel, larger M the shrink plus the fused GEMM. Under TRITON_INTERPRET=1 (read when Triton
-compiles the kernels, at import) CPU tensors run through the interpreter, when forced.
+`forward` and `backward` have the signatures of `fusedlora.backends.reference.forward/backward`;
+`fusedlora.backends.triton.why_not` has already accepted the problem. Kernels are chosen by M:
+M <= 16 takes the one-launch small-M kernel, larger M the shrink plus the fused GEMM. Under
+TRITON_INTERPRET=1 (read when Triton compiles the kernels, at import) CPU tensors run through
+the interpreter. Importing this module imports Triton.
 """
 
 import contextlib
 import functools
 import os
 import threading
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from fusedlora.backends import Problem, forced_backend
-from fusedlora.contract import FORMAT_IDS, MAX_RANK
-from fusedlora.dropout import drop_threshold
-from fusedlora.formats import QuantizedWeight
-from fusedlora.formats.codebooks import code_table
-from fusedlora.reference import lora_dtype
-
-from . import configs
-from .backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
-from .forward import lora_decode_kernel, lora_forward_kernel, lora_shrink_kernel
+from ..contract import FORMAT_IDS, lora_dtype
+from ..dropout import drop_threshold
+from ..formats import QuantizedWeight
+from ..formats.codebooks import code_table
+from ..kernels import configs
+from ..kernels.backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
+from ..kernels.forward import lora_small_m_kernel, lora_forward_kernel, lora_shrink_kernel
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SMALL_M = 16
@@ -33,33 +29,6 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 # One caller launches at a time: Triton's autotuner and its interpreter keep per-kernel state that
 # concurrent calls would corrupt. Launches are asynchronous, so the lock costs only host time.
 _LAUNCH_LOCK = threading.RLock()
-
-
-def why_not(problem: Problem) -> Optional[str]:
-    """Why the Triton backend cannot run `problem`, or None when it can."""
-    device = problem.device
-    if device.type == "cuda":
-        if INTERPRETING:
-            return "TRITON_INTERPRET=1 is set, so Triton runs CPU tensors only"
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 0):
-            return f"needs a GPU of compute capability 8.0 or newer, got {capability}"
-        if problem.fmt == "fp8" and capability < (8, 9):
-            return f"fp8 weights need compute capability 8.9 or newer, got {capability}"
-    elif device.type == "cpu":
-        if not INTERPRETING:
-            return "CPU tensors run on Triton only under TRITON_INTERPRET=1"
-        if forced_backend() != "triton":
-            return "the Triton interpreter takes CPU tensors only when the triton backend is forced"
-    else:
-        return f"{device.type} tensors are not supported"
-    if problem.x_dtype not in _TL_DTYPES:
-        return f"x has dtype {problem.x_dtype}; the kernels take float16, bfloat16 or float32"
-    if problem.adapter_dtype not in _TL_DTYPES:
-        return f"the adapters have dtype {problem.adapter_dtype}; the kernels take float16, bfloat16 or float32"
-    if problem.rank > MAX_RANK:
-        return f"rank {problem.rank} is above the kernels' limit of {MAX_RANK}"
-    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,16 +162,16 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs):
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
-    heuristic, split_k = configs.decode_config(n, k, _sm_count(x.device), _four_bit(constexprs["FMT"]))
-    meta, options = _skinny("decode", heuristic)
+    heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), _four_bit(constexprs["FMT"]))
+    meta, options = _skinny("small_m", heuristic)
     if INTERPRETING:
-        split_k = configs.INTERPRETER["decode_split_k"]
+        split_k = configs.INTERPRETER["small_m_split_k"]
     if split_k > 1 and not _reduce_with_atomics():
         split_k = 1
     y_out = y if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     u_out = u if split_k == 1 else torch.zeros((m, r), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), split_k)
-    lora_decode_kernel[grid](x, *w["pointers"], lora_A, lora_B, bias_arg, y_out, u_out, m, n, k, r, float(scaling),
+    lora_small_m_kernel[grid](x, *w["pointers"], lora_A, lora_B, bias_arg, y_out, u_out, m, n, k, r, float(scaling),
                              **_dropout_args(seed=seed, dropout_p=dropout_p),
                              stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w["stride_wn"],
                              stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
@@ -227,13 +196,13 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     has_lora = scaling != 0.0 and m > 0
     block_r = configs.padded_rank(r)
     dots = _dot_args(x.dtype, (lora_A.dtype, lora_B.dtype))
-    dropout = _dropout_args(dropout_p, seed)
+    mask_args = _dropout_args(dropout_p, seed)
     grad_A = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
     grad_B = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
     du = new_output((m, r), torch.float32, x.device) if has_lora else x  # x: an unread placeholder
     if has_lora:
         grad_B.copy_(_grad_u(grad_y, u, lora_B, du, scaling, block_r, dots))
-        grad_A.copy_(_grad_a(du, x, block_r, dots, dropout, dropout_p > 0.0))
+        grad_A.copy_(_grad_a(du, x, block_r, dots, mask_args, dropout_p > 0.0))
     if not need_dx:
         return None, grad_A, grad_B
     grad_x = new_output((m, k), x.dtype, x.device)
@@ -242,7 +211,7 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     w = _weight_args(weight)
     _launch_gemm(lora_grad_x_kernel,
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), x.device,
-                 grad_y, *w["pointers"], du, lora_A, grad_x, m, n, k, r, *dropout.values(),
+                 grad_y, *w["pointers"], du, lora_A, grad_x, m, n, k, r, *mask_args.values(),
                  grad_y.stride(0), w["stride_wn"], du.stride(0), lora_A.stride(0), grad_x.stride(0),
                  configs.m_bucket(m), FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"],
                  K_ALIGNED=w["K_ALIGNED"], HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, **dots)
@@ -265,7 +234,7 @@ def _grad_u(grad_y, u, lora_B, du, scaling, block_r, dots) -> torch.Tensor:
     return partials.sum(dim=0)
 
 
-def _grad_a(du, x, block_r, dots, dropout, has_dropout) -> torch.Tensor:
+def _grad_a(du, x, block_r, dots, mask_args, has_dropout) -> torch.Tensor:
     """dA (r, K) in fp32 from du (fp32) and the regenerated drop(x)."""
     (m, k), r = x.shape, du.shape[1]
     heuristic, split_m = configs.grad_a_config(m, k, _sm_count(x.device))
@@ -274,7 +243,7 @@ def _grad_a(du, x, block_r, dots, dropout, has_dropout) -> torch.Tensor:
         split_m = configs.INTERPRETER["grad_a_split_m"]
     partials = new_output((split_m, r, k), torch.float32, x.device)
     grid = (triton.cdiv(k, meta["BLOCK_K"]), split_m)
-    lora_grad_a_kernel[grid](du, x, partials, m, k, r, *dropout.values(), du.stride(0), x.stride(0), x.stride(1),
+    lora_grad_a_kernel[grid](du, x, partials, m, k, r, *mask_args.values(), du.stride(0), x.stride(0), x.stride(1),
                              partials.stride(0), partials.stride(1), HAS_DROPOUT=has_dropout,
                              LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"], SPLIT_M=split_m,
                              BLOCK_R=block_r, **meta, **options)

@@ -1,4 +1,4 @@
-// The small-M forward (decode: M <= kGemvMaxRows), bound by the weight bytes: one warp per output
+// The small-M forward (M <= kSmallMMaxRows, as in generation), bound by the weight bytes: one warp per output
 // column n streams row n of W once, 16 bytes per lane per step where the row is aligned (4-bit,
 // int8, fp8), dequantizing in registers; the lanes then reduce, and lane m writes y[m, n] with
 // the row scale, the bias and the LoRA term s·u[m]·B[n]. No tensor cores: at M <= 4 the FMAs
@@ -22,19 +22,19 @@ __device__ __forceinline__ uint32_t byte_of(const uint32_t (&words)[4], int b) {
 }
 
 template <typename T>
-__device__ __forceinline__ void accumulate(float (&acc)[kGemvMaxRows], float weight, const T* __restrict__ x,
+__device__ __forceinline__ void accumulate(float (&acc)[kSmallMMaxRows], float weight, const T* __restrict__ x,
                                            int64_t ld_x, int64_t k, int rows) {
 #pragma unroll
-  for (int m = 0; m < kGemvMaxRows; ++m)
+  for (int m = 0; m < kSmallMMaxRows; ++m)
     if (m < rows) acc[m] = fmaf(weight, to_float(x[m * ld_x + k]), acc[m]);
 }
 
 template <typename T, int FMT>
 __global__ void __launch_bounds__(kWarps * 32)
-    gemv_kernel(const T* __restrict__ x, int64_t ld_x, WeightView w, bool vectorized, const float* __restrict__ u,
-                int64_t ld_u, const float* __restrict__ lora_b, int64_t ld_b, int rank,
-                const float* __restrict__ bias, float scaling, T* __restrict__ y, int64_t ld_y, int rows,
-                int64_t columns, int64_t k) {
+    small_m_kernel(const T* __restrict__ x, int64_t ld_x, WeightView w, bool vectorized, const float* __restrict__ u,
+                   int64_t ld_u, const float* __restrict__ lora_b, int64_t ld_b, int rank,
+                   const float* __restrict__ bias, float scaling, T* __restrict__ y, int64_t ld_y, int rows,
+                   int64_t columns, int64_t k) {
   __shared__ float code[16];  // the 4-bit table: divergent lookups are cheap in shared memory
   if constexpr (FMT == kNf4 || FMT == kFp4) {
     if (threadIdx.x < 16) code[threadIdx.x] = FMT == kNf4 ? kNf4Code[threadIdx.x] : kFp4Code[threadIdx.x];
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (n >= columns) return;
-  float acc[kGemvMaxRows] = {};
+  float acc[kSmallMMaxRows] = {};
   if ((FMT == kNf4 || FMT == kFp4) && vectorized) {  // 32 weights per 16 bytes, one absmax block per chunk
     const uint8_t* row = static_cast<const uint8_t*>(w.data) + n * k / 2;
     for (int64_t chunk = lane; chunk < k / 32; chunk += 32) {
@@ -81,11 +81,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int64_t kk = lane; kk < k; kk += 32) accumulate(acc, weight_value(w, n, kk), x, ld_x, kk, rows);
   }
 #pragma unroll
-  for (int m = 0; m < kGemvMaxRows; ++m)
+  for (int m = 0; m < kSmallMMaxRows; ++m)
     for (int offset = 16; offset > 0; offset /= 2) acc[m] += __shfl_xor_sync(kFullMask, acc[m], offset);
   float mine = 0.0f;  // lane m keeps row m (constant indices keep acc in registers)
 #pragma unroll
-  for (int m = 0; m < kGemvMaxRows; ++m)
+  for (int m = 0; m < kSmallMMaxRows; ++m)
     if (lane == m) mine = acc[m];
   if (lane < rows) {
     float value = mine * row_scale(w, n) + (bias ? bias[n] : 0.0f);
@@ -99,10 +99,10 @@ bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer
 
 }  // namespace
 
-void launch_forward_gemv(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
-                         const at::Tensor& bias, double scaling, at::Tensor& y) {
+void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::Tensor& u,
+                            const at::Tensor& lora_b, const at::Tensor& bias, double scaling, at::Tensor& y) {
   const int64_t rows = x.size(0), k = x.size(1), columns = y.size(1);
-  TORCH_CHECK(rows <= kGemvMaxRows, "fusedlora: the GEMV takes at most ", kGemvMaxRows, " rows, got ", rows);
+  TORCH_CHECK(rows <= kSmallMMaxRows, "fusedlora: the small-M kernel takes at most ", kSmallMMaxRows, " rows, got ", rows);
   if (rows == 0 || columns == 0) return;
   bool vectorized = aligned16(w.data);
   if (w.fmt == kNf4 || w.fmt == kFp4) {
@@ -119,7 +119,7 @@ void launch_forward_gemv(const at::Tensor& x, const WeightView& w, const at::Ten
   const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const dim3 grid(static_cast<unsigned>((columns + kWarps - 1) / kWarps));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_gemv", [&] {
+  FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_small_m", [&] {
     using T = typename CudaType<scalar_t>::type;
     auto run = [&](auto kernel) {
       kernel<<<grid, kWarps * 32, 0, stream>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), w,
@@ -129,11 +129,11 @@ void launch_forward_gemv(const at::Tensor& x, const WeightView& w, const at::Ten
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     switch (w.fmt) {
-      case kNf4: run(gemv_kernel<T, kNf4>); break;
-      case kFp4: run(gemv_kernel<T, kFp4>); break;
-      case kInt8: run(gemv_kernel<T, kInt8>); break;
-      case kFp8: run(gemv_kernel<T, kFp8>); break;
-      default: run(gemv_kernel<T, kDense>); break;
+      case kNf4: run(small_m_kernel<T, kNf4>); break;
+      case kFp4: run(small_m_kernel<T, kFp4>); break;
+      case kInt8: run(small_m_kernel<T, kInt8>); break;
+      case kFp8: run(small_m_kernel<T, kFp8>); break;
+      default: run(small_m_kernel<T, kDense>); break;
     }
   });
 }

@@ -1,5 +1,5 @@
-"""The PyTorch reference of the fused op: the oracle every kernel is tested against, and the
-CPU fallback. It computes exactly what PEFT computes (docs/design.md §1), unfused:
+"""The reference backend, in PyTorch: the oracle every kernel is tested against, and the
+fallback on any device. It computes exactly what PEFT computes (docs/design.md §1), unfused:
 
     y  = (x·deq(W)ᵀ + bias  in x's dtype)  +  s·(drop(x)·Aᵀ)·Bᵀ  in the LoRA dtype, cast to x's dtype
     du = s·g·B        dB = s·gᵀ·u        dA = duᵀ·drop(x)        dx = g·deq(W) + drop'(du·A)
@@ -13,15 +13,17 @@ kernels never do.
 import torch
 import torch.nn.functional as F
 
-from .dropout import apply_dropout
-from .formats import QuantizedWeight
+from ..contract import lora_dtype
+from ..dropout import apply_dropout
+from ..formats import QuantizedWeight
+from .registry import Problem
 
 Tensor = torch.Tensor
 
 
-def lora_dtype(x_dtype: torch.dtype, a_dtype: torch.dtype, b_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the LoRA branch (and the saved u) is computed in."""
-    return torch.promote_types(torch.promote_types(x_dtype, a_dtype), b_dtype)
+def why_not(problem: Problem) -> None:
+    """The reference takes every problem."""
+    return None
 
 
 def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,8 @@
 that can (in order of preference). `with force_backend("triton"):` forces one for the calls made
 inside (`FUSEDLORA_BACKEND=triton|cuda|reference` is the default outside any such block), and a
 forced backend that cannot take a call fails loudly. The backward of a call always runs on the
-backend that ran its forward (`fusedlora.ops` records it).
+backend that ran its forward (`fusedlora.ops` records it). Also the checks that both GPU
+backends make of a problem.
 """
 
 import contextlib
@@ -13,8 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import reference
-from .contract import MAX_RANK
+from ..contract import MAX_RANK
 
 BACKEND_ENV = "FUSEDLORA_BACKEND"
 
@@ -34,7 +34,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class Backend:
-    """`forward` and `backward` have the signatures of `fusedlora.reference.forward/backward`."""
+    """`forward` and `backward` have the signatures of `fusedlora.backends.reference.forward/backward`."""
 
     name: str
     why_not: Callable[[Problem], Optional[str]]
@@ -77,6 +77,17 @@ def force_backend(name: str) -> Iterator[None]:
         _FORCED.reset(token)
 
 
+def backend_id(name: str) -> int:
+    """The number of backend `name` (its place in the registry), as the ops carry it in a tensor."""
+    backend_named(name)
+    return list(_BACKENDS).index(name)
+
+
+def backend_with_id(number: int) -> Backend:
+    """The backend whose `backend_id` is `number`."""
+    return list(_BACKENDS.values())[number]
+
+
 def backend_named(name: str) -> Backend:
     """The registered backend called `name`."""
     if name not in _BACKENDS:
@@ -104,74 +115,24 @@ def select_backend(problem: Problem) -> Backend:
     raise RuntimeError(f"no fusedlora backend can run this call: {reasons}")
 
 
-def _reference_why_not(problem: Problem) -> Optional[str]:
-    return None
-
-
-def _triton_launchers():
-    from fusedlora.kernels import launch  # imports triton: only once a call may need it
-
-    return launch
-
-
-def _triton_why_not(problem: Problem) -> Optional[str]:
-    if problem.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return "CPU tensors run on Triton only under TRITON_INTERPRET=1"
-    try:
-        launchers = _triton_launchers()
-    except ImportError as err:
-        return f"triton is not importable ({err})"
-    return launchers.why_not(problem)
-
-
-def _triton_forward(*args):
-    return _triton_launchers().forward(*args)
-
-
-def _triton_backward(*args):
-    return _triton_launchers().backward(*args)
-
-
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _cuda_why_not(problem: Problem) -> Optional[str]:
-    if problem.device.type != "cuda":
-        return "takes CUDA tensors only"
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
-    from . import extension
-
-    reason = extension.load()
-    if reason is not None:
-        return reason
+def gpu_refusal(problem: Problem, dtypes: tuple) -> Optional[str]:
+    """Why a GPU kernel family cannot run `problem` on its CUDA device, or None: compute capability
+    8.0 (fp8 weights 8.9), x and adapters of `dtypes`, rank up to the contract's MAX_RANK."""
     capability = torch.cuda.get_device_capability(problem.device)
     if capability < (8, 0):
-        return f"needs compute capability 8.0 or newer, got {capability}"
+        return f"needs a GPU of compute capability 8.0 or newer, got {capability}"
     if problem.fmt == "fp8" and capability < (8, 9):
         return f"fp8 weights need compute capability 8.9 or newer, got {capability}"
-    if problem.x_dtype not in _CUDA_DTYPES or problem.adapter_dtype not in _CUDA_DTYPES:
-        return f"x and the adapters must be float16, bfloat16 or float32, got {problem.x_dtype} and {problem.adapter_dtype}"
+    return kernel_refusal(problem, dtypes)
+
+
+def kernel_refusal(problem: Problem, dtypes: tuple) -> Optional[str]:
+    """Why the kernels cannot take `problem`'s dtypes or rank, or None."""
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    if problem.x_dtype not in dtypes:
+        return f"x has dtype {problem.x_dtype}; the kernels take {names}"
+    if problem.adapter_dtype not in dtypes:
+        return f"the adapters have dtype {problem.adapter_dtype}; the kernels take {names}"
     if problem.rank > MAX_RANK:
         return f"rank {problem.rank} is above the kernels' limit of {MAX_RANK}"
     return None
-
-
-def _cuda_forward(*args):
-    from . import extension
-
-    return extension.forward(*args)
-
-
-def _cuda_backward(*args):
-    from . import extension
-
-    return extension.backward(*args)
-
-
-# Preference: Triton first, then CUDA C++ (for CUDA tensors Triton cannot take, or when forced),
-# then the reference. The benchmark times both GPU families side by side, so that measurements
-# decide this order.
-register_backend(Backend("reference", _reference_why_not, reference.forward, reference.backward, priority=0))
-register_backend(Backend("cuda", _cuda_why_not, _cuda_forward, _cuda_backward, priority=5))
-register_backend(Backend("triton", _triton_why_not, _triton_forward, _triton_backward, priority=10))

@@ -1,0 +1,36 @@
+"""The CUDA C++ backend: the kernels of csrc/, compiled into the optional extension
+`fusedlora._C`, which `fusedlora.extension` builds and loads. Its ops take the arguments of the
+Python ops but `backend`, and share their fake implementations (`fusedlora.contract`)."""
+
+from typing import Optional
+
+import torch
+
+from .. import extension
+from .registry import Problem, gpu_refusal
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def why_not(problem: Problem) -> Optional[str]:
+    """Why the CUDA backend cannot run `problem`, or None when it can."""
+    if problem.device.type != "cuda":
+        return "takes CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return extension.load() or gpu_refusal(problem, DTYPES)
+
+
+def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """`fusedlora.backends.reference.forward`'s signature."""
+    return torch.ops.fusedlora.cuda_lora_fwd(x, weight.tensors(), weight.fmt, list(weight.shape), weight.blocksize,
+                                             lora_A, lora_B, float(scaling), bias, float(dropout_p),
+                                             torch.tensor(seed, dtype=torch.int64))
+
+
+def backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+    """`fusedlora.backends.reference.backward`'s signature."""
+    grad_x, grad_A, grad_B = torch.ops.fusedlora.cuda_lora_bwd(
+        grad_y, x, u, weight.tensors(), weight.fmt, list(weight.shape), weight.blocksize, lora_A, lora_B,
+        float(scaling), float(dropout_p), torch.tensor(seed, dtype=torch.int64), need_dx)
+    return (grad_x if need_dx else None), grad_A, grad_B
