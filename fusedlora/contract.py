@@ -1,7 +1,7 @@
 """What the backends, the custom ops' fake implementations, both kernel families and the
 ahead-of-time compiler agree on (docs/design.md §4, §5), kept in one place: the weight formats'
-ids (csrc/types.h's `WeightFormat` enum repeats them for the CUDA C++ kernels), the largest LoRA
-rank the kernels take (csrc/lora.cu's `kMaxRank` repeats it; tests/test_contract.py holds both
+ids (csrc/types.h's `WeightFormat` enum repeats them for the CUDA C++ kernels), the dtypes and the
+largest LoRA rank the kernels take (csrc/lora.cu's `kMaxRank` repeats it; tests/test_contract.py holds both
 C++ copies to these), the dtype the LoRA branch runs in, and the ops' output shapes. It imports
 torch alone, so the device code in kernels/ may read it.
 """
@@ -13,6 +13,9 @@ FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}
 
 # The kernels keep a LoRA row of this many values per thread block; the reference takes any rank.
 MAX_RANK = 256
+
+# The dtypes both kernel families take for x and the adapters; the reference takes float64 too.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def lora_dtype(x_dtype: torch.dtype, a_dtype: torch.dtype, b_dtype: torch.dtype) -> torch.dtype:

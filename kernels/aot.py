@@ -31,7 +31,7 @@ from fusedlora.contract import FORMAT_IDS
 
 from . import configs
 from .backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
-from .forward import lora_small_m_kernel, lora_forward_kernel, lora_shrink_kernel
+from .forward import lora_forward_kernel, lora_shrink_kernel, lora_small_m_kernel
 
 _WEIGHTS = {  # name: (FMT, NESTED, weight pointer type, scale pointer type)
     "nf4": (FORMAT_IDS["nf4"], True, "*u8", "*u8"),
@@ -78,7 +78,7 @@ def variants(arch: int, all_candidates: bool = False) -> list[Variant]:
     for fmt, (fmt_id, nested, w_type, scale_type) in _WEIGHTS.items():
         if fmt == "fp8" and arch < 89:
             continue
-        four_bit = fmt_id in (FORMAT_IDS["nf4"], FORMAT_IDS["fp4"])
+        four_bit = configs.is_four_bit(fmt_id)
         gemm = configs.gemm_candidates((arch // 10, arch % 10), four_bit)
         weight = dict(FMT=fmt_id, NESTED=nested, BLOCKSIZE=64 if four_bit else 1, K_ALIGNED=True)
         types = {**_POINTERS, "w_ptr": w_type, "scale_ptr": scale_type}

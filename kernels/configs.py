@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import triton
 
+from fusedlora.contract import FORMAT_IDS
+
 # Kernel arguments that key the autotuning cache (M_BUCKET is next_power_of_2(M), capped).
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "FMT", "NESTED", "BLOCK_R"]
 
@@ -67,6 +69,11 @@ AMPERE_GEMM_4BIT_BEFORE_3_8 = [
     _gemm(128, 64, 32, 8, 3),
     _gemm(64, 64, 32, 4, 4),
 ]
+
+
+def is_four_bit(fmt_id: int) -> bool:
+    """Whether the weight format `fmt_id` (the contract's FORMAT_IDS) is nf4 or fp4."""
+    return fmt_id in (FORMAT_IDS["nf4"], FORMAT_IDS["fp4"])
 
 
 def gemm_candidates(capability: tuple[int, int], four_bit: bool) -> list:

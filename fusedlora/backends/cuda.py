@@ -9,8 +9,6 @@ import torch
 from .. import extension
 from .registry import Problem, gpu_refusal
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def why_not(problem: Problem) -> Optional[str]:
     """Why the CUDA backend cannot run `problem`, or None when it can."""
@@ -18,7 +16,7 @@ def why_not(problem: Problem) -> Optional[str]:
         return "takes CUDA tensors only"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    return extension.load() or gpu_refusal(problem, DTYPES)
+    return extension.load() or gpu_refusal(problem)
 
 
 def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):

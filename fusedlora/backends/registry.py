@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..contract import MAX_RANK
+from ..contract import KERNEL_DTYPES, MAX_RANK
 
 BACKEND_ENV = "FUSEDLORA_BACKEND"
 
@@ -115,23 +115,24 @@ def select_backend(problem: Problem) -> Backend:
     raise RuntimeError(f"no fusedlora backend can run this call: {reasons}")
 
 
-def gpu_refusal(problem: Problem, dtypes: tuple) -> Optional[str]:
+def gpu_refusal(problem: Problem) -> Optional[str]:
     """Why a GPU kernel family cannot run `problem` on its CUDA device, or None: compute capability
-    8.0 (fp8 weights 8.9), x and adapters of `dtypes`, rank up to the contract's MAX_RANK."""
+    8.0 (fp8 weights 8.9), then `kernel_refusal`."""
     capability = torch.cuda.get_device_capability(problem.device)
     if capability < (8, 0):
         return f"needs a GPU of compute capability 8.0 or newer, got {capability}"
     if problem.fmt == "fp8" and capability < (8, 9):
         return f"fp8 weights need compute capability 8.9 or newer, got {capability}"
-    return kernel_refusal(problem, dtypes)
+    return kernel_refusal(problem)
 
 
-def kernel_refusal(problem: Problem, dtypes: tuple) -> Optional[str]:
-    """Why the kernels cannot take `problem`'s dtypes or rank, or None."""
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-    if problem.x_dtype not in dtypes:
+def kernel_refusal(problem: Problem) -> Optional[str]:
+    """Why the kernels cannot take `problem`'s dtypes or rank (the contract's KERNEL_DTYPES and
+    MAX_RANK), or None."""
+    names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
+    if problem.x_dtype not in KERNEL_DTYPES:
         return f"x has dtype {problem.x_dtype}; the kernels take {names}"
-    if problem.adapter_dtype not in dtypes:
+    if problem.adapter_dtype not in KERNEL_DTYPES:
         return f"the adapters have dtype {problem.adapter_dtype}; the kernels take {names}"
     if problem.rank > MAX_RANK:
         return f"rank {problem.rank} is above the kernels' limit of {MAX_RANK}"

@@ -10,11 +10,7 @@ import os
 import sys
 from typing import Optional
 
-import torch
-
 from .registry import Problem, forced_backend, gpu_refusal, kernel_refusal
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
@@ -32,13 +28,13 @@ def why_not(problem: Problem) -> Optional[str]:
     if device.type == "cuda":
         if _interpreting():
             return "TRITON_INTERPRET=1 is set, so Triton runs CPU tensors only"
-        reason = gpu_refusal(problem, DTYPES)
+        reason = gpu_refusal(problem)
     elif device.type == "cpu":
         if not _interpreting():
             return "CPU tensors run on Triton only under TRITON_INTERPRET=1"
         if forced_backend() != "triton":
             return "the Triton interpreter takes CPU tensors only when the triton backend is forced"
-        reason = kernel_refusal(problem, DTYPES)
+        reason = kernel_refusal(problem)
     else:
         return f"{device.type} tensors are not supported"
     if reason is None:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -21,7 +22,7 @@ from ..formats import QuantizedWeight
 from ..formats.codebooks import code_table
 from ..kernels import configs
 from ..kernels.backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
-from ..kernels.forward import lora_small_m_kernel, lora_forward_kernel, lora_shrink_kernel
+from ..kernels.forward import lora_forward_kernel, lora_shrink_kernel, lora_small_m_kernel
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SMALL_M = 16
@@ -98,17 +99,13 @@ def _autotuned(kernel, capability: tuple[int, int], four_bit: bool):
     return triton.autotune(configs=configs.gemm_candidates(capability, four_bit), key=configs.AUTOTUNE_KEY)(kernel)
 
 
-def _four_bit(fmt_id: int) -> bool:
-    return fmt_id in (FORMAT_IDS["nf4"], FORMAT_IDS["fp4"])
-
-
 def _launch_gemm(kernel, tiles_of, device, *args, **kwargs):
     """Launch a GEMM-shaped kernel: autotuned on a GPU, the interpreter's config on the CPU."""
     if INTERPRETING:
         meta = configs.INTERPRETER["gemm"]
         kernel[(tiles_of(meta),)](*args, **kwargs, **meta)
     else:
-        tuned = _autotuned(kernel, torch.cuda.get_device_capability(device), _four_bit(kwargs["FMT"]))
+        tuned = _autotuned(kernel, torch.cuda.get_device_capability(device), configs.is_four_bit(kwargs["FMT"]))
         tuned[lambda meta: (tiles_of(meta),)](*args, **kwargs)
 
 
@@ -162,7 +159,7 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs):
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
-    heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), _four_bit(constexprs["FMT"]))
+    heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), configs.is_four_bit(constexprs["FMT"]))
     meta, options = _skinny("small_m", heuristic)
     if INTERPRETING:
         split_k = configs.INTERPRETER["small_m_split_k"]
