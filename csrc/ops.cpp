@@ -23,42 +23,49 @@ namespace {
 
 using at::Tensor;
 
+// The tensors arrive in WeightSlot order (fusedlora/contract.py's WEIGHT_SLOTS); the format says
+// how many there are and what they hold.
 WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntArrayRef shape, int64_t blocksize) {
   TORCH_CHECK(shape.size() == 2, "fusedlora: w_shape must be (N, K), got ", shape);
-  WeightView view{};
-  view.k = shape[1];
-  view.blocksize = blocksize > 0 ? blocksize : 1;
   const std::string fmt(format);
-  if (fmt == "nf4" || fmt == "fp4") {
-    TORCH_CHECK(tensors.size() == 2 || tensors.size() == 5, "fusedlora: a 4-bit weight has 2 or 5 tensors");
-    view.fmt = fmt == "nf4" ? kNf4 : kFp4;
-    view.nested = tensors.size() == 5;
-    TORCH_CHECK(tensors[0].scalar_type() == at::kByte && tensors[0].is_contiguous(), "fusedlora: packed codes must be contiguous uint8");
-    TORCH_CHECK(tensors[1].scalar_type() == (view.nested ? at::kByte : at::kFloat), "fusedlora: absmax has the wrong dtype");
-    view.data = tensors[0].data_ptr();
-    view.scale = tensors[1].data_ptr();
-    if (view.nested) {
-      view.nested_absmax = tensors[2].data_ptr<float>();
-      view.nested_code = tensors[3].data_ptr<float>();
-      view.nested_offset = tensors[4].data_ptr<float>();
-    }
-    return view;
+  const bool four_bit = fmt == "nf4" || fmt == "fp4";
+  const size_t count = tensors.size();
+  if (four_bit) {
+    TORCH_CHECK(count == kNestedAbsmax || count == kNestedOffset + 1, "fusedlora: a 4-bit weight has 2 or 5 tensors, got ", count);
+  } else {
+    TORCH_CHECK(fmt == "dense" || fmt == "int8" || fmt == "fp8", "fusedlora: unknown weight format ", fmt);
+    TORCH_CHECK(count == (fmt == "dense" ? kScale : kNestedAbsmax), "fusedlora: a ", fmt, " weight has ",
+                fmt == "dense" ? 1 : 2, " tensors, got ", count);
   }
-  const Tensor& data = tensors[0];
-  TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1, "fusedlora: the weight must be (N, K) with unit stride along K");
+  WeightView view{};
+  view.fmt = fmt == "dense" ? kDense : fmt == "int8" ? kInt8 : fmt == "fp8" ? kFp8 : fmt == "nf4" ? kNf4 : kFp4;
+  view.k = shape[1];
+  view.blocksize = four_bit ? blocksize : 1;
+  const Tensor& data = tensors[kData];
   view.data = data.data_ptr();
-  view.stride_n = data.stride(0);
-  if (fmt == "int8" || fmt == "fp8") {
-    TORCH_CHECK(tensors.size() == 2 && tensors[1].scalar_type() == at::kFloat, "fusedlora: int8/fp8 need an fp32 scale");
-    view.fmt = fmt == "int8" ? kInt8 : kFp8;
-    view.scale = tensors[1].data_ptr();
+  if (count > kScale) {
+    TORCH_CHECK(tensors[kScale].scalar_type() == (count > kNestedAbsmax ? at::kByte : at::kFloat),
+                "fusedlora: the weight's scale has the wrong dtype");
+    view.scale = tensors[kScale].data_ptr();
+  }
+  view.nested = count > kNestedAbsmax;
+  if (view.nested) {
+    view.nested_absmax = tensors[kNestedAbsmax].data_ptr<float>();
+    view.nested_code = tensors[kNestedCode].data_ptr<float>();
+    view.nested_offset = tensors[kNestedOffset].data_ptr<float>();
+  }
+  if (four_bit) {
+    TORCH_CHECK(blocksize > 0, "fusedlora: a 4-bit weight needs a positive blocksize, got ", blocksize);
+    TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous(), "fusedlora: packed codes must be contiguous uint8");
     return view;
   }
-  TORCH_CHECK(fmt == "dense", "fusedlora: unknown weight format ", fmt);
-  view.fmt = kDense;
-  const auto type = data.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, "fusedlora: dense weights must be fp32/fp16/bf16");
-  view.dense_type = type == at::kHalf ? kFloat16 : type == at::kBFloat16 ? kBFloat16 : kFloat32;
+  TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1, "fusedlora: the weight must be (N, K) with unit stride along K");
+  view.stride_n = data.stride(0);
+  if (view.fmt == kDense) {
+    const auto type = data.scalar_type();
+    TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, "fusedlora: dense weights must be fp32/fp16/bf16");
+    view.dense_type = type == at::kHalf ? kFloat16 : type == at::kBFloat16 ? kBFloat16 : kFloat32;
+  }
   return view;
 }
 

@@ -6,11 +6,14 @@
 namespace fusedlora {
 
 enum WeightFormat : int { kDense = 0, kInt8 = 1, kFp8 = 2, kNf4 = 3, kFp4 = 4 };
+// A weight's storage tensors in the order the ops take them; a format holds a prefix of these.
+enum WeightSlot : int { kData = 0, kScale = 1, kNestedAbsmax = 2, kNestedCode = 3, kNestedOffset = 4 };
 enum DenseType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// The frozen (N, K) weight as the kernels see it: `data` holds the dense values, the int8 / fp8
+// The frozen (N, K) weight as the kernels see it (the fields of fusedlora/contract.py's
+// `WeightArgs`, without the code table, which lives in constant memory): `data` holds the dense values, the int8 / fp8
 // values or the packed 4-bit codes; `scale` holds SCB (int8), the row scale (fp8) or the block
-// absmax (4-bit: fp32, or uint8 codes into `nested_code` when nested).
+// absmax (4-bit: fp32, or uint8 codes into `nested_code` when nested). Absent tensors are null.
 struct WeightView {
   int fmt;
   int dense_type;

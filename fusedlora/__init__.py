@@ -35,7 +35,7 @@ _kernels_from_checkout()
 
 from .adapters import AdapterFileError, load_adapter, save_adapter
 from .checkpoint import load_training_state, save_training_state
-from .formats import FORMATS, QuantizedWeight, from_bnb_module, quantize
+from .formats import FORMATS, FrozenWeight, from_bnb_module, quantize
 from .model import TrainableSummary, apply_lora, lora_layers, lora_state_dict, merge_and_unload, trainable_summary
 from .module import LoRALinear
 from .ops import fused_lora_linear
@@ -47,7 +47,7 @@ __all__ = [
     "AdapterFileError",
     "FORMATS",
     "LoRALinear",
-    "QuantizedWeight",
+    "FrozenWeight",
     "TrainableSummary",
     "apply_lora",
     "from_bnb_module",

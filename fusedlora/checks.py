@@ -7,19 +7,19 @@ from numbers import Real
 import torch
 
 from .dropout import SEED_LIMIT
-from .formats import DenseWeight, QuantizedWeight
+from .formats import DenseWeight, FrozenWeight
 from .formats.base import check_dense_weight
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def as_weight(weight) -> QuantizedWeight:
-    """A `QuantizedWeight` as is, or a plain float (N, K) tensor wrapped as dense."""
-    if isinstance(weight, QuantizedWeight):
+def as_weight(weight) -> FrozenWeight:
+    """A `FrozenWeight` as is, or a plain float (N, K) tensor wrapped as dense."""
+    if isinstance(weight, FrozenWeight):
         return weight
     if isinstance(weight, torch.Tensor):
         return DenseWeight(check_dense_weight(weight))
-    raise TypeError(f"weight must be a QuantizedWeight (see fusedlora.quantize) or a 2-D float tensor, got {type(weight).__name__}")
+    raise TypeError(f"weight must be a FrozenWeight (see fusedlora.quantize) or a 2-D float tensor, got {type(weight).__name__}")
 
 
 def check_real(name: str, value) -> None:
@@ -42,7 +42,7 @@ def _check_float_tensor(name: str, t, dtypes=ACTIVATION_DTYPES) -> None:
         raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-def check_lora_inputs(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed) -> None:
+def check_lora_inputs(x, weight: FrozenWeight, lora_A, lora_B, scaling, bias, dropout_p, seed) -> None:
     """Validate the arguments of `fused_lora_linear` (shapes, dtypes, devices, values)."""
     out_features, in_features = weight.shape
     _check_float_tensor("x", x)

@@ -1,10 +1,14 @@
 """What the backends, the custom ops' fake implementations, both kernel families and the
 ahead-of-time compiler agree on (docs/design.md §4, §5), kept in one place: the weight formats'
 ids (csrc/types.h's `WeightFormat` enum repeats them for the CUDA C++ kernels), the dtypes and the
-largest LoRA rank the kernels take (csrc/lora.cu's `kMaxRank` repeats it; tests/test_contract.py holds both
-C++ copies to these), the dtype the LoRA branch runs in, and the ops' output shapes. It imports
-torch alone, so the device code in kernels/ may read it.
+largest LoRA rank the kernels take (csrc/lora.cu's `kMaxRank` repeats it), the order of a weight's
+storage tensors (csrc/types.h's `WeightSlot`) and the weight as the kernels take it (`WeightArgs`;
+csrc/types.h's `WeightView`), the dtype the LoRA branch runs in, and the ops' output shapes.
+tests/test_contract.py holds the C++ copies to these. It imports torch alone, so the device code
+in kernels/ may read it.
 """
+
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -13,6 +17,41 @@ FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}
 
 # The kernels keep a LoRA row of this many values per thread block; the reference takes any rank.
 MAX_RANK = 256
+
+# A weight's storage tensors in the order the ops take them (`FrozenWeight.tensors()`); each
+# format holds a prefix: dense the values; int8 / fp8 the values and the per-row scale; nf4 / fp4
+# the packed codes and the block absmax, plus the three tensors that decode a nested absmax.
+WEIGHT_SLOTS = ("data", "scale", "nested_absmax", "nested_code", "nested_offset")
+
+
+class WeightArgs(NamedTuple):
+    """The frozen (N, K) weight as the kernels take it, filled by each format's `kernel_args()`.
+
+    `data`: the dense values, the int8 / fp8 values, or the packed 4-bit codes, unit stride along
+    K; `scale`: SCB (int8), the row scale (fp8) or the block absmax (4-bit: fp32, or uint8 codes
+    into `nested_code` when nested); `code`: the 16 values of the 4-bit codes. A field a format
+    does not have is None (the Triton kernels see None as a compile-time constant).
+    """
+
+    fmt: int
+    data: torch.Tensor
+    scale: Optional[torch.Tensor]
+    code: Optional[torch.Tensor]
+    nested_absmax: Optional[torch.Tensor]
+    nested_code: Optional[torch.Tensor]
+    nested_offset: Optional[torch.Tensor]
+    stride_n: int  # 0 for the 4-bit formats, whose codes are indexed as one flat (N·K) array
+    blocksize: int  # 1 for the per-row formats
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def pointers(self) -> tuple:
+        """The six weight arguments of every Triton kernel that reads W, in their order."""
+        return self.data, self.scale, self.code, self.nested_absmax, self.nested_code, self.nested_offset
+
 
 # The dtypes both kernel families take for x and the adapters; the reference takes float64 too.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .checks import check_probability
-from .formats import QuantizedWeight, from_bnb_module, quantize
+from .formats import FrozenWeight, from_bnb_module, quantize
 from .ops import fused_lora_linear
 
 _INITS = ("kaiming", "gaussian")
@@ -46,17 +46,17 @@ class LoRAFactor(nn.Module):
 class LoRALinear(nn.Module):
     """y = x·Wᵀ + scaling·lora_B(lora_A(dropout(x))) (+ bias), W frozen in any fusedlora format.
 
-    weight: a `QuantizedWeight` (N, K); bias: (N,) or None, frozen; r: adapter rank (>= 1);
+    weight: a `FrozenWeight` (N, K); bias: (N,) or None, frozen; r: adapter rank (>= 1);
     alpha: scaling = alpha / r (alpha / sqrt(r) with rslora); dropout: on the adapter input
     only; init: "kaiming" (A kaiming-uniform a=√5, B zeros, as PEFT) or "gaussian" (A normal
     with std 1/r); adapter_dtype: default the weight's dtype for a dense base, fp32 otherwise.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None, r: int = 16, alpha: float = 16,
+    def __init__(self, weight: FrozenWeight, bias: Optional[torch.Tensor] = None, r: int = 16, alpha: float = 16,
                  dropout: float = 0.0, rslora: bool = False, init: str = "kaiming", adapter_dtype=None):
         super().__init__()
-        if not isinstance(weight, QuantizedWeight):
-            raise TypeError(f"weight must be a QuantizedWeight (see fusedlora.quantize), got {type(weight).__name__}")
+        if not isinstance(weight, FrozenWeight):
+            raise TypeError(f"weight must be a FrozenWeight (see fusedlora.quantize), got {type(weight).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be an int >= 1, got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
@@ -81,7 +81,7 @@ class LoRALinear(nn.Module):
         self.set_hyperparameters(alpha, dropout, rslora)
         self.merged = False
         self._adapter_enabled = True
-        self._premerge_weight: Optional[QuantizedWeight] = None
+        self._premerge_weight: Optional[FrozenWeight] = None
         self.reset_lora_parameters(init)
 
     def set_hyperparameters(self, alpha: float, dropout: float, rslora: bool) -> None:
@@ -125,7 +125,7 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     @property
-    def base_weight(self) -> QuantizedWeight:
+    def base_weight(self) -> FrozenWeight:
         """The frozen weight without the adapter (the pre-merge weight while merged)."""
         return self._premerge_weight if self.merged else self.weight
 
@@ -223,7 +223,7 @@ class LoRALinear(nn.Module):
             missing_keys.append(prefix + "weight")
         else:
             try:
-                loaded = QuantizedWeight.from_state_dict(own)
+                loaded = FrozenWeight.from_state_dict(own)
             except ValueError as err:
                 error_msgs.append(f"{prefix}weight: {err}")
             else:
@@ -236,7 +236,7 @@ class LoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         unexpected_keys[:] = [key for key in unexpected_keys if key not in consumed]
 
-    def _take_loaded_weight(self, loaded: QuantizedWeight, assign: bool) -> None:
+    def _take_loaded_weight(self, loaded: FrozenWeight, assign: bool) -> None:
         """Install a checkpoint's frozen weight. Packed data is taken as it is (no
         re-quantization); a float weight loaded into a quantized layer is quantized into the
         layer's format, as bitsandbytes' layers do; a float weight into a dense layer keeps the

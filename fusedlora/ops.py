@@ -25,7 +25,7 @@ from .backends import Problem, backend_id, backend_with_id, select_backend
 from .checks import as_weight, check_lora_inputs
 from .contract import fake_backward, fake_forward
 from .dropout import SEED_LIMIT
-from .formats import QuantizedWeight
+from .formats import FrozenWeight
 
 Tensor = torch.Tensor
 
@@ -57,7 +57,7 @@ def lora_linear_fwd(
     dropout_p: float,
     seed: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    weight = QuantizedWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
+    weight = FrozenWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
     backend = _chosen_backend(x, w_format, w_shape, lora_A, lora_B)
     y, u = backend.forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed))
     return y, u, torch.tensor(backend_id(backend.name), dtype=torch.int64)
@@ -87,7 +87,7 @@ def lora_linear_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Runs on `backend`, the forward's. dx is an empty tensor when `need_dx` is False (custom
     ops cannot return None)."""
-    weight = QuantizedWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
+    weight = FrozenWeight.from_tensors(w_format, w_tensors, w_shape, w_blocksize)
     grad_x, grad_A, grad_B = backend_with_id(int(backend)).backward(
         grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, int(seed), need_dx
     )
@@ -149,7 +149,7 @@ def _seed_tensor(seed: Optional[int], dropout_p: float) -> Tensor:
 def fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, seed=None) -> Tensor:
     """y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ (+ bias), with its backward, through the best backend.
 
-    x: (..., K) float; weight: a `QuantizedWeight` of shape (N, K) or a float (N, K) tensor;
+    x: (..., K) float; weight: a `FrozenWeight` of shape (N, K) or a float (N, K) tensor;
     lora_A: (r, K); lora_B: (N, r), in x's dtype or fp32; bias: (N,) or None (frozen unless it
     requires grad); scaling = 0 turns the adapter branch off entirely; dropout_p in [0, 1) applies
     to the LoRA input only; seed (int in [0, 2^32)) fixes the dropout mask, None draws one from

@@ -33,18 +33,20 @@ from . import configs
 from .backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
 from .forward import lora_forward_kernel, lora_shrink_kernel, lora_small_m_kernel
 
-_WEIGHTS = {  # name: (FMT, NESTED, weight pointer type, scale pointer type)
-    "nf4": (FORMAT_IDS["nf4"], True, "*u8", "*u8"),
-    "nf4-plain": (FORMAT_IDS["nf4"], False, "*u8", "*fp32"),
-    "fp4": (FORMAT_IDS["fp4"], True, "*u8", "*u8"),
-    "int8": (FORMAT_IDS["int8"], False, "*i8", "*fp32"),
-    "fp8": (FORMAT_IDS["fp8"], False, "*fp8e4nv", "*fp32"),
-    "dense": (FORMAT_IDS["dense"], False, "*bf16", "*bf16"),
+# name: (FMT, the types of the weight's six pointers in `WeightArgs.pointers` order; None: the
+# format has no such tensor and the kernel sees the constant None, as a launch passes it).
+_WEIGHTS = {
+    "nf4": (FORMAT_IDS["nf4"], ("*u8", "*u8", "*fp32", "*fp32", "*fp32", "*fp32")),
+    "nf4-plain": (FORMAT_IDS["nf4"], ("*u8", "*fp32", "*fp32", None, None, None)),
+    "fp4": (FORMAT_IDS["fp4"], ("*u8", "*u8", "*fp32", "*fp32", "*fp32", "*fp32")),
+    "int8": (FORMAT_IDS["int8"], ("*i8", "*fp32", None, None, None, None)),
+    "fp8": (FORMAT_IDS["fp8"], ("*fp8e4nv", "*fp32", None, None, None, None)),
+    "dense": (FORMAT_IDS["dense"], ("*bf16", None, None, None, None, None)),
 }
+_WEIGHT_PARAMS = ("w_ptr", "scale_ptr", "code_ptr", "nested_absmax_ptr", "nested_code_ptr", "nested_offset_ptr")
 _POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "g_ptr": "*bf16", "dx_ptr": "*bf16",
              "u_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "du_ptr": "*fp32", "db_ptr": "*fp32",
-             "da_ptr": "*fp32", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
-             "nested_offset_ptr": "*fp32"}
+             "da_ptr": "*fp32"}
 # The most shared memory one block may use, by compute capability (CUDA's per-architecture limits).
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _SCALARS = {"scaling": "fp32", "keep_scale": "fp32", "seed": "i64", "threshold": "i64"}
@@ -75,25 +77,27 @@ class Report:
 def variants(arch: int, all_candidates: bool = False) -> list[Variant]:
     """The kernel variants to compile for sm_`arch`."""
     chosen = []
-    for fmt, (fmt_id, nested, w_type, scale_type) in _WEIGHTS.items():
+    for fmt, (fmt_id, pointer_types) in _WEIGHTS.items():
         if fmt == "fp8" and arch < 89:
             continue
         four_bit = configs.is_four_bit(fmt_id)
         gemm = configs.gemm_candidates((arch // 10, arch % 10), four_bit)
-        weight = dict(FMT=fmt_id, NESTED=nested, BLOCKSIZE=64 if four_bit else 1, K_ALIGNED=True)
-        types = {**_POINTERS, "w_ptr": w_type, "scale_ptr": scale_type}
+        absent = {param: None for param, kind in zip(_WEIGHT_PARAMS, pointer_types) if kind is None}
+        weight = dict(FMT=fmt_id, NESTED=pointer_types[3] is not None, BLOCKSIZE=64 if four_bit else 1,
+                      K_ALIGNED=True, **absent)
+        types = {**_POINTERS, **dict(zip(_WEIGHT_PARAMS, pointer_types))}
         for index, candidate in enumerate(gemm if all_candidates else gemm[:1]):
             tiles = dict(candidate.kwargs)
             common = dict(**weight, **_BF16_DOTS, **tiles)
             chosen.append(Variant(f"forward/{fmt}/{index}", lora_forward_kernel,
-                                  dict(common, HAS_BIAS=True, HAS_LORA=True), types,
+                                  dict(common, HAS_LORA=True), types,
                                   candidate.num_warps, candidate.num_stages))
             chosen.append(Variant(f"grad_x/{fmt}/{index}", lora_grad_x_kernel,
                                   dict(common, HAS_LORA=True, HAS_DROPOUT=True), types,
                                   candidate.num_warps, candidate.num_stages))
         small_m, _ = configs.small_m_config(4096, 4096, 132, four_bit)
         chosen.append(Variant(f"small_m/{fmt}", lora_small_m_kernel,
-                              dict(weight, **_BF16_DOTS, **small_m.meta, HAS_BIAS=True, HAS_LORA=True,
+                              dict(weight, **_BF16_DOTS, **small_m.meta, HAS_LORA=True,
                                    HAS_DROPOUT=True, SPLIT_K=4, BLOCK_M=16),
                               types, small_m.num_warps, small_m.num_stages))
     lora = dict(LORA_DOT=tl.bfloat16, LORA_PRECISION="tf32", BLOCK_R=16)

@@ -61,12 +61,13 @@ def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, 
 
 @triton.jit
 def _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
-                   bias_factor, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                   bias_factor, FMT: tl.constexpr, HAS_LORA: tl.constexpr,
                    LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr):
-    """acc·row_scale + bias_factor·bias + s·u·Bᵀ for a (BLOCK_M, BLOCK_N) tile; u is (BLOCK_M, BLOCK_R)."""
+    """acc·row_scale + bias_factor·bias + s·u·Bᵀ for a (BLOCK_M, BLOCK_N) tile; u is (BLOCK_M, BLOCK_R).
+    bias_ptr is None (a compile-time constant) when the layer has no bias."""
     if FMT == INT8 or FMT == FP8:
         acc = acc * row_scale(scale_ptr, offs_n, n_mask, FMT)[None, :]
-    if HAS_BIAS:
+    if bias_ptr is not None:
         acc += bias_factor * tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
         b = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
@@ -82,7 +83,7 @@ def lora_forward_kernel(
     M, N, K, R, scaling, stride_xm, stride_xk, stride_wn, stride_um, stride_bn, stride_ym,
     M_BUCKET,  # only an autotuning key: the bucketed M
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_LORA: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -111,7 +112,7 @@ def lora_forward_kernel(
         u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     acc = _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
-                         1.0, FMT, HAS_BIAS, HAS_LORA, LORA_DOT, LORA_PRECISION)
+                         1.0, FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -123,7 +124,7 @@ def lora_small_m_kernel(
     M, N, K, R, scaling, seed, threshold, keep_scale,
     stride_xm, stride_xk, stride_wn, stride_ar, stride_bn, stride_ym, stride_um,
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -165,7 +166,7 @@ def lora_small_m_kernel(
         u = u.to(u_ptr.dtype.element_ty)  # u rounded to the LoRA dtype, as the reference keeps it
     first_slice = (pid_k == 0).to(tl.float32)  # the bias is added by one slice only
     acc = _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
-                         first_slice, FMT, HAS_BIAS, HAS_LORA, LORA_DOT, LORA_PRECISION)
+                         first_slice, FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     u_ptrs = u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :]
     y_mask = m_mask[:, None] & n_mask[None, :]

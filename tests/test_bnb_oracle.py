@@ -126,8 +126,8 @@ def test_bnb_state_dict_loads_without_bitsandbytes(tmp_path):
         sys.modules["bitsandbytes"] = None  # any import of bitsandbytes now fails
         import torch
         from safetensors.torch import load_file
-        from fusedlora import QuantizedWeight
-        weight = QuantizedWeight.from_state_dict(load_file({str(tmp_path / "layer.safetensors")!r}))
+        from fusedlora import FrozenWeight
+        weight = FrozenWeight.from_state_dict(load_file({str(tmp_path / "layer.safetensors")!r}))
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         assert weight.fmt == "nf4" and weight.nested and tuple(weight.shape) == (40, 130)
         assert torch.equal(weight.dequantize(), expected)

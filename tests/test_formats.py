@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusedlora
-from fusedlora.formats import FourBitWeight, QuantizedWeight, quantize
+from fusedlora.formats import FourBitWeight, FrozenWeight, quantize
 from fusedlora.formats.fourbit import unpack_codes
 from helpers import random_weight
 
@@ -38,7 +38,7 @@ def test_nf4_error_statistics_from_design(double_quant):
 def test_state_dict_round_trip_is_bit_exact(fmt, shape):
     w = random_weight(*shape, generator=torch.Generator().manual_seed(1))
     for weight in (quantize(w, fmt), quantize(w, fmt, blocksize=32, double_quant=False)):
-        rebuilt = QuantizedWeight.from_state_dict(weight.state_dict())
+        rebuilt = FrozenWeight.from_state_dict(weight.state_dict())
         assert type(rebuilt) is type(weight) and rebuilt.fmt == fmt
         assert rebuilt.shape == weight.shape and rebuilt.blocksize == weight.blocksize and rebuilt.dtype == weight.dtype
         for original, copy in zip(weight.tensors(), rebuilt.tensors(), strict=True):
@@ -135,23 +135,23 @@ def test_bad_weight(weight, fmt, error, fragment):
 def test_from_state_dict_errors_name_the_key():
     state = quantize(torch.randn(16, 64), "nf4").state_dict()
     with pytest.raises(ValueError, match="weight.absmax"):
-        QuantizedWeight.from_state_dict({k: v for k, v in state.items() if k != "weight.absmax"})
+        FrozenWeight.from_state_dict({k: v for k, v in state.items() if k != "weight.absmax"})
     with pytest.raises(ValueError, match="has 511 elements, expected 512"):
-        QuantizedWeight.from_state_dict({**state, "weight": state["weight"][:-1]})
+        FrozenWeight.from_state_dict({**state, "weight": state["weight"][:-1]})
     with pytest.raises(ValueError, match="quant_map"):
-        QuantizedWeight.from_state_dict({**state, "weight.quant_map": state["weight.quant_map"] * 2})
+        FrozenWeight.from_state_dict({**state, "weight.quant_map": state["weight.quant_map"] * 2})
     with pytest.raises(ValueError, match="no weight of a known format"):
-        QuantizedWeight.from_state_dict({"something": torch.zeros(1)})
+        FrozenWeight.from_state_dict({"something": torch.zeros(1)})
     int8 = quantize(torch.randn(16, 64), "int8").state_dict()
     with pytest.raises(ValueError, match="SCB.* has 15 elements"):
-        QuantizedWeight.from_state_dict({**int8, "SCB": int8["SCB"][:15]})
+        FrozenWeight.from_state_dict({**int8, "SCB": int8["SCB"][:15]})
 
 
 def test_quant_storage_other_than_uint8_is_read_as_bytes():
     weight = quantize(torch.randn(16, 64), "nf4")
     state = weight.state_dict()
     state["weight"] = state["weight"].view(-1).view(torch.bfloat16).view(-1, 1)  # bitsandbytes quant_storage=bf16
-    assert torch.equal(QuantizedWeight.from_state_dict(state).packed, weight.packed)
+    assert torch.equal(FrozenWeight.from_state_dict(state).packed, weight.packed)
 
 
 def test_public_api_exports_quantize():

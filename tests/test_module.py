@@ -218,7 +218,7 @@ def test_bad_arguments(kwargs, error, fragment):
 def test_from_linear_refuses_other_modules():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         LoRALinear.from_linear(nn.Conv1d(4, 4, 1))
-    with pytest.raises(TypeError, match="weight must be a QuantizedWeight"):
+    with pytest.raises(TypeError, match="weight must be a FrozenWeight"):
         LoRALinear(torch.randn(4, 4))
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         LoRALinear(quantize(torch.randn(4, 64), "nf4"), bias=torch.randn(5))

@@ -363,7 +363,7 @@ def _bad(**overrides):
         (dict(seed=-1), ValueError, "seed must be None or an int"),
         (dict(seed=2**32), ValueError, "seed must be None or an int"),
         (dict(weight=torch.randn(32)), ValueError, "weight must be 2-D"),
-        (dict(weight="nf4"), TypeError, "weight must be a QuantizedWeight"),
+        (dict(weight="nf4"), TypeError, "weight must be a FrozenWeight"),
     ],
 )
 def test_bad_input_names_the_argument(overrides, error, fragment):

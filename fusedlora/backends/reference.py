@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..contract import lora_dtype
 from ..dropout import apply_dropout
-from ..formats import QuantizedWeight
+from ..formats import FrozenWeight
 from .registry import Problem
 
 Tensor = torch.Tensor
@@ -26,7 +26,7 @@ def why_not(problem: Problem) -> None:
     return None
 
 
-def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed) -> tuple[Tensor, Tensor]:
+def forward(x, weight: FrozenWeight, lora_A, lora_B, scaling, bias, dropout_p, seed) -> tuple[Tensor, Tensor]:
     """x (M, K), lora_A (r, K), lora_B (N, r), bias (N,) or None → y (M, N) in x's dtype, u (M, r)."""
     compute = lora_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     with torch.autocast(x.device.type, enabled=False):
@@ -38,7 +38,7 @@ def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p
     return y.to(x.dtype), u
 
 
-def backward(grad_y, x, u, weight: QuantizedWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+def backward(grad_y, x, u, weight: FrozenWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
     """grad_y (M, N), x (M, K), u (M, r) → (dx (M, K) or None, dA (r, K), dB (N, r))."""
     compute = u.dtype
     with torch.autocast(x.device.type, enabled=False):

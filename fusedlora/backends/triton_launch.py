@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import FORMAT_IDS, lora_dtype
+from ..contract import WeightArgs, lora_dtype
 from ..dropout import drop_threshold
-from ..formats import QuantizedWeight
-from ..formats.codebooks import code_table
+from ..formats import FrozenWeight
 from ..kernels import configs
 from ..kernels.backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
 from ..kernels.forward import lora_forward_kernel, lora_shrink_kernel, lora_small_m_kernel
@@ -32,25 +31,9 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 _LAUNCH_LOCK = threading.RLock()
 
 
-@functools.lru_cache(maxsize=None)
-def _device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
-    return code_table(fmt, device)  # read-only inside the kernels, so one copy per device serves all
-
-
-def _weight_args(weight: QuantizedWeight) -> dict:
-    """Pointers and constexprs that describe the weight to `load_weight`."""
-    if weight.fmt in ("nf4", "fp4"):
-        code = _device_code_table(weight.fmt, weight.packed.device)
-        nested = [weight.nested_absmax, weight.nested_code, weight.nested_offset] if weight.nested else [code] * 3
-        pointers = [weight.packed, weight.absmax, code, *nested]
-        return dict(pointers=pointers, stride_wn=0, FMT=FORMAT_IDS[weight.fmt], NESTED=weight.nested,
-                    BLOCKSIZE=weight.blocksize, K_ALIGNED=weight.shape[1] % weight.blocksize == 0)
-    data = weight.weight if weight.fmt == "dense" else weight.data
-    if data.stride(1) != 1:
-        data = data.contiguous()
-    scale = data if weight.fmt == "dense" else weight.scale
-    return dict(pointers=[data, scale, data, data, data, data], stride_wn=data.stride(0),
-                FMT=FORMAT_IDS[weight.fmt], NESTED=False, BLOCKSIZE=1, K_ALIGNED=True)
+def _weight_constexprs(w: WeightArgs, k: int) -> dict:
+    """The compile-time description of the weight that `load_weight` specializes on."""
+    return dict(FMT=w.fmt, NESTED=w.nested, BLOCKSIZE=w.blocksize, K_ALIGNED=k % w.blocksize == 0)
 
 
 def _dot_args(x_dtype: torch.dtype, adapter_dtypes: tuple) -> dict:
@@ -115,7 +98,7 @@ def _skinny(name: str, config: configs.SkinnyConfig) -> tuple[dict, dict]:
     return chosen.meta, ({} if INTERPRETING else dict(num_warps=chosen.num_warps, num_stages=chosen.num_stages))
 
 
-def forward(x, weight: QuantizedWeight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+def forward(x, weight: FrozenWeight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     """x (M, K), lora_A (r, K), lora_B (N, r), bias (N,) or None → y (M, N), u (M, r)."""
     with _LAUNCH_LOCK, _on(x.device):
         return _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
@@ -130,14 +113,12 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     if m == 0:
         return y, u
     has_lora = scaling != 0.0
-    w = _weight_args(weight)
+    w = weight.kernel_args()
     block_r = configs.padded_rank(r)
-    constexprs = dict(FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"], K_ALIGNED=w["K_ALIGNED"],
-                      HAS_BIAS=bias is not None,
-                      HAS_LORA=has_lora, BLOCK_R=block_r, **_dot_args(x.dtype, (lora_A.dtype, lora_B.dtype)))
-    bias_arg = bias if bias is not None else x
+    constexprs = dict(**_weight_constexprs(w, k), HAS_LORA=has_lora, BLOCK_R=block_r,
+                      **_dot_args(x.dtype, (lora_A.dtype, lora_B.dtype)))
     if m <= SMALL_M:
-        return _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs)
+        return _forward_small_m(x, w, lora_A, lora_B, bias, y, u, scaling, dropout_p, seed, constexprs)
 
     if has_lora:
         shrink_r = min(block_r, 128)
@@ -151,13 +132,13 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
         u.zero_()
     _launch_gemm(lora_forward_kernel,
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), x.device,
-                 x, *w["pointers"], u, lora_B, bias_arg, y, m, n, k, r, float(scaling),
-                 x.stride(0), x.stride(1), w["stride_wn"], u.stride(0), lora_B.stride(0), y.stride(0),
+                 x, *w.pointers, u, lora_B, bias, y, m, n, k, r, float(scaling),
+                 x.stride(0), x.stride(1), w.stride_n, u.stride(0), lora_B.stride(0), y.stride(0),
                  configs.m_bucket(m), **constexprs)
     return y, u
 
 
-def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, seed, constexprs):
+def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, dropout_p, seed, constexprs):
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
     heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), configs.is_four_bit(constexprs["FMT"]))
     meta, options = _skinny("small_m", heuristic)
@@ -168,9 +149,9 @@ def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, s
     y_out = y if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     u_out = u if split_k == 1 else torch.zeros((m, r), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), split_k)
-    lora_small_m_kernel[grid](x, *w["pointers"], lora_A, lora_B, bias_arg, y_out, u_out, m, n, k, r, float(scaling),
+    lora_small_m_kernel[grid](x, *w.pointers, lora_A, lora_B, bias, y_out, u_out, m, n, k, r, float(scaling),
                              **_dropout_args(seed=seed, dropout_p=dropout_p),
-                             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w["stride_wn"],
+                             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride_n,
                              stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
                              stride_um=u_out.stride(0), HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split_k,
                              BLOCK_M=SMALL_M, **constexprs, **meta, **options)
@@ -180,7 +161,7 @@ def _forward_small_m(x, w, lora_A, lora_B, bias_arg, y, u, scaling, dropout_p, s
     return y, u
 
 
-def backward(grad_y, x, u, weight: QuantizedWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+def backward(grad_y, x, u, weight: FrozenWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
     """grad_y (M, N), x (M, K), u (M, r) → (dx (M, K) or None, dA (r, K), dB (N, r))."""
     with _LAUNCH_LOCK, _on(x.device):
         return _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx)
@@ -196,7 +177,7 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     mask_args = _dropout_args(dropout_p, seed)
     grad_A = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
     grad_B = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
-    du = new_output((m, r), torch.float32, x.device) if has_lora else x  # x: an unread placeholder
+    du = new_output((m, r), torch.float32, x.device) if has_lora else None
     if has_lora:
         grad_B.copy_(_grad_u(grad_y, u, lora_B, du, scaling, block_r, dots))
         grad_A.copy_(_grad_a(du, x, block_r, dots, mask_args, dropout_p > 0.0))
@@ -205,13 +186,12 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     grad_x = new_output((m, k), x.dtype, x.device)
     if m == 0:
         return grad_x, grad_A, grad_B
-    w = _weight_args(weight)
+    w = weight.kernel_args()
     _launch_gemm(lora_grad_x_kernel,
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), x.device,
-                 grad_y, *w["pointers"], du, lora_A, grad_x, m, n, k, r, *mask_args.values(),
-                 grad_y.stride(0), w["stride_wn"], du.stride(0), lora_A.stride(0), grad_x.stride(0),
-                 configs.m_bucket(m), FMT=w["FMT"], NESTED=w["NESTED"], BLOCKSIZE=w["BLOCKSIZE"],
-                 K_ALIGNED=w["K_ALIGNED"], HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, **dots)
+                 grad_y, *w.pointers, du, lora_A, grad_x, m, n, k, r, *mask_args.values(),
+                 grad_y.stride(0), w.stride_n, du.stride(0) if has_lora else 0, lora_A.stride(0), grad_x.stride(0),
+                 configs.m_bucket(m), **_weight_constexprs(w, k), HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, **dots)
     return grad_x, grad_A, grad_B
 
 

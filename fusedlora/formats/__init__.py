@@ -1,12 +1,12 @@
 """Frozen-weight formats: nf4, fp4, int8, fp8 and dense (docs/design.md §2).
 
-`quantize` makes a `QuantizedWeight` from a float (N, K) tensor; `QuantizedWeight.from_state_dict`
+`quantize` makes a `FrozenWeight` from a float (N, K) tensor; `FrozenWeight.from_state_dict`
 and `from_bnb_module` take weights that bitsandbytes quantized, reusing their bytes.
 """
 
 import torch
 
-from .base import QuantizedWeight, check_dense_weight, format_class
+from .base import FrozenWeight, check_dense_weight, format_class
 from .dense import DenseWeight
 from .fourbit import VALID_BLOCKSIZES, FourBitWeight, check_blocksize
 from .rowscaled import Fp8Weight, Int8Weight
@@ -14,7 +14,7 @@ from .rowscaled import Fp8Weight, Int8Weight
 FORMATS = ("nf4", "fp4", "int8", "fp8", "dense")
 
 
-def quantize(weight: torch.Tensor, fmt: str, blocksize: int = 64, double_quant: bool = True) -> QuantizedWeight:
+def quantize(weight: torch.Tensor, fmt: str, blocksize: int = 64, double_quant: bool = True) -> FrozenWeight:
     """Store a float weight (N, K) in `fmt` ("nf4", "fp4", "int8", "fp8" or "dense").
 
     `blocksize` (a power of two, 32…4096) and `double_quant` (nested absmax quantization, on by
@@ -28,7 +28,7 @@ def quantize(weight: torch.Tensor, fmt: str, blocksize: int = 64, double_quant: 
     return weight_class.quantize(weight)
 
 
-def from_bnb_module(module: torch.nn.Module) -> QuantizedWeight:
+def from_bnb_module(module: torch.nn.Module) -> FrozenWeight:
     """The weight of a bitsandbytes `Linear4bit` or `Linear8bitLt`, sharing its bytes.
 
     The layer must already hold quantized data (bitsandbytes quantizes when the layer is moved
@@ -45,7 +45,7 @@ def from_bnb_module(module: torch.nn.Module) -> QuantizedWeight:
     else:
         raise TypeError(f"module must be a bitsandbytes Linear4bit or Linear8bitLt, got {kind}")
     state = {key: value for key, value in module.state_dict().items() if key != "bias"}
-    return QuantizedWeight.from_state_dict(state)
+    return FrozenWeight.from_state_dict(state)
 
 
 __all__ = [
@@ -55,7 +55,7 @@ __all__ = [
     "FourBitWeight",
     "Fp8Weight",
     "Int8Weight",
-    "QuantizedWeight",
+    "FrozenWeight",
     "check_blocksize",
     "from_bnb_module",
     "quantize",

@@ -1,8 +1,8 @@
-"""The quantized-weight object every format implements.
+"""The frozen-weight object every storage format implements (dense, int8, fp8, nf4, fp4).
 
-A quantized weight is a plain object holding tensors, not an `nn.Module`: the layer that owns it
+A frozen weight is a plain object holding tensors, not an `nn.Module`: the layer that owns it
 moves it between devices and never lets a dtype cast touch packed data (see
-`QuantizedWeight.apply_module_fn`). Its `state_dict()` uses the key names of a bitsandbytes
+`FrozenWeight.apply_module_fn`). Its `state_dict()` uses the key names of a bitsandbytes
 Linear layer (`weight`, `weight.absmax`, ..., `SCB`), relative to the owning linear layer, so
 checkpoints move between fusedlora and bitsandbytes without conversion.
 """
@@ -12,15 +12,19 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
+from ..contract import WeightArgs
+
 Tensor = torch.Tensor
 
 
-class QuantizedWeight:
-    """A frozen (N, K) weight in a packed format; dequantized on demand or inside the kernels.
+class FrozenWeight:
+    """A frozen (N, K) weight in a storage format (dense or quantized); dequantized on demand or
+    inside the kernels.
 
     Subclasses name their tensors in `tensor_fields`, in the order the ops receive them
-    (`tensors()`), and implement `dequantize`, `state_dict`, `claims_state_dict`,
-    `from_state_dict` and `from_tensors`; `register_format` makes them known by name.
+    (`tensors()`: `fusedlora.contract.WEIGHT_SLOTS`), and implement `dequantize`, `kernel_args`,
+    `state_dict`, `claims_state_dict`, `from_state_dict` and `from_tensors`; `register_format`
+    makes them known by name.
     """
 
     fmt: str
@@ -59,6 +63,10 @@ class QuantizedWeight:
         """The (N, K) weight as a dense tensor of `dtype` (default: `self.dtype`)."""
         raise NotImplementedError
 
+    def kernel_args(self) -> WeightArgs:
+        """This weight as the kernels take it (one marshalling for every kernel that reads W)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors keyed as in a bitsandbytes-style Linear layer's state dict (no prefix)."""
         raise NotImplementedError
@@ -69,10 +77,10 @@ class QuantizedWeight:
         raise NotImplementedError
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, Tensor]) -> "QuantizedWeight":
+    def from_state_dict(cls, state_dict: dict[str, Tensor]) -> "FrozenWeight":
         """Rebuild a weight from `state_dict()` output, or from a bitsandbytes layer's state dict.
 
-        Called on `QuantizedWeight` itself it picks the format from the keys; the tensors are
+        Called on `FrozenWeight` itself it picks the format from the keys; the tensors are
         used as they are (no copy, no re-quantization).
         """
         candidates = sorted(set(_FORMAT_CLASSES.values()), key=lambda c: (c.claims_any_float_weight, c.__name__))
@@ -86,32 +94,32 @@ class QuantizedWeight:
         )
 
     @classmethod
-    def from_tensors(cls, fmt: str, tensors: list[Tensor], shape, blocksize: int) -> "QuantizedWeight":
+    def from_tensors(cls, fmt: str, tensors: list[Tensor], shape, blocksize: int) -> "FrozenWeight":
         """Rebuild a weight from `tensors()` output (used inside the ops)."""
         return _FORMAT_CLASSES[fmt].from_tensors(fmt, tensors, shape, blocksize)
 
-    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "QuantizedWeight":
+    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "FrozenWeight":
         moved = copy.copy(self)
         for name in self.tensor_fields:
             setattr(moved, name, fn(getattr(self, name)))
         return moved
 
-    def to(self, device) -> "QuantizedWeight":
+    def to(self, device) -> "FrozenWeight":
         """This weight on `device` (the same object when it is already there)."""
         device = torch.device(device)
         if all(t.device == device for t in self.tensors()):
             return self
         return self._map_tensors(lambda t: t.to(device))
 
-    def clone(self, device=None) -> "QuantizedWeight":
+    def clone(self, device=None) -> "FrozenWeight":
         """A copy with its own storage, on `device` (default: where it is now)."""
         return self._map_tensors(lambda t: t.to(device or t.device, copy=True))
 
-    def requantize(self, weight: Tensor) -> "QuantizedWeight":
+    def requantize(self, weight: Tensor) -> "FrozenWeight":
         """A new weight in this one's format and settings, holding the float (N, K) `weight`."""
         raise NotImplementedError
 
-    def apply_module_fn(self, fn: Callable[[Tensor], Tensor]) -> "QuantizedWeight":
+    def apply_module_fn(self, fn: Callable[[Tensor], Tensor]) -> "FrozenWeight":
         """Apply an `nn.Module._apply` function: device moves yes, dtype casts only for dense.
 
         `model.half()` or `model.to(torch.bfloat16)` would otherwise cast fp32 scales (and fp8
@@ -163,7 +171,7 @@ _FORMAT_CLASSES: dict[str, type] = {}
 
 
 def register_format(*names: str):
-    """Class decorator: make a `QuantizedWeight` subclass known under the format `names`."""
+    """Class decorator: make a `FrozenWeight` subclass known under the format `names`."""
 
     def register(weight_class):
         for name in names:
@@ -174,7 +182,7 @@ def register_format(*names: str):
 
 
 def format_class(fmt) -> type:
-    """The `QuantizedWeight` subclass of format `fmt`, or a ValueError naming the choices."""
+    """The `FrozenWeight` subclass of format `fmt`, or a ValueError naming the choices."""
     if not isinstance(fmt, str) or fmt not in _FORMAT_CLASSES:
         raise ValueError(f"fmt must be one of {sorted(_FORMAT_CLASSES)}, got {fmt!r}")
     return _FORMAT_CLASSES[fmt]

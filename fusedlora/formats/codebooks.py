@@ -51,6 +51,12 @@ def code_table(fmt: str, device=None) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
+def device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
+    """`code_table(fmt)` on `device`, one shared copy per device (the kernels only read it)."""
+    return code_table(fmt, device)
+
+
+@lru_cache(maxsize=None)
 def _dynamic_map_cpu() -> torch.Tensor:
     values = [0.0, 1.0]
     for exponent in range(7):

@@ -2,11 +2,12 @@
 
 import torch
 
-from .base import QuantizedWeight, Tensor, register_format, require_key
+from ..contract import FORMAT_IDS, WeightArgs
+from .base import FrozenWeight, Tensor, register_format, require_key
 
 
 @register_format("dense")
-class DenseWeight(QuantizedWeight):
+class DenseWeight(FrozenWeight):
     """An (N, K) floating-point weight kept as given (no copy); dtype casts apply to it."""
 
     fmt = "dense"
@@ -27,6 +28,10 @@ class DenseWeight(QuantizedWeight):
 
     def dequantize(self, dtype=None) -> Tensor:
         return self.weight.to(dtype or self.dtype)
+
+    def kernel_args(self) -> WeightArgs:
+        data = self.weight if self.weight.stride(1) == 1 else self.weight.contiguous()
+        return WeightArgs(FORMAT_IDS["dense"], data, None, None, None, None, None, data.stride(0), 1)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"weight": self.weight}

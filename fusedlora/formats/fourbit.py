@@ -19,8 +19,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .base import QuantizedWeight, Tensor, check_finite_for_quantization, expect_dtype, expect_numel, register_format, require_key
-from .codebooks import code_table, signed_dynamic_map
+from ..contract import FORMAT_IDS, WeightArgs
+from .base import FrozenWeight, Tensor, check_finite_for_quantization, expect_dtype, expect_numel, register_format, require_key
+from .codebooks import code_table, device_code_table, signed_dynamic_map
 
 VALID_BLOCKSIZES = tuple(2**p for p in range(5, 13))
 NESTED_BLOCKSIZE = 256
@@ -103,7 +104,7 @@ def _nearest_on_grid(normed: Tensor, code: Tensor) -> Tensor:
 
 
 @register_format("nf4", "fp4")
-class FourBitWeight(QuantizedWeight):
+class FourBitWeight(FrozenWeight):
     """An (N, K) weight as packed NF4 or FP4 codes with per-block (optionally nested) absmax."""
 
     def __init__(self, fmt, packed, absmax, shape, dtype, blocksize, nested_absmax=None, nested_code=None, nested_offset=None):
@@ -163,6 +164,11 @@ class FourBitWeight(QuantizedWeight):
     def quant_state(self) -> SimpleNamespace:
         key = _QUANT_STATE_KEY.format(self.fmt)
         return SimpleNamespace(**{key.rsplit(".", 1)[1]: self.state_dict()[key]})
+
+    def kernel_args(self) -> WeightArgs:
+        nested = (self.nested_absmax, self.nested_code, self.nested_offset) if self.nested else (None, None, None)
+        return WeightArgs(FORMAT_IDS[self.fmt], self.packed, self.absmax, device_code_table(self.fmt, self.packed.device),
+                          *nested, 0, self.blocksize)
 
     def state_dict(self) -> dict[str, Tensor]:
         quant_state = {

@@ -12,8 +12,9 @@ The per-row scale factors out of a GEMM over K: kernels apply it in the epilogue
 
 import torch
 
+from ..contract import FORMAT_IDS, WeightArgs
 from .base import (
-    QuantizedWeight,
+    FrozenWeight,
     Tensor,
     check_finite_for_quantization,
     expect_dtype,
@@ -26,7 +27,7 @@ FP8_MAX = 448.0
 _INT8_INV_127 = 1.0 / 127
 
 
-class RowScaledWeight(QuantizedWeight):
+class RowScaledWeight(FrozenWeight):
     """Shared shape of the per-row formats: `data` (N, K) and an fp32 `scale` per row."""
 
     tensor_fields = ("data", "scale")
@@ -47,6 +48,10 @@ class RowScaledWeight(QuantizedWeight):
 
     def requantize(self, weight: Tensor) -> "RowScaledWeight":
         return type(self).quantize(weight)
+
+    def kernel_args(self) -> WeightArgs:
+        data = self.data if self.data.stride(1) == 1 else self.data.contiguous()
+        return WeightArgs(FORMAT_IDS[self.fmt], data, self.scale, None, None, None, None, data.stride(0), 1)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"weight": self.data, self.scale_key: self.scale}
