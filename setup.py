@@ -27,7 +27,8 @@ if os.environ.get("FUSEDLORA_BUILD_CUDA") == "1":
     cmdclass = {"build_ext": BuildExtension}
 
 setup(
-    packages=["fusedlora", "fusedlora.backends", "fusedlora.formats", "fusedlora.benchmark", "fusedlora.kernels"],
+    packages=["fusedlora", "fusedlora.backends", "fusedlora.formats", "fusedlora.benchmark", "fusedlora.inspection",
+              "fusedlora.kernels"],
     package_dir={"fusedlora.kernels": "kernels"},
     package_data={"fusedlora": ["data/*.tsv", "data/*.md"]},
     ext_modules=ext_modules,

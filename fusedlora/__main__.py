@@ -1,4 +1,4 @@
-"""Command line: `python -m fusedlora demo` (the main job), `info` and `bench`."""
+"""Command line: `python -m fusedlora demo` (the main job), `info`, `bench` and `inspect`."""
 
 import argparse
 import platform
@@ -31,7 +31,13 @@ def main(argv=None) -> None:
                         add_help=False)
     commands.add_parser("info", help="versions and available backends")
     commands.add_parser("bench", help="benchmark against the peers (python -m fusedlora bench --help)", add_help=False)
+    commands.add_parser("inspect", help="compiled kernels counted from SASS, and a MODEL of their speed "
+                        "(python -m fusedlora inspect --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "inspect":
+        from .inspection.cli import main as inspect_main
+
+        raise SystemExit(inspect_main(rest))
     if args.command == "bench":
         from .benchmark.cli import main as bench_main
 

@@ -156,3 +156,11 @@ def test_quant_storage_other_than_uint8_is_read_as_bytes():
 
 def test_public_api_exports_quantize():
     assert fusedlora.quantize is quantize and isinstance(fusedlora.quantize(torch.randn(4, 64), "fp4"), FourBitWeight)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8", "fp8", "dense"])
+def test_quantizing_on_the_meta_device_gives_the_shapes_and_dtypes_of_a_real_quantization(fmt):
+    real = quantize(torch.randn(48, 128, dtype=torch.bfloat16), fmt)
+    meta = quantize(torch.empty(48, 128, dtype=torch.bfloat16, device="meta"), fmt)
+    assert [(t.dtype, t.shape) for t in meta.tensors()] == [(t.dtype, t.shape) for t in real.tensors()]
+    assert all(t.is_meta for t in meta.tensors()) and meta.shape == real.shape

@@ -72,7 +72,7 @@ def other_kernels(tmp_path_factory) -> Path:
 
 SMOKE = textwrap.dedent("""
     import sys, torch, fusedlora
-    import fusedlora.kernels.forward, fusedlora.kernels.aot, fusedlora.backends.triton_launch
+    import fusedlora.kernels.forward, fusedlora.kernels.aot, fusedlora.backends.triton_launch, fusedlora.inspection.cli
     from fusedlora.demo import load_reviews
     import kernels
     expected_home, other_kernels = sys.argv[1:]

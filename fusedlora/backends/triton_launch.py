@@ -5,12 +5,19 @@
 M <= 16 takes the one-launch small-M kernel, larger M the shrink plus the fused GEMM. Under
 TRITON_INTERPRET=1 (read when Triton compiles the kernels, at import) CPU tensors run through
 the interpreter. Importing this module imports Triton.
+
+Under `recording(...)` the launchers run on meta tensors and record each launch (kernel,
+arguments, options) instead of running it, for a GPU named by its capability and SM count: the
+cost model (`fusedlora.inspection`) compiles exactly what a launch would compile.
 """
 
 import contextlib
+import contextvars
 import functools
 import os
 import threading
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import triton
@@ -67,6 +74,9 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sm_count(device: torch.device) -> int:
+    record = _RECORDING.get()
+    if record:
+        return record.sm_count
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -77,6 +87,55 @@ def _reduce_with_atomics() -> bool:
     return configs.INTERPRETER["atomics"] if INTERPRETING else True
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One recorded kernel launch: `kernel[grid](*args, **kwargs)`; kwargs hold the constexprs and
+    num_warps / num_stages; `candidate` numbers the autotuning candidate (None: not autotuned)."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    candidate: Optional[int] = None
+
+
+@dataclass
+class Recording:
+    capability: tuple[int, int]
+    sm_count: int
+    launches: list = field(default_factory=list)
+
+
+_RECORDING: contextvars.ContextVar[Optional[Recording]] = contextvars.ContextVar("fusedlora_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording(capability: tuple[int, int], sm_count: int):
+    """Record the launches of the calls inside (on meta tensors) as a GPU of `capability` with
+    `sm_count` SMs would run them: its autotuning candidates, its heuristic configs."""
+    if INTERPRETING:
+        raise RuntimeError("unset TRITON_INTERPRET to record launches: interpreted kernels cannot be compiled")
+    record = Recording(capability, sm_count)
+    token = _RECORDING.set(record)
+    try:
+        yield record
+    finally:
+        _RECORDING.reset(token)
+
+
+def _run(kernel, grid, *args, **kwargs) -> None:
+    record = _RECORDING.get()
+    if record is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        record.launches.append(Launch(kernel, tuple(grid), args, kwargs))
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    record = _RECORDING.get()
+    return record.capability if record else torch.cuda.get_device_capability(device)
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel, capability: tuple[int, int], four_bit: bool):
     return triton.autotune(configs=configs.gemm_candidates(capability, four_bit), key=configs.AUTOTUNE_KEY)(kernel)
@@ -84,11 +143,17 @@ def _autotuned(kernel, capability: tuple[int, int], four_bit: bool):
 
 def _launch_gemm(kernel, tiles_of, device, *args, **kwargs):
     """Launch a GEMM-shaped kernel: autotuned on a GPU, the interpreter's config on the CPU."""
+    record = _RECORDING.get()
     if INTERPRETING:
         meta = configs.INTERPRETER["gemm"]
         kernel[(tiles_of(meta),)](*args, **kwargs, **meta)
+    elif record:
+        candidates = configs.gemm_candidates(record.capability, configs.is_four_bit(kwargs["FMT"]))
+        for index, config in enumerate(candidates):
+            options = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            record.launches.append(Launch(kernel, (tiles_of(config.kwargs),), args, {**kwargs, **options}, index))
     else:
-        tuned = _autotuned(kernel, torch.cuda.get_device_capability(device), configs.is_four_bit(kwargs["FMT"]))
+        tuned = _autotuned(kernel, _capability(device), configs.is_four_bit(kwargs["FMT"]))
         tuned[lambda meta: (tiles_of(meta),)](*args, **kwargs)
 
 
@@ -124,7 +189,7 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
         shrink_r = min(block_r, 128)
         meta, options = _skinny("shrink", configs.shrink_config(m, block_r))
         grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, shrink_r))
-        lora_shrink_kernel[grid](x, lora_A, u, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), u.stride(0),
+        _run(lora_shrink_kernel, grid, x, lora_A, u, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), u.stride(0),
                                  **_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0,
                                  LORA_DOT=constexprs["LORA_DOT"], LORA_PRECISION=constexprs["LORA_PRECISION"],
                                  BLOCK_R=shrink_r, **meta, **options)
@@ -149,7 +214,7 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     y_out = y if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     u_out = u if split_k == 1 else torch.zeros((m, r), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), split_k)
-    lora_small_m_kernel[grid](x, *w.pointers, lora_A, lora_B, bias, y_out, u_out, m, n, k, r, float(scaling),
+    _run(lora_small_m_kernel, grid, x, *w.pointers, lora_A, lora_B, bias, y_out, u_out, m, n, k, r, float(scaling),
                              **_dropout_args(seed=seed, dropout_p=dropout_p),
                              stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride_n,
                              stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
@@ -203,7 +268,7 @@ def _grad_u(grad_y, u, lora_B, du, scaling, block_r, dots) -> torch.Tensor:
     atomic = _reduce_with_atomics()
     partials = torch.zeros((1, n, r), dtype=torch.float32, device=u.device) if atomic \
         else new_output((programs, n, r), torch.float32, u.device)
-    lora_grad_u_kernel[(programs,)](grad_y, u, lora_B, du, partials, m, n, r, float(scaling),
+    _run(lora_grad_u_kernel, (programs,), grad_y, u, lora_B, du, partials, m, n, r, float(scaling),
                                     grad_y.stride(0), u.stride(0), lora_B.stride(0), du.stride(0),
                                     partials.stride(0), partials.stride(1), ATOMIC_DB=atomic,
                                     LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"],
@@ -220,7 +285,7 @@ def _grad_a(du, x, block_r, dots, mask_args, has_dropout) -> torch.Tensor:
         split_m = configs.INTERPRETER["grad_a_split_m"]
     partials = new_output((split_m, r, k), torch.float32, x.device)
     grid = (triton.cdiv(k, meta["BLOCK_K"]), split_m)
-    lora_grad_a_kernel[grid](du, x, partials, m, k, r, *mask_args.values(), du.stride(0), x.stride(0), x.stride(1),
+    _run(lora_grad_a_kernel, grid, du, x, partials, m, k, r, *mask_args.values(), du.stride(0), x.stride(0), x.stride(1),
                              partials.stride(0), partials.stride(1), HAS_DROPOUT=has_dropout,
                              LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"], SPLIT_M=split_m,
                              BLOCK_R=block_r, **meta, **options)

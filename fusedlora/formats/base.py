@@ -160,7 +160,7 @@ def check_dense_weight(weight, name: str = "weight") -> Tensor:
 
 
 def check_finite_for_quantization(weight: Tensor, fmt: str) -> None:
-    if not torch.isfinite(weight).all():
+    if not weight.is_meta and not torch.isfinite(weight).all():  # meta: shapes and dtypes only
         raise ValueError(
             f"weight holds NaN or Inf values, which the {fmt!r} format cannot represent "
             "(its scales would become NaN); clean the weight or use fmt='dense'"

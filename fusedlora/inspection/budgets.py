@@ -1,0 +1,76 @@
+"""The CI gate on compiled code: bench/budgets.json holds, per GPU architecture and per kernel
+(and weight format), the most main-loop instructions per dequantized weight element (per warp
+and iteration for kernels that read no weight), the most gathers (global loads of <= 4 bytes)
+per element, no spills, and the fewest CTAs per SM. The limits start at the figures of the code
+they were written from (a ratchet: `python -m fusedlora inspect --write-budgets` lowers them to
+today's figures once a change improves them); `targets` lists what the performance issues must reach.
+"""
+
+import json
+import math
+from pathlib import Path
+
+BUDGETS = Path(__file__).resolve().parents[2] / "bench" / "budgets.json"
+TOLERANCE = 0.02  # toolchain noise: a limit is exceeded only by more than this fraction
+_WEIGHT_KERNELS = ("lora_forward_kernel", "lora_grad_x_kernel", "lora_small_m_kernel")
+_MOST = ("instructions_per_element", "scalar_loads_per_element", "loop_instructions", "local_bytes")
+
+
+def budget_key(kernel: str, fmt: str) -> str:
+    """Kernels that read the weight have a budget per format; the LoRA kernels one in all."""
+    return f"{kernel}/{fmt}" if kernel in _WEIGHT_KERNELS else kernel
+
+
+def measured(report) -> dict:
+    """The JSON row of a `KernelReport`: what the budgets limit, and the counts behind them."""
+    loop = report.loop
+    return dict(kernel=report.kernel, candidate=report.candidate, warps=report.warps, stages=report.stages,
+                registers=report.registers, local_bytes=report.local_bytes, shared_bytes=report.shared_bytes,
+                ctas_per_sm=report.ctas_per_sm, instructions=report.instructions,
+                loop_instructions=loop.instructions, loop_by_class=loop.by_class,
+                global_loads_by_width=loop.global_loads_by_width, async_copies_by_width=loop.async_copies_by_width,
+                tensor_ops=loop.tensor_ops, wgmma_wait_depth=loop.wgmma_wait_depth,
+                weight_elements_per_iteration=report.work.weight_elements,
+                instructions_per_element=report.per_element, scalar_loads_per_element=report.scalar_loads_per_element,
+                instructions_per_mma=report.per_mma,
+                model_seconds=dict(issue=report.time.issue, tensor=report.time.tensor, memory=report.time.memory,
+                                   total=report.time.total, bound=report.time.bound))
+
+
+def load(path: Path = BUDGETS) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no budget file at {path}: the budgets live in a checkout of the repository")
+    return json.loads(path.read_text())
+
+
+def check(rows: list[dict], arch: int, budgets: dict = None) -> list[str]:
+    """Every way the kernels in `rows` exceed the budgets of sm_`arch` (empty: within them)."""
+    limits = (budgets or load())["limits"].get(str(arch), {})
+    violations = []
+    for row in rows:
+        limit = limits.get(row["key"])
+        if limit is None:
+            violations.append(f"sm_{arch} {row['key']}: no budget (add one with --write-budgets)")
+            continue
+        for name in _MOST:
+            if name in limit and row[name] is not None and row[name] > limit[name] * (1 + TOLERANCE):
+                violations.append(f"sm_{arch} {row['key']} ({row['case']}): {name} {row[name]:.3g} > budget {limit[name]}")
+        if row["ctas_per_sm"] < limit.get("min_ctas_per_sm", 1):
+            violations.append(f"sm_{arch} {row['key']} ({row['case']}): {row['ctas_per_sm']} CTAs per SM "
+                              f"< budget {limit['min_ctas_per_sm']}")
+    return violations
+
+
+def write(results: dict, path: Path = BUDGETS) -> None:
+    """Set the limits of the inspected architectures to the worst figure of each key in `results`."""
+    budgets = load(path) if path.is_file() else {"limits": {}, "targets": {}}
+    for arch, inspected in results["archs"].items():
+        limits = budgets["limits"].setdefault(arch, {})
+        for row in inspected["kernels"]:
+            limit = limits.setdefault(row["key"], {"local_bytes": 0})
+            for name in ("instructions_per_element", "scalar_loads_per_element", "loop_instructions"):
+                if row[name] is not None and (name != "loop_instructions" or row["instructions_per_element"] is None):
+                    limit[name] = max(limit.get(name, 0.0), math.ceil(row[name] * 1000) / 1000)
+            limit["min_ctas_per_sm"] = min(limit.get("min_ctas_per_sm", row["ctas_per_sm"]), row["ctas_per_sm"])
+    budgets["measured_with"] = {"commit": results["commit"], **results["versions"]}
+    path.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")

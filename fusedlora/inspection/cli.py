@@ -1,0 +1,169 @@
+"""`python -m fusedlora inspect`: the compiled Triton kernels of the headline cases, counted from
+their SASS, and a MODEL of their speed on a GPU this machine may not have.
+
+    python -m fusedlora inspect [--arch 90 80] [--formats nf4 int8 ...] [--json PATH] [--check]
+                                [--write-budgets]
+
+Prints one row per compiled kernel (registers, spills, shared memory, CTAs per SM, main-loop
+instructions per warp and iteration, thread instructions per dequantized weight element, gathers
+per element, instructions per MMA, wgmma wait depth), then the MODEL's estimates for the headline
+cases against their targets. `--check` exits 1 when a kernel exceeds bench/budgets.json.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..benchmark.cases import LLAMA3_8B, Case
+from .budgets import BUDGETS, budget_key, check, measured, write
+from .kernels import DROPOUT, record_case
+from .model import GPUS, bf16_linear_seconds
+from .sass import cuobjdump
+
+TRAINING_ROWS = 8192
+DECODE_ROWS = (1, 16)
+SHAPES = ("up_proj", "q_proj")
+FORMATS = ("nf4", "fp4", "int8", "fp8", "dense")
+TARGETS = {"training_ratio": 1.10, "decode_copy_fraction": {"up_proj": 0.75, "q_proj": 0.60}}
+
+
+def headline_cases(formats) -> list[Case]:
+    return [Case(shape, m, *LLAMA3_8B[shape], 16, fmt) for fmt in formats for shape in SHAPES
+            for m in (TRAINING_ROWS, *DECODE_ROWS)]
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def inspect(arch: int, formats) -> dict:
+    """{"kernels": [row per distinct compiled kernel], "cases": [MODEL estimate per case]}."""
+    from .kernels import inspect_launch
+
+    gpu = GPUS[arch]
+    compiled = {}  # (kernel, fmt, specialization) -> report: one compile per distinct kernel
+    kernels, cases = [], []
+    for case in headline_cases(formats):
+        if case.fmt == "fp8" and arch < 89:
+            continue
+        seconds = 0.0
+        for launch in record_case(case, gpu):
+            if launch.candidate not in (None, 0):  # the first autotuning candidate stands for the GEMM
+                continue
+            report = inspect_launch(launch, gpu)
+            key = (report.kernel, case.fmt, id(report.loop))  # the same loop object: the same compiled code
+            if key not in compiled:
+                compiled[key] = report
+                kernels.append(dict(key=budget_key(report.kernel, case.fmt), fmt=case.fmt, case=case.label,
+                                    **measured(report)))
+            seconds += report.time.total + gpu.launch_seconds
+            if report.kernel == "lora_small_m_kernel" and launch.kwargs.get("SPLIT_K", 1) > 1:
+                seconds += 4 * gpu.launch_seconds  # two zero fills and two copies around the split-K launch
+        cases.append(_case_estimate(case, gpu, seconds))
+    return {"kernels": kernels, "cases": cases}
+
+
+def _case_estimate(case: Case, gpu, seconds: float) -> dict:
+    row = dict(case=case.label, shape=case.shape, m=case.m, fmt=case.fmt, model_seconds=seconds)
+    if case.decode:
+        weight_bytes = _weight_bytes(case)
+        row["model_copy_fraction"] = weight_bytes / seconds / gpu.copy_bandwidth
+        row["target_copy_fraction"] = TARGETS["decode_copy_fraction"][case.shape]
+        row["model_speedup_over_bf16_linear"] = bf16_linear_seconds(gpu, case.m, case.n, case.k) / seconds
+    else:
+        baseline = 2 * bf16_linear_seconds(gpu, case.m, case.n, case.k)  # forward + dgrad
+        row["model_bf16_forward_dgrad_seconds"] = baseline
+        row["model_ratio_to_bf16"] = seconds / baseline
+        row["target_ratio_to_bf16"] = TARGETS["training_ratio"]
+    return row
+
+
+def _weight_bytes(case: Case) -> float:
+    elements = case.n * case.k
+    per_element = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0, "fp8": 1.0, "dense": 2.0}[case.fmt]
+    scales = {"nf4": elements / 64, "fp4": elements / 64, "int8": 4 * case.n, "fp8": 4 * case.n, "dense": 0}[case.fmt]
+    return elements * per_element + scales
+
+
+def _cell(value, width: int, decimals: int) -> str:
+    return format("-" if value is None else f"{value:.{decimals}f}", f">{width}")
+
+
+def _print_kernels(rows, arch) -> None:
+    print(f"sm_{arch}: compiled kernels (counts from SASS; /elem = thread instructions per dequantized weight "
+          "element in the main loop, gather = loads of <= 4 bytes per element, wait = wgmma wait depth)")
+    print(f"  {'kernel':26s} {'case':36s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'CTA/SM':>6s} "
+          f"{'loop':>5s} {'/elem':>6s} {'gather':>6s} {'/MMA':>6s} {'wait':>4s}")
+    for row in rows:
+        print(f"  {row['key']:26s} {row['case']:36s} {row['registers']:4d} {row['local_bytes']:5d} "
+              f"{row['shared_bytes']:7d} {row['ctas_per_sm']:6d} {row['loop_instructions']:5d} "
+              f"{_cell(row['instructions_per_element'], 6, 1)} {_cell(row['scalar_loads_per_element'], 6, 2)} "
+              f"{_cell(row['instructions_per_mma'], 6, 1)} {_cell(row['wgmma_wait_depth'], 4, 0)}")
+
+
+def _print_cases(rows, arch) -> None:
+    gpu = GPUS[arch]
+    print(f"\nsm_{arch}: MODEL estimates for {gpu.name} (not measurements; assumptions in "
+          f"fusedlora/inspection/model.py), r=16, bf16, dropout {DROPOUT}")
+    for row in rows:
+        if "model_ratio_to_bf16" in row:
+            print(f"  {row['case']:40s} fwd+bwd {row['model_seconds'] * 1e3:8.3f} ms (model)  "
+                  f"{row['model_ratio_to_bf16']:5.2f}x bf16 F.linear fwd+dgrad (target <= {row['target_ratio_to_bf16']:.2f}x)")
+        else:
+            print(f"  {row['case']:40s} forward {row['model_seconds'] * 1e3:8.3f} ms (model)  "
+                  f"{row['model_copy_fraction']:6.1%} of copy bandwidth (target >= {row['target_copy_fraction']:.0%}), "
+                  f"{row['model_speedup_over_bf16_linear']:4.2f}x bf16 F.linear")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedlora inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(GPUS),
+                        help="compute capabilities to compile for (default: 90)")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--json", type=Path, help="write the results here (default: bench/results/static/)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a kernel exceeds bench/budgets.json")
+    parser.add_argument("--write-budgets", action="store_true",
+                        help="set bench/budgets.json's limits to today's figures (lower them, never raise them)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    import torch
+    import triton
+
+    results = {"commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                            "triton": triton.__version__, "cuobjdump": cuobjdump()},
+               "kind": "static inspection and MODEL estimates, not measurements", "archs": {}}
+    violations = []
+    for arch in args.arch:
+        inspected = inspect(arch, args.formats)
+        results["archs"][str(arch)] = {"gpu": asdict(GPUS[arch]), **inspected}
+        _print_kernels(inspected["kernels"], arch)
+        _print_cases(inspected["cases"], arch)
+    path = args.json or Path("bench/results/static") / f"inspect-{results['commit'][:10]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {path}")
+    if args.write_budgets:
+        write(results)
+        print(f"wrote {BUDGETS}")
+    for arch, inspected in results["archs"].items():
+        violations += check(inspected["kernels"], int(arch))
+    for violation in violations:
+        print(f"over budget: {violation}")
+    return 1 if args.check and violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The cost model's inspection: SASS parsing on hand-written text, occupancy arithmetic, and the
+real command compiling today's kernels for sm_90 within bench/budgets.json (the CI gate), plus a
+regression the gate must catch."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fusedlora.inspection import sass  # noqa: E402
+from fusedlora.inspection.model import GPUS, ctas_per_sm  # noqa: E402
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+        /*0020*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R10], desc[UR4][R12.64] ;
+        /*0050*/                   LDGSTS.E [R11], desc[UR4][R14.64] ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0070*/                   NOP ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0090*/                   PRMT R5, R2, 0x7604, R5 ;
+        /*00a0*/               @P0 BRA 0x10 ;
+        /*00b0*/                   FFMA R1, R2, R3, R4 ;
+        /*00c0*/                   BRA 0xc0;
+"""
+
+
+def test_the_main_loop_is_the_backward_branch_holding_the_mma_and_is_counted_by_class():
+    instructions = sass.parse(SASS)
+    assert len(instructions) == 12  # the NOP is padding, not work
+    body = sass.main_loop(instructions)
+    assert [i.address for i in body] == [0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x80, 0x90, 0xa0]
+    counts = sass.count(body)
+    assert counts.instructions == 9
+    assert counts.by_class == {"global_load": 2, "integer": 1, "async_copy": 2, "tensor": 1, "barrier": 1,
+                               "convert": 1, "control": 1}
+    assert counts.global_loads_by_width == {1: 1, 16: 1}
+    assert counts.async_copies_by_width == {16: 1, 4: 1}
+    assert counts.scalar_global_loads == 2  # the byte load and the 4-byte copy
+    assert counts.tensor_ops == {"HGMMA.64x128x16.F32.BF16": 1}
+    assert counts.wgmma_wait_depth == 1
+    assert counts.per_element(counts.instructions, warps=8, elements=128 * 64) == pytest.approx(9 * 8 * 32 / 8192)
+
+
+def test_ctas_per_sm_takes_the_tightest_of_registers_shared_memory_and_threads():
+    h200 = GPUS[90]
+    assert ctas_per_sm(h200, registers=128, warps=4, shared_bytes=0) == 4  # 128·32·4 registers per CTA
+    assert ctas_per_sm(h200, registers=32, warps=4, shared_bytes=100 * 1024) == 2  # 101 KB each of 228 KB
+    assert ctas_per_sm(h200, registers=32, warps=32, shared_bytes=0) == 2  # 1024 threads each of 2048
+    assert ctas_per_sm(h200, registers=255, warps=8, shared_bytes=0) == 1
+
+
+def _env() -> dict:
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect") / "inspect.json"
+    result = subprocess.run([sys.executable, "-m", "fusedlora", "inspect", "--check", "--json", str(out)],
+                            capture_output=True, text=True, env=_env(), timeout=900)
+    return result, (json.loads(out.read_text()) if out.is_file() else None)
+
+
+def test_todays_kernels_are_within_their_budgets(inspected):
+    result, _ = inspected
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "over budget" not in result.stdout
+
+
+def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspected):
+    result, report = inspected
+    assert report is not None, result.stderr[-4000:]
+    kernels = report["archs"]["90"]["kernels"]
+    by_key = {row["key"]: row for row in kernels}
+    assert {"lora_forward_kernel/nf4", "lora_grad_x_kernel/nf4", "lora_small_m_kernel/nf4", "lora_shrink_kernel",
+            "lora_grad_u_kernel", "lora_grad_a_kernel", "lora_forward_kernel/dense"} <= set(by_key)
+    assert all(row["local_bytes"] == 0 and row["ctas_per_sm"] >= 1 for row in kernels)
+    # The Hopper GEMMs run on wgmma; dequantizing nf4 costs more per element than reading bf16.
+    assert all("HGMMA" in "".join(by_key[f"lora_{k}_kernel/{f}"]["tensor_ops"]) for k in ("forward", "grad_x")
+               for f in ("nf4", "dense"))
+    assert by_key["lora_forward_kernel/nf4"]["instructions_per_element"] > by_key["lora_forward_kernel/dense"][
+        "instructions_per_element"]
+    assert "MODEL" in result.stdout and report["kind"].startswith("static inspection and MODEL estimates")
+    # Calibration: the dense Triton path lands near a cuBLAS-class bf16 GEMM pair.
+    dense = [c for c in report["archs"]["90"]["cases"] if c["fmt"] == "dense" and c["m"] == 8192]
+    assert dense and all(0.9 < c["model_ratio_to_bf16"] < 1.3 for c in dense), dense
+
+
+REGRESSION = textwrap.dedent("""
+    import dataclasses
+    from fusedlora.benchmark.cases import Case
+    from fusedlora.inspection.budgets import budget_key, check, measured
+    from fusedlora.inspection.compile import signature_of
+    from fusedlora.inspection.kernels import inspect_launch, record_case
+    from fusedlora.inspection.model import GPUS
+
+    gpu = GPUS[90]
+    launches = record_case(Case("up_proj", 8192, 4096, 14336, 16, "nf4"), gpu)
+    forward = next(l for l in launches if l.kernel.fn.__name__ == "lora_forward_kernel" and l.candidate == 0)
+    # x is contiguous: a launch turns stride_xk == 1 into a constant, and so does the inspection.
+    assert signature_of(forward, 90)["stride_xk"] == "constexpr"
+    shipped = inspect_launch(forward, gpu)
+    assert check([dict(key=budget_key(shipped.kernel, "nf4"), case="shipped", **measured(shipped))], 90) == []
+    # The regression: one absmax gather per element instead of one per row and tile.
+    gathering = dataclasses.replace(forward, kwargs={**forward.kwargs, "K_ALIGNED": False})
+    report = inspect_launch(gathering, gpu)
+    violations = check([dict(key=budget_key(report.kernel, "nf4"), case="regression", **measured(report))], 90)
+    print("\\n".join(violations))
+""")
+
+
+def test_the_gate_catches_a_kernel_that_gathers_more_per_element():
+    result = subprocess.run([sys.executable, "-c", REGRESSION], capture_output=True, text=True, env=_env(),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "lora_forward_kernel/nf4 (regression): instructions_per_element" in result.stdout, result.stdout
