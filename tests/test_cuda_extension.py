@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusedlora.inspection.sass import cuobjdump
+
 ROOT = Path(__file__).resolve().parents[1]
-CUOBJDUMP_CANDIDATES = ["/usr/local/cuda/bin/cuobjdump"]
 
 
 def _run(args, cwd=ROOT, **kwargs):
@@ -122,18 +123,10 @@ def test_the_cuda_backend_says_why_it_cannot_run_here(installed):
     assert result.stdout.splitlines() == ["takes CUDA tensors only", "no CUDA device is available"]
 
 
-def _cuobjdump() -> str:
-    bundled = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    for candidate in [*CUOBJDUMP_CANDIDATES, str(bundled), shutil.which("cuobjdump") or ""]:
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise AssertionError("no cuobjdump found (CUDA toolkit or Triton's bundled copy)")
-
-
 def test_no_kernel_spills_registers(installed):
     _, site = installed
     library = next((site / "fusedlora").glob("_C*.so"))
-    report = _run([_cuobjdump(), "--dump-resource-usage", str(library)], timeout=120).stdout
+    report = _run([cuobjdump(), "--dump-resource-usage", str(library)], timeout=120).stdout
     kernels = [line for line in report.splitlines() if "Function" in line]
     usages = [line for line in report.splitlines() if "REG:" in line]
     assert len(kernels) == len(usages) >= 30, report

@@ -118,12 +118,16 @@ def select_backend(problem: Problem) -> Backend:
 def gpu_refusal(problem: Problem) -> Optional[str]:
     """Why a GPU kernel family cannot run `problem` on its CUDA device, or None: compute capability
     8.0 (fp8 weights 8.9), then `kernel_refusal`."""
-    capability = torch.cuda.get_device_capability(problem.device)
+    return capability_refusal(torch.cuda.get_device_capability(problem.device), problem.fmt) or kernel_refusal(problem)
+
+
+def capability_refusal(capability: tuple[int, int], fmt: str) -> Optional[str]:
+    """Why a GPU of `capability` cannot run the kernels on `fmt` weights, or None."""
     if capability < (8, 0):
         return f"needs a GPU of compute capability 8.0 or newer, got {capability}"
-    if problem.fmt == "fp8" and capability < (8, 9):
+    if fmt == "fp8" and capability < (8, 9):
         return f"fp8 weights need compute capability 8.9 or newer, got {capability}"
-    return kernel_refusal(problem)
+    return None
 
 
 def kernel_refusal(problem: Problem) -> Optional[str]:

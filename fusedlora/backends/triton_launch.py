@@ -131,11 +131,6 @@ def _run(kernel, grid, *args, **kwargs) -> None:
         record.launches.append(Launch(kernel, tuple(grid), args, kwargs))
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    record = _RECORDING.get()
-    return record.capability if record else torch.cuda.get_device_capability(device)
-
-
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel, capability: tuple[int, int], four_bit: bool):
     return triton.autotune(configs=configs.gemm_candidates(capability, four_bit), key=configs.AUTOTUNE_KEY)(kernel)
@@ -153,7 +148,7 @@ def _launch_gemm(kernel, tiles_of, device, *args, **kwargs):
             options = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
             record.launches.append(Launch(kernel, (tiles_of(config.kwargs),), args, {**kwargs, **options}, index))
     else:
-        tuned = _autotuned(kernel, _capability(device), configs.is_four_bit(kwargs["FMT"]))
+        tuned = _autotuned(kernel, torch.cuda.get_device_capability(device), configs.is_four_bit(kwargs["FMT"]))
         tuned[lambda meta: (tiles_of(meta),)](*args, **kwargs)
 
 
@@ -190,9 +185,9 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
         meta, options = _skinny("shrink", configs.shrink_config(m, block_r))
         grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, shrink_r))
         _run(lora_shrink_kernel, grid, x, lora_A, u, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), u.stride(0),
-                                 **_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0,
-                                 LORA_DOT=constexprs["LORA_DOT"], LORA_PRECISION=constexprs["LORA_PRECISION"],
-                                 BLOCK_R=shrink_r, **meta, **options)
+             **_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0,
+             LORA_DOT=constexprs["LORA_DOT"], LORA_PRECISION=constexprs["LORA_PRECISION"],
+             BLOCK_R=shrink_r, **meta, **options)
     else:
         u.zero_()
     _launch_gemm(lora_forward_kernel,
@@ -215,11 +210,11 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     u_out = u if split_k == 1 else torch.zeros((m, r), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), split_k)
     _run(lora_small_m_kernel, grid, x, *w.pointers, lora_A, lora_B, bias, y_out, u_out, m, n, k, r, float(scaling),
-                             **_dropout_args(seed=seed, dropout_p=dropout_p),
-                             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride_n,
-                             stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
-                             stride_um=u_out.stride(0), HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split_k,
-                             BLOCK_M=SMALL_M, **constexprs, **meta, **options)
+         **_dropout_args(seed=seed, dropout_p=dropout_p),
+         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride_n,
+         stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
+         stride_um=u_out.stride(0), HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split_k,
+         BLOCK_M=SMALL_M, **constexprs, **meta, **options)
     if split_k > 1:
         y.copy_(y_out)
         u.copy_(u_out)
@@ -256,7 +251,8 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), x.device,
                  grad_y, *w.pointers, du, lora_A, grad_x, m, n, k, r, *mask_args.values(),
                  grad_y.stride(0), w.stride_n, du.stride(0) if has_lora else 0, lora_A.stride(0), grad_x.stride(0),
-                 configs.m_bucket(m), **_weight_constexprs(w, k), HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, **dots)
+                 configs.m_bucket(m), **_weight_constexprs(w, k), HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0,
+                 BLOCK_R=block_r, **dots)
     return grad_x, grad_A, grad_B
 
 
@@ -269,10 +265,10 @@ def _grad_u(grad_y, u, lora_B, du, scaling, block_r, dots) -> torch.Tensor:
     partials = torch.zeros((1, n, r), dtype=torch.float32, device=u.device) if atomic \
         else new_output((programs, n, r), torch.float32, u.device)
     _run(lora_grad_u_kernel, (programs,), grad_y, u, lora_B, du, partials, m, n, r, float(scaling),
-                                    grad_y.stride(0), u.stride(0), lora_B.stride(0), du.stride(0),
-                                    partials.stride(0), partials.stride(1), ATOMIC_DB=atomic,
-                                    LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"],
-                                    BLOCK_R=block_r, **meta, **options)
+         grad_y.stride(0), u.stride(0), lora_B.stride(0), du.stride(0),
+         partials.stride(0), partials.stride(1), ATOMIC_DB=atomic,
+         LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"],
+         BLOCK_R=block_r, **meta, **options)
     return partials.sum(dim=0)
 
 
@@ -285,8 +281,8 @@ def _grad_a(du, x, block_r, dots, mask_args, has_dropout) -> torch.Tensor:
         split_m = configs.INTERPRETER["grad_a_split_m"]
     partials = new_output((split_m, r, k), torch.float32, x.device)
     grid = (triton.cdiv(k, meta["BLOCK_K"]), split_m)
-    _run(lora_grad_a_kernel, grid, du, x, partials, m, k, r, *mask_args.values(), du.stride(0), x.stride(0), x.stride(1),
-                             partials.stride(0), partials.stride(1), HAS_DROPOUT=has_dropout,
-                             LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"], SPLIT_M=split_m,
-                             BLOCK_R=block_r, **meta, **options)
+    _run(lora_grad_a_kernel, grid, du, x, partials, m, k, r, *mask_args.values(), du.stride(0), x.stride(0),
+         x.stride(1), partials.stride(0), partials.stride(1), HAS_DROPOUT=has_dropout,
+         LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"], SPLIT_M=split_m,
+         BLOCK_R=block_r, **meta, **options)
     return partials.sum(dim=0)

@@ -54,7 +54,8 @@ def check(rows: list[dict], arch: int, budgets: dict = None) -> list[str]:
             continue
         for name in _MOST:
             if name in limit and row[name] is not None and row[name] > limit[name] * (1 + TOLERANCE):
-                violations.append(f"sm_{arch} {row['key']} ({row['case']}): {name} {row[name]:.3g} > budget {limit[name]}")
+                violations.append(f"sm_{arch} {row['key']} ({row['case']}): {name} {row[name]:.3g} "
+                                  f"> budget {limit[name]}")
         if row["ctas_per_sm"] < limit.get("min_ctas_per_sm", 1):
             violations.append(f"sm_{arch} {row['key']} ({row['case']}): {row['ctas_per_sm']} CTAs per SM "
                               f"< budget {limit['min_ctas_per_sm']}")

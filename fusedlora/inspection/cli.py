@@ -20,9 +20,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
+from ..backends.registry import capability_refusal
 from ..benchmark.cases import LLAMA3_8B, Case
+from ..formats import quantize
 from .budgets import BUDGETS, budget_key, check, measured, write
-from .kernels import DROPOUT, record_case
+from .kernels import DROPOUT, DTYPE, inspect_launch, record_case
 from .model import GPUS, bf16_linear_seconds
 from .sass import cuobjdump
 
@@ -49,22 +53,19 @@ def _commit() -> str:
 
 def inspect(arch: int, formats) -> dict:
     """{"kernels": [row per distinct compiled kernel], "cases": [MODEL estimate per case]}."""
-    from .kernels import inspect_launch
-
     gpu = GPUS[arch]
-    compiled = {}  # (kernel, fmt, specialization) -> report: one compile per distinct kernel
+    seen = set()  # specializations: one row per distinct compiled kernel
     kernels, cases = [], []
     for case in headline_cases(formats):
-        if case.fmt == "fp8" and arch < 89:
+        if capability_refusal((arch // 10, arch % 10), case.fmt):
             continue
         seconds = 0.0
         for launch in record_case(case, gpu):
             if launch.candidate not in (None, 0):  # the first autotuning candidate stands for the GEMM
                 continue
             report = inspect_launch(launch, gpu)
-            key = (report.kernel, case.fmt, id(report.loop))  # the same loop object: the same compiled code
-            if key not in compiled:
-                compiled[key] = report
+            if report.specialization not in seen:
+                seen.add(report.specialization)
                 kernels.append(dict(key=budget_key(report.kernel, case.fmt), fmt=case.fmt, case=case.label,
                                     **measured(report)))
             seconds += report.time.total + gpu.launch_seconds
@@ -77,7 +78,7 @@ def inspect(arch: int, formats) -> dict:
 def _case_estimate(case: Case, gpu, seconds: float) -> dict:
     row = dict(case=case.label, shape=case.shape, m=case.m, fmt=case.fmt, model_seconds=seconds)
     if case.decode:
-        weight_bytes = _weight_bytes(case)
+        weight_bytes = quantize(torch.empty((case.n, case.k), device="meta", dtype=DTYPE), case.fmt).nbytes
         row["model_copy_fraction"] = weight_bytes / seconds / gpu.copy_bandwidth
         row["target_copy_fraction"] = TARGETS["decode_copy_fraction"][case.shape]
         row["model_speedup_over_bf16_linear"] = bf16_linear_seconds(gpu, case.m, case.n, case.k) / seconds
@@ -87,13 +88,6 @@ def _case_estimate(case: Case, gpu, seconds: float) -> dict:
         row["model_ratio_to_bf16"] = seconds / baseline
         row["target_ratio_to_bf16"] = TARGETS["training_ratio"]
     return row
-
-
-def _weight_bytes(case: Case) -> float:
-    elements = case.n * case.k
-    per_element = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0, "fp8": 1.0, "dense": 2.0}[case.fmt]
-    scales = {"nf4": elements / 64, "fp4": elements / 64, "int8": 4 * case.n, "fp8": 4 * case.n, "dense": 0}[case.fmt]
-    return elements * per_element + scales
 
 
 def _cell(value, width: int, decimals: int) -> str:
@@ -119,7 +113,8 @@ def _print_cases(rows, arch) -> None:
     for row in rows:
         if "model_ratio_to_bf16" in row:
             print(f"  {row['case']:40s} fwd+bwd {row['model_seconds'] * 1e3:8.3f} ms (model)  "
-                  f"{row['model_ratio_to_bf16']:5.2f}x bf16 F.linear fwd+dgrad (target <= {row['target_ratio_to_bf16']:.2f}x)")
+                  f"{row['model_ratio_to_bf16']:5.2f}x bf16 F.linear fwd+dgrad "
+                  f"(target <= {row['target_ratio_to_bf16']:.2f}x)")
         else:
             print(f"  {row['case']:40s} forward {row['model_seconds'] * 1e3:8.3f} ms (model)  "
                   f"{row['model_copy_fraction']:6.1%} of copy bandwidth (target >= {row['target_copy_fraction']:.0%}), "
@@ -138,7 +133,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    import torch
     import triton
 
     results = {"commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -88,6 +88,7 @@ class KernelReport:
     """One compiled launch: resources, main-loop counts (per warp, per iteration), work, MODEL time."""
 
     kernel: str
+    specialization: tuple  # what the compiled code depends on: equal for two launches, the same code
     candidate: Optional[int]
     warps: int
     stages: int
@@ -123,11 +124,14 @@ class KernelReport:
 _COMPILED: dict = {}  # specialization -> (resources, instruction count, loop counts, warps, stages, shared)
 
 
-def _compiled_counts(launch, gpu: Gpu) -> tuple:
-    """Compile and count once per distinct specialization (shapes differ, the code often not)."""
-    source, options = specialize(launch, gpu.arch)
-    key = (gpu.arch, launch.kernel.fn.__name__, repr(source.signature), repr(source.constants),
-           repr(sorted(options.items())))
+def specialization_key(launch, arch: int) -> tuple:
+    source, options = specialize(launch, arch)
+    return (arch, launch.kernel.fn.__name__, repr(source.signature), repr(source.constants),
+            repr(sorted(options.items())))
+
+
+def _compiled_counts(launch, gpu: Gpu, key: tuple) -> tuple:
+    """Compile and count once per distinct specialization `key` (shapes differ, the code often not)."""
     if key not in _COMPILED:
         compiled = compile_launch(launch, gpu.arch)
         text, usage = sass.disassemble(compiled.asm["cubin"])
@@ -142,12 +146,13 @@ def _compiled_counts(launch, gpu: Gpu) -> tuple:
 def inspect_launch(launch, gpu: Gpu) -> KernelReport:
     """Compile `launch` for `gpu`, read its SASS, and estimate its time (a MODEL)."""
     name = launch.kernel.fn.__name__
-    resources, instructions, loop, warps, stages, shared = _compiled_counts(launch, gpu)
+    key = specialization_key(launch, gpu.arch)
+    resources, instructions, loop, warps, stages, shared = _compiled_counts(launch, gpu, key)
     work = work_of(name, bound_arguments(launch, gpu.arch), launch.grid)
     warp_instructions = work.programs * warps * (loop.instructions * work.trips + instructions - loop.instructions)
     overlapped = loop.wgmma_wait_depth is not None and loop.wgmma_wait_depth > 0
     time = kernel_time(gpu, warp_instructions=warp_instructions, flops=work.flops, bytes_moved=work.bytes_moved,
                        overlapped=overlapped)
-    return KernelReport(name, launch.candidate, warps, stages, resources["registers"], resources["local_bytes"],
+    return KernelReport(name, key, launch.candidate, warps, stages, resources["registers"], resources["local_bytes"],
                         shared, ctas_per_sm(gpu, resources["registers"], warps, shared), instructions, loop,
                         work, time)
