@@ -23,8 +23,8 @@ def _gemm(bm, bn, bk, warps, stages, group=8):
 
 
 # Every candidate below compiles without spills and within a block's shared memory, on sm_90 and
-# sm_80, under Triton 3.8 and 3.6 (`python -m fusedlora.kernels.aot --all-candidates --check`
-# under each; tests/test_triton_compile.py checks the first ones in CI under both). The 4-bit
+# sm_80, under Triton 3.8 and 3.6 (`python -m fusedlora inspect --arch 90 80 --all-candidates
+# --check` under each; tests/test_inspection.py checks the first ones in CI under both). The 4-bit
 # formats' dequantization takes registers of its own, so they get lists of their own, and Triton
 # before 3.8 (3.6 ships with torch 2.11, the oldest supported torch and the GPU machine's) fits
 # their main loops only at BLOCK_K = 32.
@@ -64,9 +64,9 @@ AMPERE_GEMM_4BIT = [
     _gemm(128, 64, 64, 4, 3),
     _gemm(64, 64, 64, 4, 3),
 ]
-AMPERE_GEMM_4BIT_BEFORE_3_8 = [
-    _gemm(128, 128, 32, 8, 3),
+AMPERE_GEMM_4BIT_BEFORE_3_8 = [  # 128x128 spills here as launched (x's unit stride a constant)
     _gemm(128, 64, 32, 8, 3),
+    _gemm(64, 128, 32, 4, 3),
     _gemm(64, 64, 32, 4, 4),
 ]
 
@@ -122,7 +122,7 @@ INTERPRETER = {
 
 
 # The skinny configs below compile without register spills on sm_90 and sm_80
-# (`python -m fusedlora.kernels.aot`; tests/test_triton_compile.py keeps it so).
+# (`python -m fusedlora inspect --check`; tests/test_inspection.py keeps it so).
 
 
 def shrink_config(m: int, block_r: int) -> SkinnyConfig:
@@ -133,11 +133,12 @@ def shrink_config(m: int, block_r: int) -> SkinnyConfig:
 def small_m_config(n: int, k: int, sm_count: int, four_bit: bool) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the small-M kernel: enough programs to keep every SM streaming W.
     BLOCK_K = 64 keeps a 4-bit tile within one absmax block per row (blocksize >= 64)."""
-    block_n = 64
+    # Before Triton 3.8 a 64-column tile of the 4-bit formats spills as launched (with 4 warps, and
+    # with 8 at M = 16); a 32-column tile fits.
+    block_n = 32 if four_bit and BEFORE_TRITON_3_8 else 64
     tiles = triton.cdiv(n, block_n)
     split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
-    warps = 8 if four_bit and BEFORE_TRITON_3_8 else 4  # 4 warps spill the 4-bit formats before Triton 3.8
-    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=warps, num_stages=3), split_k
+    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k
 
 
 def grad_u_config(m: int) -> SkinnyConfig:

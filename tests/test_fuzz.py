@@ -203,7 +203,7 @@ def test_the_ci_profile_draws_the_same_examples_whatever_else_is_imported():
 
     alone = draws()
     assert len(alone) == 300 and len(set(alone)) > 250
-    assert draws("fusedlora.benchmark.cli", "fusedlora.demo", "fusedlora.kernels.aot", "fusedlora.checkpoint") == alone
+    assert draws("fusedlora.benchmark.cli", "fusedlora.demo", "fusedlora.inspection.cli", "fusedlora.checkpoint") == alone
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """The package is whole wherever it is imported from: a wheel built from the checkout, a wheel
 built from the sdist, the test environment's own install, and the checkout root itself (where
 `python -m fusedlora ...` from the README runs, importing the source tree). In each, the kernels
-subpackage imports, `python -m fusedlora.kernels.aot` starts, and the top-level name `kernels`
+subpackage imports, `python -m fusedlora inspect` starts, and the top-level name `kernels`
 stays another distribution's: the repository's kernels/ folder must never shadow it."""
 
 import os
@@ -72,7 +72,7 @@ def other_kernels(tmp_path_factory) -> Path:
 
 SMOKE = textwrap.dedent("""
     import sys, torch, fusedlora
-    import fusedlora.kernels.forward, fusedlora.kernels.aot, fusedlora.backends.triton_launch, fusedlora.inspection.cli
+    import fusedlora.kernels.forward, fusedlora.backends.triton_launch, fusedlora.inspection.cli
     from fusedlora.demo import load_reviews
     import kernels
     expected_home, other_kernels = sys.argv[1:]
@@ -87,14 +87,14 @@ SMOKE = textwrap.dedent("""
 
 
 def _check_importable(cwd: Path, search_path: list, expected_home: Path, other_kernels: Path, isolated: bool) -> None:
-    """Run the smoke script and `python -m fusedlora.kernels.aot --help` from `cwd` with `search_path`
+    """Run the smoke script and `python -m fusedlora inspect --help` from `cwd` with `search_path`
     on PYTHONPATH; `isolated` (-S) leaves out the environment's site hooks (an editable install's finder)."""
     env = {**_build_env(), "PYTHONPATH": os.pathsep.join(map(str, search_path))}
     flags = ["-S"] if isolated else []
     smoke = _run([sys.executable, *flags, "-c", SMOKE, str(expected_home), str(other_kernels)], cwd, env, timeout=300)
     assert smoke.returncode == 0 and smoke.stdout.strip() == "ok", smoke.stderr[-3000:]
-    aot = _run([sys.executable, *flags, "-m", "fusedlora.kernels.aot", "--help"], cwd, env, timeout=300)
-    assert aot.returncode == 0 and "--arch" in aot.stdout, aot.stderr[-3000:]
+    inspect = _run([sys.executable, *flags, "-m", "fusedlora", "inspect", "--help"], cwd, env, timeout=300)
+    assert inspect.returncode == 0 and "--arch" in inspect.stdout, inspect.stderr[-3000:]
 
 
 @pytest.mark.parametrize("install", ["wheel", "sdist"])

@@ -4,10 +4,13 @@ their SASS, and a MODEL of their speed on a GPU this machine may not have.
     python -m fusedlora inspect [--arch 90 80] [--formats nf4 int8 ...] [--json PATH] [--check]
                                 [--write-budgets]
 
+    python -m fusedlora inspect --arch 90 80 --all-candidates --check   (every tile config)
+
 Prints one row per compiled kernel (registers, spills, shared memory, CTAs per SM, main-loop
 instructions per warp and iteration, thread instructions per dequantized weight element, gathers
 per element, instructions per MMA, wgmma wait depth), then the MODEL's estimates for the headline
-cases against their targets. `--check` exits 1 when a kernel exceeds bench/budgets.json.
+cases against their targets. `--check` exits 1 when a kernel spills, does not fit on an SM, or
+exceeds bench/budgets.json (see `fusedlora.inspection.budgets`).
 """
 
 import argparse
@@ -25,7 +28,7 @@ import torch
 from ..backends.registry import capability_refusal
 from ..benchmark.cases import LLAMA3_8B, Case
 from ..formats import quantize
-from .budgets import BUDGETS, budget_key, check, measured, write
+from .budgets import BUDGETS, budget_key, check, counts_comparable, load, measured, write
 from .kernels import DROPOUT, DTYPE, inspect_launch, record_case
 from .model import GPUS, bf16_linear_seconds
 from .sass import cuobjdump
@@ -51,26 +54,33 @@ def _commit() -> str:
         return "unknown"
 
 
-def inspect(arch: int, formats) -> dict:
-    """{"kernels": [row per distinct compiled kernel], "cases": [MODEL estimate per case]}."""
+def inspect(arch: int, formats, all_candidates: bool = False) -> dict:
+    """{"kernels": [row per distinct compiled kernel], "cases": [MODEL estimate per case]}.
+
+    An autotuned GEMM is its first candidate, or with `all_candidates` every candidate (the
+    model then takes the fastest, as the autotuner would)."""
     gpu = GPUS[arch]
     seen = set()  # specializations: one row per distinct compiled kernel
     kernels, cases = [], []
     for case in headline_cases(formats):
         if capability_refusal((arch // 10, arch % 10), case.fmt):
             continue
-        seconds = 0.0
+        seconds, autotuned = 0.0, {}
         for launch in record_case(case, gpu):
-            if launch.candidate not in (None, 0):  # the first autotuning candidate stands for the GEMM
+            if launch.candidate not in (None, 0) and not all_candidates:
                 continue
             report = inspect_launch(launch, gpu)
             if report.specialization not in seen:
                 seen.add(report.specialization)
                 kernels.append(dict(key=budget_key(report.kernel, case.fmt), fmt=case.fmt, case=case.label,
                                     **measured(report)))
+            if launch.candidate is not None:
+                autotuned[report.kernel] = min(autotuned.get(report.kernel, float("inf")), report.time.total)
+                continue
             seconds += report.time.total + gpu.launch_seconds
             if report.kernel == "lora_small_m_kernel" and launch.kwargs.get("SPLIT_K", 1) > 1:
                 seconds += 4 * gpu.launch_seconds  # two zero fills and two copies around the split-K launch
+        seconds += sum(autotuned.values()) + len(autotuned) * gpu.launch_seconds
         cases.append(_case_estimate(case, gpu, seconds))
     return {"kernels": kernels, "cases": cases}
 
@@ -97,11 +107,11 @@ def _cell(value, width: int, decimals: int) -> str:
 def _print_kernels(rows, arch) -> None:
     print(f"sm_{arch}: compiled kernels (counts from SASS; /elem = thread instructions per dequantized weight "
           "element in the main loop, gather = loads of <= 4 bytes per element, wait = wgmma wait depth)")
-    print(f"  {'kernel':26s} {'case':36s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'CTA/SM':>6s} "
+    print(f"  {'kernel':26s} {'case':36s} {'cand':>4s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'CTA/SM':>6s} "
           f"{'loop':>5s} {'/elem':>6s} {'gather':>6s} {'/MMA':>6s} {'wait':>4s}")
     for row in rows:
-        print(f"  {row['key']:26s} {row['case']:36s} {row['registers']:4d} {row['local_bytes']:5d} "
-              f"{row['shared_bytes']:7d} {row['ctas_per_sm']:6d} {row['loop_instructions']:5d} "
+        print(f"  {row['key']:26s} {row['case']:36s} {_cell(row['candidate'], 4, 0)} {row['registers']:4d} "
+              f"{row['local_bytes']:5d} {row['shared_bytes']:7d} {row['ctas_per_sm']:6d} {row['loop_instructions']:5d} "
               f"{_cell(row['instructions_per_element'], 6, 1)} {_cell(row['scalar_loads_per_element'], 6, 2)} "
               f"{_cell(row['instructions_per_mma'], 6, 1)} {_cell(row['wgmma_wait_depth'], 4, 0)}")
 
@@ -127,7 +137,10 @@ def main(argv=None) -> int:
                         help="compute capabilities to compile for (default: 90)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--json", type=Path, help="write the results here (default: bench/results/static/)")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a kernel exceeds bench/budgets.json")
+    parser.add_argument("--all-candidates", action="store_true",
+                        help="compile every autotuning candidate of the GEMMs (default: the first)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a kernel spills, does not fit on an SM, or exceeds bench/budgets.json")
     parser.add_argument("--write-budgets", action="store_true",
                         help="set bench/budgets.json's limits to today's figures (lower them, never raise them)")
     args = parser.parse_args(argv)
@@ -139,9 +152,8 @@ def main(argv=None) -> int:
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "triton": triton.__version__, "cuobjdump": cuobjdump()},
                "kind": "static inspection and MODEL estimates, not measurements", "archs": {}}
-    violations = []
     for arch in args.arch:
-        inspected = inspect(arch, args.formats)
+        inspected = inspect(arch, args.formats, args.all_candidates)
         results["archs"][str(arch)] = {"gpu": asdict(GPUS[arch]), **inspected}
         _print_kernels(inspected["kernels"], arch)
         _print_cases(inspected["cases"], arch)
@@ -152,11 +164,18 @@ def main(argv=None) -> int:
     if args.write_budgets:
         write(results)
         print(f"wrote {BUDGETS}")
-    for arch, inspected in results["archs"].items():
-        violations += check(inspected["kernels"], int(arch))
+    if not args.check:
+        return 0
+    budgets = load()
+    compare_counts = counts_comparable(budgets, triton.__version__)
+    if not compare_counts:
+        print(f"Triton {triton.__version__} is not the Triton the budgets were measured with "
+              f"({budgets.get('measured_with', {}).get('triton')}): spills and fit checked, counts not compared")
+    violations = [violation for arch, inspected in results["archs"].items()
+                  for violation in check(inspected["kernels"], int(arch), budgets, compare_counts)]
     for violation in violations:
         print(f"over budget: {violation}")
-    return 1 if args.check and violations else 0
+    return 1 if violations else 0
 
 
 if __name__ == "__main__":

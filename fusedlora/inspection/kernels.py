@@ -150,7 +150,7 @@ def inspect_launch(launch, gpu: Gpu) -> KernelReport:
     resources, instructions, loop, warps, stages, shared = _compiled_counts(launch, gpu, key)
     work = work_of(name, bound_arguments(launch, gpu.arch), launch.grid)
     warp_instructions = work.programs * warps * (loop.instructions * work.trips + instructions - loop.instructions)
-    overlapped = loop.wgmma_wait_depth is not None and loop.wgmma_wait_depth > 0
+    overlapped = loop.wgmma_wait_depth != 0  # only a wgmma waited for at once stalls its warpgroup
     time = kernel_time(gpu, warp_instructions=warp_instructions, flops=work.flops, bytes_moved=work.bytes_moved,
                        overlapped=overlapped)
     return KernelReport(name, key, launch.candidate, warps, stages, resources["registers"], resources["local_bytes"],

@@ -11,9 +11,9 @@ estimate beside each measured figure so the error is known):
   reaches `gemm_efficiency` of the peak at the sustained clock (0.75: about 710 TFLOP/s on
   H100/H200 SXM, what public measurements of large bf16 GEMMs report), so the model's dense
   Triton GEMM, whose loop issues far less than the tensor cores take, lands there.
-- Overlap: a loop that waits for its wgmma at once (wait depth 0) or uses mma.sync serializes
-  its issue time with its tensor time (one warpgroup dequantizes or multiplies, not both); a
-  deeper wait overlaps them (max).
+- Overlap: a loop that waits for its wgmma at once (wait depth 0) serializes its issue time with
+  its tensor time (the warpgroup dequantizes or multiplies, not both); a deeper wait, or mma.sync
+  (which other warps' instructions overlap), overlaps them (max).
 - Memory: each operand read or written once at `copy_fraction` of the HBM peak (0.88, the
   fraction a device-to-device copy reaches on HBM3/HBM3e parts, until measured).
 - Launches: `launch_seconds` each (2.5 µs), including the fill and copy kernels that a split-K
