@@ -12,8 +12,8 @@ from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FUSEDLORA_BUILD_CUDA") == "1":
-    toolkit = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusedlora", "toolkit.py")
-    runpy.run_path(toolkit)["point_cuda_home"]()  # without importing fusedlora, which needs torch
+    toolkit = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusedlora", "toolkit.py"))
+    toolkit["point_cuda_home"]()  # without importing fusedlora, which needs torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -21,7 +21,7 @@ if os.environ.get("FUSEDLORA_BUILD_CUDA") == "1":
         CUDAExtension(
             "fusedlora._C",
             sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": ["-O3"], "nvcc": toolkit["NVCC_FLAGS"]},
         )
     ]
     cmdclass = {"build_ext": BuildExtension}

@@ -31,6 +31,11 @@ __constant__ float kFp4Code[16] = {
     0.0f, 0.0625f / 12.0f, 8.0f / 12.0f, 12.0f / 12.0f, 4.0f / 12.0f, 6.0f / 12.0f, 2.0f / 12.0f, 3.0f / 12.0f,
     0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -12.0f / 12.0f, -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f};
 
+// The absmax block of 4-bit element `index`: a shift, the blocksize being a power of two (ops.cpp checks).
+__device__ __forceinline__ int64_t block_of(const WeightView& w, int64_t index) {
+  return index >> (__ffsll(w.blocksize) - 1);
+}
+
 __device__ __forceinline__ float block_absmax(const WeightView& w, int64_t block) {
   if (w.nested) {
     const uint8_t code = static_cast<const uint8_t*>(w.scale)[block];
@@ -39,32 +44,31 @@ __device__ __forceinline__ float block_absmax(const WeightView& w, int64_t block
   return static_cast<const float*>(w.scale)[block];
 }
 
-// W[n, k] as fp32; for int8 / fp8 without the per-row scale (see row_scale).
+// W[n, k] as fp32 for weight format FMT; for int8 / fp8 without the per-row scale (see row_scale).
+template <int FMT>
 __device__ __forceinline__ float weight_value(const WeightView& w, int64_t n, int64_t k) {
-  switch (w.fmt) {
-    case kNf4:
-    case kFp4: {
-      const int64_t index = n * w.k + k;
-      const uint8_t byte = static_cast<const uint8_t*>(w.data)[index >> 1];
-      const int code = (index & 1) ? (byte & 0xF) : (byte >> 4);
-      const float value = w.fmt == kNf4 ? kNf4Code[code] : kFp4Code[code];
-      return value * block_absmax(w, index / w.blocksize);
-    }
-    case kInt8:
-      return static_cast<float>(static_cast<const int8_t*>(w.data)[n * w.stride_n + k]);
-    case kFp8:
-      return static_cast<float>(static_cast<const __nv_fp8_e4m3*>(w.data)[n * w.stride_n + k]);
-    default:
-      if (w.dense_type == kFloat16) return __half2float(static_cast<const __half*>(w.data)[n * w.stride_n + k]);
-      if (w.dense_type == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(w.data)[n * w.stride_n + k]);
-      return static_cast<const float*>(w.data)[n * w.stride_n + k];
+  if constexpr (FMT == kNf4 || FMT == kFp4) {
+    const int64_t index = n * w.k + k;
+    const uint8_t byte = static_cast<const uint8_t*>(w.data)[index >> 1];
+    const int code = (index & 1) ? (byte & 0xF) : (byte >> 4);
+    const float value = FMT == kNf4 ? kNf4Code[code] : kFp4Code[code];
+    return value * block_absmax(w, block_of(w, index));
+  } else if constexpr (FMT == kInt8) {
+    return static_cast<float>(static_cast<const int8_t*>(w.data)[n * w.stride_n + k]);
+  } else if constexpr (FMT == kFp8) {
+    return static_cast<float>(static_cast<const __nv_fp8_e4m3*>(w.data)[n * w.stride_n + k]);
+  } else {
+    if (w.dense_type == kFloat16) return __half2float(static_cast<const __half*>(w.data)[n * w.stride_n + k]);
+    if (w.dense_type == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(w.data)[n * w.stride_n + k]);
+    return static_cast<const float*>(w.data)[n * w.stride_n + k];
   }
 }
 
 // The per-row factor of int8 (SCB · (1/127)) and fp8 (scale); 1 for the other formats.
+template <int FMT>
 __device__ __forceinline__ float row_scale(const WeightView& w, int64_t n) {
-  if (w.fmt == kInt8) return static_cast<const float*>(w.scale)[n] * (1.0f / 127.0f);
-  if (w.fmt == kFp8) return static_cast<const float*>(w.scale)[n];
+  if constexpr (FMT == kInt8) return static_cast<const float*>(w.scale)[n] * (1.0f / 127.0f);
+  if constexpr (FMT == kFp8) return static_cast<const float*>(w.scale)[n];
   return 1.0f;
 }
 

@@ -3,7 +3,8 @@
 //   grad_x:  dx (M, K) = g (M, N) · deq(W) + drop'(du · A)             (reduction over N)
 // A block of 4 warps computes a 64×64 output tile, each warp 32×32. 16-bit activations use the
 // tensor cores through WMMA (16×16×16, fp32 accumulation; HMMA on sm_80 and sm_90); fp32
-// activations use FMAs (IEEE fp32, like the reference). Per-row scales (int8, fp8) are applied
+// activations use FMAs (IEEE fp32, like the reference). The kernels are compiled per weight format
+// (no per-element switch). Per-row scales (int8, fp8) are applied
 // while dequantizing, as the reference dequantizes. The LoRA product (rank <= 256) is a second,
 // small GEMM in the epilogue, so the output is written once. int64 offsets; every tail masked.
 
@@ -30,39 +31,44 @@ constexpr int kGradLd = kTile + 8;             // grad_x w-tile rows
 constexpr int kLoraLd = 16 + 8;                // LoRA operand rows
 constexpr int kOutLd = kTile + 4;              // fp32 staging rows
 constexpr int kTileElems = kTile * kStepLd;    // holds every staged operand (2560 >= 32·72, 64·24)
+constexpr int kStageTrips = kTile * kStep / kThreads;  // elements of each staged tile per thread
 static_assert(2 * kTileElems >= kTile * kOutLd, "the fp32 path stages its output tile in the operand tiles");
 
 enum Mode { kForward, kGradX };
 using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // W at (reduction index r, output index o) with its row scale: W[o, r] forward, W[r, o] grad_x.
-template <int MODE>
+template <int FMT, int MODE>
 __device__ __forceinline__ float scaled_weight(const WeightView& w, int64_t r, int64_t o) {
   const int64_t n = MODE == kForward ? o : r;
-  return weight_value(w, n, MODE == kForward ? r : o) * row_scale(w, n);
+  return weight_value<FMT>(w, n, MODE == kForward ? r : o) * row_scale<FMT>(w, n);
 }
 
-// Stage reduction step [r0, r0 + kStep): the left operand's rows m0.. and the weight tile.
-template <typename T, int MODE>
+// Stage reduction step [r0, r0 + kStep): the left operand's rows m0.. and the weight tile. Counted
+// loops (kStageTrips per thread), unrolled: the main loop holds no inner loop.
+template <typename T, int FMT, int MODE>
 __device__ __forceinline__ void stage(T* a_tile, T* w_tile, const T* __restrict__ left, int64_t ld_left,
                                       const WeightView& w, int64_t m0, int64_t o0, int64_t r0, int64_t rows,
                                       int64_t outs, int64_t reduce) {
-  for (int i = threadIdx.x; i < kTile * kStep; i += kThreads) {
-    const int row = i / kStep, col = i % kStep;
+#pragma unroll
+  for (int t = 0; t < kStageTrips; ++t) {
+    const int i = threadIdx.x + t * kThreads, row = i / kStep, col = i % kStep;
     const int64_t m = m0 + row, r = r0 + col;
     a_tile[row * kStepLd + col] = (m < rows && r < reduce) ? left[m * ld_left + r] : from_float<T>(0.0f);
   }
   if constexpr (MODE == kForward) {  // w_tile[o][r] = W[o0 + o, r0 + r]: Wᵀ stored column-major
-    for (int i = threadIdx.x; i < kTile * kStep; i += kThreads) {
-      const int o = i / kStep, col = i % kStep;
+#pragma unroll
+    for (int t = 0; t < kStageTrips; ++t) {
+      const int i = threadIdx.x + t * kThreads, o = i / kStep, col = i % kStep;
       const int64_t n = o0 + o, r = r0 + col;
-      w_tile[o * kStepLd + col] = from_float<T>((n < outs && r < reduce) ? scaled_weight<MODE>(w, r, n) : 0.0f);
+      w_tile[o * kStepLd + col] = from_float<T>((n < outs && r < reduce) ? scaled_weight<FMT, MODE>(w, r, n) : 0.0f);
     }
   } else {  // w_tile[r][o] = W[r0 + r, o0 + o]: row-major
-    for (int i = threadIdx.x; i < kStep * kTile; i += kThreads) {
-      const int row = i / kTile, o = i % kTile;
+#pragma unroll
+    for (int t = 0; t < kStageTrips; ++t) {
+      const int i = threadIdx.x + t * kThreads, row = i / kTile, o = i % kTile;
       const int64_t r = r0 + row, k = o0 + o;
-      w_tile[row * kGradLd + o] = from_float<T>((r < reduce && k < outs) ? scaled_weight<MODE>(w, r, k) : 0.0f);
+      w_tile[row * kGradLd + o] = from_float<T>((r < reduce && k < outs) ? scaled_weight<FMT, MODE>(w, r, k) : 0.0f);
     }
   }
 }
@@ -85,7 +91,7 @@ __device__ __forceinline__ float combine(float base, float lora, const float* __
   }
 }
 
-template <typename T, int MODE>
+template <typename T, int FMT, int MODE>
 __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int64_t ld_left, const WeightView& w,
                                  const float* __restrict__ lora_left, int64_t ld_lora_left,
                                  const float* __restrict__ lora_right, int64_t ld_lora_right, int rank,
@@ -106,7 +112,7 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
       wmma::fill_fragment(lora[i][j], 0.0f);
     }
   for (int64_t r0 = 0; r0 < reduce; r0 += kStep) {
-    stage<T, MODE>(a_tile, w_tile, left, ld_left, w, m0, o0, r0, rows, outs, reduce);
+    stage<T, FMT, MODE>(a_tile, w_tile, left, ld_left, w, m0, o0, r0, rows, outs, reduce);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kStep; kk += 16) {
@@ -174,7 +180,7 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
 }
 
 // fp32: each thread owns a 4×8 patch of the tile, FMAs in IEEE fp32.
-template <int MODE>
+template <int FMT, int MODE>
 __device__ __forceinline__ void fma_tile(const float* __restrict__ left, int64_t ld_left, const WeightView& w,
                                          const float* __restrict__ lora_left, int64_t ld_lora_left,
                                          const float* __restrict__ lora_right, int64_t ld_lora_right, int rank,
@@ -188,7 +194,7 @@ __device__ __forceinline__ void fma_tile(const float* __restrict__ left, int64_t
   const int row0 = (threadIdx.x / 8) * 4, col0 = (threadIdx.x % 8) * 8;
   float acc[4][8] = {};
   for (int64_t r0 = 0; r0 < reduce; r0 += kStep) {
-    stage<float, MODE>(a_tile, w_tile, left, ld_left, w, m0, o0, r0, rows, outs, reduce);
+    stage<float, FMT, MODE>(a_tile, w_tile, left, ld_left, w, m0, o0, r0, rows, outs, reduce);
     __syncthreads();
     for (int r = 0; r < kStep; ++r) {
       float a[4], b[8];
@@ -220,17 +226,17 @@ __device__ __forceinline__ void fma_tile(const float* __restrict__ left, int64_t
   }
 }
 
-template <typename T, int MODE>
+template <typename T, int FMT, int MODE>
 __global__ void __launch_bounds__(kThreads)
     gemm_kernel(const T* __restrict__ left, int64_t ld_left, WeightView w, const float* __restrict__ lora_left,
                 int64_t ld_lora_left, const float* __restrict__ lora_right, int64_t ld_lora_right, int rank,
                 const float* __restrict__ bias, float scaling, Dropout dropout, T* __restrict__ out, int64_t ld_out,
                 int64_t rows, int64_t outs, int64_t reduce) {
   if constexpr (std::is_same<T, float>::value) {
-    fma_tile<MODE>(left, ld_left, w, lora_left, ld_lora_left, lora_right, ld_lora_right, rank, bias, scaling,
+    fma_tile<FMT, MODE>(left, ld_left, w, lora_left, ld_lora_left, lora_right, ld_lora_right, rank, bias, scaling,
                    dropout, out, ld_out, rows, outs, reduce);
   } else {
-    tensor_core_tile<T, MODE>(left, ld_left, w, lora_left, ld_lora_left, lora_right, ld_lora_right, rank, bias,
+    tensor_core_tile<T, FMT, MODE>(left, ld_left, w, lora_left, ld_lora_left, lora_right, ld_lora_right, rank, bias,
                               scaling, dropout, out, ld_out, rows, outs, reduce);
   }
 }
@@ -252,11 +258,13 @@ void launch_gemm(const at::Tensor& left, const WeightView& w, const at::Tensor& 
   auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(left.scalar_type(), "fusedlora_gemm", [&] {
     using T = typename CudaType<scalar_t>::type;
-    gemm_kernel<T, MODE><<<grid, kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(left.data_ptr<scalar_t>()), left.stride(0), w, lora_left_ptr, ld_lora_left,
-        lora_right_ptr, ld_lora_right, rank, bias_ptr, static_cast<float>(scaling), dropout,
-        reinterpret_cast<T*>(out.data_ptr<scalar_t>()), out.stride(0), rows, outs, reduce);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_format(w.fmt, [&](auto fmt) {
+      gemm_kernel<T, decltype(fmt)::value, MODE><<<grid, kThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(left.data_ptr<scalar_t>()), left.stride(0), w, lora_left_ptr, ld_lora_left,
+          lora_right_ptr, ld_lora_right, rank, bias_ptr, static_cast<float>(scaling), dropout,
+          reinterpret_cast<T*>(out.data_ptr<scalar_t>()), out.stride(0), rows, outs, reduce);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -138,8 +138,10 @@ constexpr int kGradASlots = kMaxRank * kGradACols / kThreads;
 constexpr int64_t kRowsPerSlice = 256;
 constexpr int64_t kMaxSlices = 16;
 
+// One CTA per SM at least, said outright: left to itself nvcc 13 caps this kernel at 128 registers on
+// sm_80 and spills its accumulators to the stack (python -m fusedlora inspect --arch 80 --check).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     grad_a_kernel(const float* __restrict__ du, int64_t ld_du, const T* __restrict__ x, int64_t ld_x,
                   Dropout dropout, float* __restrict__ da_partials, int64_t rows, int64_t k, int rank,
                   int64_t rows_per_slice) {

@@ -55,7 +55,8 @@ WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntA
     view.nested_offset = tensors[kNestedOffset].data_ptr<float>();
   }
   if (four_bit) {
-    TORCH_CHECK(blocksize > 0, "fusedlora: a 4-bit weight needs a positive blocksize, got ", blocksize);
+    TORCH_CHECK(blocksize > 0 && (blocksize & (blocksize - 1)) == 0,
+                "fusedlora: a 4-bit weight's blocksize must be a power of two, got ", blocksize);
     TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous(), "fusedlora: packed codes must be contiguous uint8");
     return view;
   }

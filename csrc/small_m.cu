@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const uint4 packed = *reinterpret_cast<const uint4*>(row + chunk * 16);
       const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
       const int64_t k0 = chunk * 32;
-      const float absmax = block_absmax(w, (n * k + k0) / w.blocksize);
+      const float absmax = block_absmax(w, block_of(w, n * k + k0));
 #pragma unroll
       for (int b = 0; b < 16; ++b) {
         const uint32_t byte = byte_of(words, b);
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
   } else {  // any layout: lanes take consecutive elements (coalesced), dequantized one by one
-    for (int64_t kk = lane; kk < k; kk += 32) accumulate(acc, weight_value(w, n, kk), x, ld_x, kk, rows);
+    for (int64_t kk = lane; kk < k; kk += 32) accumulate(acc, weight_value<FMT>(w, n, kk), x, ld_x, kk, rows);
   }
 #pragma unroll
   for (int m = 0; m < kSmallMMaxRows; ++m)
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int m = 0; m < kSmallMMaxRows; ++m)
     if (lane == m) mine = acc[m];
   if (lane < rows) {
-    float value = mine * row_scale(w, n) + (bias ? bias[n] : 0.0f);
+    float value = mine * row_scale<FMT>(w, n) + (bias ? bias[n] : 0.0f);
     float lora = 0.0f;
     for (int j = 0; u != nullptr && j < rank; ++j) lora = fmaf(u[lane * ld_u + j], lora_b[n * ld_b + j], lora);
     y[lane * ld_y + n] = from_float<T>(value + scaling * lora);
@@ -121,20 +121,13 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_small_m", [&] {
     using T = typename CudaType<scalar_t>::type;
-    auto run = [&](auto kernel) {
-      kernel<<<grid, kWarps * 32, 0, stream>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), w,
-                                               vectorized, u_ptr, ld_u, b_ptr, ld_b, rank, bias_ptr,
-                                               static_cast<float>(scaling), reinterpret_cast<T*>(y.data_ptr<scalar_t>()),
-                                               y.stride(0), static_cast<int>(rows), columns, k);
+    dispatch_format(w.fmt, [&](auto fmt) {
+      small_m_kernel<T, decltype(fmt)::value><<<grid, kWarps * 32, 0, stream>>>(
+          reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), w, vectorized, u_ptr, ld_u, b_ptr, ld_b,
+          rank, bias_ptr, static_cast<float>(scaling), reinterpret_cast<T*>(y.data_ptr<scalar_t>()), y.stride(0),
+          static_cast<int>(rows), columns, k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    switch (w.fmt) {
-      case kNf4: run(small_m_kernel<T, kNf4>); break;
-      case kFp4: run(small_m_kernel<T, kFp4>); break;
-      case kInt8: run(small_m_kernel<T, kInt8>); break;
-      case kFp8: run(small_m_kernel<T, kFp8>); break;
-      default: run(small_m_kernel<T, kDense>); break;
-    }
+    });
   });
 }
 

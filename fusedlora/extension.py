@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .contract import fake_backward, fake_forward
-from .toolkit import point_cuda_home
+from .toolkit import NVCC_FLAGS, point_cuda_home
 
 log = logging.getLogger("fusedlora")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -39,7 +39,7 @@ def build_jit(verbose: bool = False) -> None:
     from torch.utils.cpp_extension import load as load_extension
 
     log.warning("fusedlora: compiling the CUDA extension just in time (once; torch caches the build)")
-    load_extension(name="fusedlora_C", sources=[str(s) for s in sources], extra_cuda_cflags=["-O3", "-lineinfo"],
+    load_extension(name="fusedlora_C", sources=[str(s) for s in sources], extra_cuda_cflags=NVCC_FLAGS,
                    is_python_module=False, verbose=verbose)
 
 

@@ -5,6 +5,10 @@ package."""
 import os
 import shutil
 
+# nvcc's flags for csrc/ (torch's build adds its own: C++ standard, half/bfloat16 macros):
+# setup.py, the just-in-time build and the inspection of the compiled kernels use these.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+
 
 def point_cuda_home() -> None:
     """Set CUDA_HOME, unless it is set, to the toolkit with the runtime headers: the one `nvcc` on
