@@ -76,15 +76,18 @@ def inspected(request, tmp_path_factory):
 def test_todays_kernels_compile_without_spills_and_within_their_budgets(inspected):
     import triton
 
-    from fusedlora.inspection.budgets import counts_comparable, load
+    from fusedlora.inspection.budgets import comparable_families, load
+    from fusedlora.inspection.cuda import nvcc_version
 
     arch, result, report = inspected
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "over budget" not in result.stdout
     kernels = report["archs"][str(arch)]["kernels"]
+    assert {row["family"] for row in kernels} == {"triton", "cuda"}
     assert all(row["local_bytes"] == 0 and row["ctas_per_sm"] >= 1 for row in kernels)
-    compared = "counts not compared" not in result.stdout
-    assert compared == counts_comparable(load(), triton.__version__), result.stdout[-2000:]
+    families = comparable_families(load(), {"triton": triton.__version__, "nvcc": nvcc_version()})
+    for family in ("triton", "cuda"):
+        assert (f"{family}: not the compiler" not in result.stdout) == (family in families), result.stdout[-2000:]
 
 
 def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspected):
@@ -101,9 +104,20 @@ def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspect
                for f in ("nf4", "dense"))
     assert by_key["lora_forward_kernel/nf4"]["instructions_per_element"] > by_key["lora_forward_kernel/dense"][
         "instructions_per_element"]
+    # The CUDA C++ kernels, counted from nvcc's SASS: WMMA (HMMA) GEMMs per format, the small-M
+    # kernel's loop of 16-byte weight loads, the LoRA kernels' resources.
+    for mode in ("forward", "grad_x"):
+        gemm = by_key[f"cuda/gemm_kernel/{mode}/nf4"]
+        assert "HMMA" in "".join(gemm["tensor_ops"]) and gemm["instructions_per_element"] > 0
+    assert by_key["cuda/small_m_kernel/nf4"]["global_loads_by_width"].get("16", 0) >= 1
+    assert {"cuda/shrink_kernel", "cuda/grad_u_kernel", "cuda/grad_a_kernel"} <= set(by_key)
+    backends = {(c["backend"], c["case"]) for c in report["archs"][str(arch)]["cases"]}
+    assert {backend for backend, _ in backends} == {"triton", "cuda"}
+    assert len(backends) == len(report["archs"][str(arch)]["cases"])
     assert "MODEL" in result.stdout and report["kind"].startswith("static inspection and MODEL estimates")
     # Calibration: the dense Triton path lands near a cuBLAS-class bf16 GEMM pair.
-    dense = [c for c in report["archs"][str(arch)]["cases"] if c["fmt"] == "dense" and c["m"] == 8192]
+    dense = [c for c in report["archs"][str(arch)]["cases"]
+             if c["backend"] == "triton" and c["fmt"] == "dense" and c["m"] == 8192]
     assert dense and all(0.9 < c["model_ratio_to_bf16"] < 1.3 for c in dense), dense
 
 
@@ -122,23 +136,25 @@ REGRESSION = textwrap.dedent("""
     assert signature_of(forward, 90)["stride_xk"] == "constexpr"
     report = inspect_launch(forward, gpu)
     budgets = load()
-    assert check([dict(key=budget_key(report.kernel, "nf4"), case="shipped", **measured(report))], 90, budgets,
-                 compare_counts=True) == []
+    assert check([dict(key=budget_key(report.kernel, "nf4"), case="shipped", family="triton", **measured(report))],
+                 90, budgets,
+                 {"triton"}) == []
     # The regression: one absmax gather per element instead of one per row and tile.
     gathering = dataclasses.replace(forward, kwargs={**forward.kwargs, "K_ALIGNED": False})
     report = inspect_launch(gathering, gpu)
-    regression = [dict(key=budget_key(report.kernel, "nf4"), case="regression", **measured(report))]
-    print("\\n".join(check(regression, 90, budgets, compare_counts=True)))
+    regression = [dict(key=budget_key(report.kernel, "nf4"), case="regression", family="triton", **measured(report))]
+    print("\\n".join(check(regression, 90, budgets, {"triton"})))
 """)
 
 
 def test_the_gate_catches_a_kernel_that_gathers_more_per_element():
     import triton
 
-    from fusedlora.inspection.budgets import counts_comparable, load
+    from fusedlora.inspection.budgets import comparable_families, load
 
     # Counts are the compiler's: the budgets hold for the Triton of the README's pinned torch.
-    assert counts_comparable(load(), triton.__version__), f"the budgets are not Triton {triton.__version__}'s"
+    assert "triton" in comparable_families(load(), {"triton": triton.__version__}), \
+        f"the budgets are not Triton {triton.__version__}'s"
     result = subprocess.run([sys.executable, "-c", REGRESSION], capture_output=True, text=True, env=_env(),
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

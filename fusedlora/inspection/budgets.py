@@ -7,8 +7,10 @@ today's figures once a change improves them); `targets` lists what the performan
 
 Every compiled kernel, each autotuning candidate included, must not spill and must fit on an SM.
 The counts and the CTAs per SM are limited for the shipped configs (the first candidate of an
-autotuned GEMM), and only under the Triton the budgets were measured with: another compiler
-emits other code, so its counts are reported but not compared.
+autotuned GEMM), and only under the compiler the budgets were measured with (Triton for the
+Triton kernels, nvcc for the CUDA C++ ones): another compiler emits other code, so its counts are
+reported but not compared. The CUDA LoRA kernels and the dense CUDA small-M kernel have no main
+loop that counts (fusedlora/inspection/cuda.py): their resources are limited, not their counts.
 """
 
 import json
@@ -48,24 +50,30 @@ def load(path: Path = BUDGETS) -> dict:
     return json.loads(path.read_text())
 
 
-def counts_comparable(budgets: dict, triton_version: str) -> bool:
-    """Whether instruction counts of `triton_version` may be held to `budgets`' limits."""
-    return budgets.get("measured_with", {}).get("triton") == triton_version
+COMPILERS = {"triton": "triton", "cuda": "nvcc"}  # kernel family -> the compiler its counts depend on
+
+
+def comparable_families(budgets: dict, versions: dict) -> set:
+    """The kernel families whose counts, compiled with `versions`, may be held to `budgets`' limits."""
+    measured_with = budgets.get("measured_with", {})
+    return {family for family, compiler in COMPILERS.items()
+            if versions.get(compiler) is not None and measured_with.get(compiler) == versions[compiler]}
 
 
 def shipped(row: dict) -> bool:
     return row["candidate"] in (None, 0)
 
 
-def check(rows: list[dict], arch: int, budgets: dict, compare_counts: bool) -> list[str]:
-    """Every way the kernels in `rows` exceed the budgets of sm_`arch` (empty: within them)."""
+def check(rows: list[dict], arch: int, budgets: dict, families: set) -> list[str]:
+    """Every way the kernels in `rows` exceed the budgets of sm_`arch` (empty: within them); counts
+    are compared for the kernel `families` whose compiler the budgets were measured with."""
     limits = budgets["limits"].get(str(arch), {})
     violations = []
     for row in rows:
         where = f"sm_{arch} {row['key']} ({row['case']}, candidate {row['candidate']})"
         if row["local_bytes"] or row["ctas_per_sm"] < 1:
             violations.append(f"{where}: {row['local_bytes']} bytes of spills, {row['ctas_per_sm']} CTAs per SM")
-        if not (compare_counts and shipped(row)):
+        if not (row["family"] in families and shipped(row)):
             continue
         limit = limits.get(row["key"])
         if limit is None:
@@ -86,9 +94,13 @@ def write(results: dict, path: Path = BUDGETS) -> None:
         limits = budgets["limits"].setdefault(arch, {})
         for row in filter(shipped, inspected["kernels"]):
             limit = limits.setdefault(row["key"], {"local_bytes": 0})
-            for name in ("instructions_per_element", "scalar_loads_per_element", "loop_instructions"):
-                if row[name] is not None and (name != "loop_instructions" or row["instructions_per_element"] is None):
-                    limit[name] = max(limit.get(name, 0.0), math.ceil(row[name] * 1000) / 1000)
+            counted = {name: row[name] for name in ("instructions_per_element", "scalar_loads_per_element")
+                       if row[name] is not None}
+            if not counted and row["loop_instructions"]:  # a loop that reads no weight: its length
+                counted["loop_instructions"] = row["loop_instructions"]
+            for name, value in counted.items():
+                limit[name] = max(limit.get(name, 0.0), math.ceil(value * 1000) / 1000)
             limit["min_ctas_per_sm"] = min(limit.get("min_ctas_per_sm", row["ctas_per_sm"]), row["ctas_per_sm"])
-    budgets["measured_with"] = {"commit": results["commit"], **results["versions"]}
+    budgets["measured_with"] = {**budgets.get("measured_with", {}), "commit": results["commit"],
+                                **{name: version for name, version in results["versions"].items() if version}}
     path.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")

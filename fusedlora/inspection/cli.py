@@ -1,8 +1,9 @@
-"""`python -m fusedlora inspect`: the compiled Triton kernels of the headline cases, counted from
-their SASS, and a MODEL of their speed on a GPU this machine may not have.
+"""`python -m fusedlora inspect`: the compiled kernels of both backends (Triton and CUDA C++) in
+the headline cases, counted from their SASS, and a MODEL of their speed on a GPU this machine may
+not have.
 
-    python -m fusedlora inspect [--arch 90 80] [--formats nf4 int8 ...] [--json PATH] [--check]
-                                [--write-budgets]
+    python -m fusedlora inspect [--arch 90 80] [--formats nf4 int8 ...] [--backends triton cuda]
+                                [--json PATH] [--check] [--write-budgets]
 
     python -m fusedlora inspect --arch 90 80 --all-candidates --check   (every tile config)
 
@@ -28,7 +29,8 @@ import torch
 from ..backends.registry import capability_refusal
 from ..benchmark.cases import LLAMA3_8B, Case
 from ..formats import quantize
-from .budgets import BUDGETS, budget_key, check, counts_comparable, load, measured, write
+from . import cuda
+from .budgets import BUDGETS, budget_key, check, comparable_families, load, measured, write
 from .kernels import DROPOUT, DTYPE, inspect_launch, record_case
 from .model import GPUS, bf16_linear_seconds
 from .sass import cuobjdump
@@ -54,17 +56,19 @@ def _commit() -> str:
         return "unknown"
 
 
-def inspect(arch: int, formats, all_candidates: bool = False) -> dict:
+def supported_cases(arch: int, formats) -> list[Case]:
+    """The headline cases a GPU of sm_`arch` runs (fp8 needs sm_89)."""
+    return [case for case in headline_cases(formats) if not capability_refusal((arch // 10, arch % 10), case.fmt)]
+
+
+def inspect_triton(gpu, cases: list[Case], all_candidates: bool = False) -> dict:
     """{"kernels": [row per distinct compiled kernel], "cases": [MODEL estimate per case]}.
 
     An autotuned GEMM is its first candidate, or with `all_candidates` every candidate (the
     model then takes the fastest, as the autotuner would)."""
-    gpu = GPUS[arch]
     seen = set()  # specializations: one row per distinct compiled kernel
-    kernels, cases = [], []
-    for case in headline_cases(formats):
-        if capability_refusal((arch // 10, arch % 10), case.fmt):
-            continue
+    kernels, estimates = [], []
+    for case in cases:
         seconds, autotuned = 0.0, {}
         for launch in record_case(case, gpu):
             if launch.candidate not in (None, 0) and not all_candidates:
@@ -73,7 +77,7 @@ def inspect(arch: int, formats, all_candidates: bool = False) -> dict:
             if report.specialization not in seen:
                 seen.add(report.specialization)
                 kernels.append(dict(key=budget_key(report.kernel, case.fmt), fmt=case.fmt, case=case.label,
-                                    **measured(report)))
+                                    family="triton", **measured(report)))
             if launch.candidate is not None:
                 autotuned[report.kernel] = min(autotuned.get(report.kernel, float("inf")), report.time.total)
                 continue
@@ -81,11 +85,13 @@ def inspect(arch: int, formats, all_candidates: bool = False) -> dict:
             if report.kernel == "lora_small_m_kernel" and launch.kwargs.get("SPLIT_K", 1) > 1:
                 seconds += 4 * gpu.launch_seconds  # two zero fills and two copies around the split-K launch
         seconds += sum(autotuned.values()) + len(autotuned) * gpu.launch_seconds
-        cases.append(_case_estimate(case, gpu, seconds))
-    return {"kernels": kernels, "cases": cases}
+        estimates.append({**case_estimate(case, gpu, seconds), "backend": "triton"})
+    return {"kernels": kernels, "cases": estimates}
 
 
-def _case_estimate(case: Case, gpu, seconds: float) -> dict:
+def case_estimate(case: Case, gpu, seconds: float) -> dict:
+    """The MODEL's figures of `case` done in `seconds`: its ratio to the bare bf16 GEMMs (training)
+    or its fraction of copy bandwidth (decode), with the target."""
     row = dict(case=case.label, shape=case.shape, m=case.m, fmt=case.fmt, model_seconds=seconds)
     if case.decode:
         weight_bytes = quantize(torch.empty((case.n, case.k), device="meta", dtype=DTYPE), case.fmt).nbytes
@@ -106,11 +112,12 @@ def _cell(value, width: int, decimals: int) -> str:
 
 def _print_kernels(rows, arch) -> None:
     print(f"sm_{arch}: compiled kernels (counts from SASS; /elem = thread instructions per dequantized weight "
-          "element in the main loop, gather = loads of <= 4 bytes per element, wait = wgmma wait depth)")
-    print(f"  {'kernel':26s} {'case':36s} {'cand':>4s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'CTA/SM':>6s} "
+          "element in the main loop, gather = loads of <= 4 bytes per element, wait = wgmma wait depth; "
+          "'-': no main loop counted)")
+    print(f"  {'kernel':34s} {'case':36s} {'cand':>4s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'CTA/SM':>6s} "
           f"{'loop':>5s} {'/elem':>6s} {'gather':>6s} {'/MMA':>6s} {'wait':>4s}")
     for row in rows:
-        print(f"  {row['key']:26s} {row['case']:36s} {_cell(row['candidate'], 4, 0)} {row['registers']:4d} "
+        print(f"  {row['key']:34s} {row['case']:36s} {_cell(row['candidate'], 4, 0)} {row['registers']:4d} "
               f"{row['local_bytes']:5d} {row['shared_bytes']:7d} {row['ctas_per_sm']:6d} {row['loop_instructions']:5d} "
               f"{_cell(row['instructions_per_element'], 6, 1)} {_cell(row['scalar_loads_per_element'], 6, 2)} "
               f"{_cell(row['instructions_per_mma'], 6, 1)} {_cell(row['wgmma_wait_depth'], 4, 0)}")
@@ -121,14 +128,19 @@ def _print_cases(rows, arch) -> None:
     print(f"\nsm_{arch}: MODEL estimates for {gpu.name} (not measurements; assumptions in "
           f"fusedlora/inspection/model.py), r=16, bf16, dropout {DROPOUT}")
     for row in rows:
+        backend = f"  {row['backend']:6s} {row['case']:40s}"
+        bound = ">=" if row.get("timed_by_bytes") else "  "
         if "model_ratio_to_bf16" in row:
-            print(f"  {row['case']:40s} fwd+bwd {row['model_seconds'] * 1e3:8.3f} ms (model)  "
+            print(f"{backend} fwd+bwd {bound}{row['model_seconds'] * 1e3:8.3f} ms (model)  "
                   f"{row['model_ratio_to_bf16']:5.2f}x bf16 F.linear fwd+dgrad "
                   f"(target <= {row['target_ratio_to_bf16']:.2f}x)")
         else:
-            print(f"  {row['case']:40s} forward {row['model_seconds'] * 1e3:8.3f} ms (model)  "
+            print(f"{backend} forward {bound}{row['model_seconds'] * 1e3:8.3f} ms (model)  "
                   f"{row['model_copy_fraction']:6.1%} of copy bandwidth (target >= {row['target_copy_fraction']:.0%}), "
                   f"{row['model_speedup_over_bf16_linear']:4.2f}x bf16 F.linear")
+    if any(row.get("timed_by_bytes") for row in rows):
+        print("  >=: a lower bound; it holds kernels timed by their bytes and FMAs alone, with no main loop to count "
+              "(the CUDA LoRA kernels, the dense CUDA small-M kernel: fusedlora/inspection/cuda.py)")
 
 
 def main(argv=None) -> int:
@@ -136,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(GPUS),
                         help="compute capabilities to compile for (default: 90)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--backends", nargs="+", default=["triton", "cuda"], choices=["triton", "cuda"],
+                        help="the kernel families to inspect (cuda: csrc/ compiled with nvcc; default: both)")
     parser.add_argument("--json", type=Path, help="write the results here (default: bench/results/static/)")
     parser.add_argument("--all-candidates", action="store_true",
                         help="compile every autotuning candidate of the GEMMs (default: the first)")
@@ -150,10 +164,17 @@ def main(argv=None) -> int:
 
     results = {"commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                            "triton": triton.__version__, "cuobjdump": cuobjdump()},
+                            "triton": triton.__version__, "nvcc": cuda.nvcc_version() if "cuda" in args.backends else None,
+                            "cuobjdump": cuobjdump()},
                "kind": "static inspection and MODEL estimates, not measurements", "archs": {}}
     for arch in args.arch:
-        inspected = inspect(arch, args.formats, args.all_candidates)
+        gpu, cases = GPUS[arch], supported_cases(arch, args.formats)
+        parts = []
+        if "triton" in args.backends:
+            parts.append(inspect_triton(gpu, cases, args.all_candidates))
+        if "cuda" in args.backends:
+            parts.append(cuda.inspect(gpu, cases, case_estimate))
+        inspected = {name: [row for part in parts for row in part[name]] for name in ("kernels", "cases")}
         results["archs"][str(arch)] = {"gpu": asdict(GPUS[arch]), **inspected}
         _print_kernels(inspected["kernels"], arch)
         _print_cases(inspected["cases"], arch)
@@ -167,12 +188,12 @@ def main(argv=None) -> int:
     if not args.check:
         return 0
     budgets = load()
-    compare_counts = counts_comparable(budgets, triton.__version__)
-    if not compare_counts:
-        print(f"Triton {triton.__version__} is not the Triton the budgets were measured with "
-              f"({budgets.get('measured_with', {}).get('triton')}): spills and fit checked, counts not compared")
+    families = comparable_families(budgets, results["versions"])
+    for family in sorted(set(args.backends) - families):
+        print(f"{family}: not the compiler the budgets were measured with ({budgets.get('measured_with')}): "
+              "spills and fit checked, counts not compared")
     violations = [violation for arch, inspected in results["archs"].items()
-                  for violation in check(inspected["kernels"], int(arch), budgets, compare_counts)]
+                  for violation in check(inspected["kernels"], int(arch), budgets, families)]
     for violation in violations:
         print(f"over budget: {violation}")
     return 1 if violations else 0

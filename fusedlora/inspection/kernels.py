@@ -104,14 +104,14 @@ class KernelReport:
     @property
     def per_element(self) -> Optional[float]:
         """Thread instructions of the main loop per dequantized weight element."""
-        if not self.work.weight_elements:
+        if not (self.work.weight_elements and self.loop.instructions):
             return None
         return self.loop.per_element(self.loop.instructions, self.warps, self.work.weight_elements)
 
     @property
     def scalar_loads_per_element(self) -> Optional[float]:
         """Global loads of <= 4 bytes per thread (gathers) per weight element, in the main loop."""
-        if not self.work.weight_elements:
+        if not (self.work.weight_elements and self.loop.instructions):
             return None
         return self.loop.per_element(self.loop.scalar_global_loads, self.warps, self.work.weight_elements)
 
@@ -152,7 +152,7 @@ def inspect_launch(launch, gpu: Gpu) -> KernelReport:
     warp_instructions = work.programs * warps * (loop.instructions * work.trips + instructions - loop.instructions)
     overlapped = loop.wgmma_wait_depth != 0  # only a wgmma waited for at once stalls its warpgroup
     time = kernel_time(gpu, warp_instructions=warp_instructions, flops=work.flops, bytes_moved=work.bytes_moved,
-                       overlapped=overlapped)
+                       overlapped=overlapped, tensor_ops=loop.tensor_ops)
     return KernelReport(name, key, launch.candidate, warps, stages, resources["registers"], resources["local_bytes"],
                         shared, ctas_per_sm(gpu, resources["registers"], warps, shared), instructions, loop,
                         work, time)

@@ -11,6 +11,10 @@ estimate beside each measured figure so the error is known):
   reaches `gemm_efficiency` of the peak at the sustained clock (0.75: about 710 TFLOP/s on
   H100/H200 SXM, what public measurements of large bf16 GEMMs report), so the model's dense
   Triton GEMM, whose loop issues far less than the tensor cores take, lands there.
+- mma.sync (HMMA) on sm_90 reaches `mma_sync_fraction` of the wgmma rate (2/3: an assumption;
+  public microbenchmarks of H100 put it at roughly 60-70%); on sm_80 it is the tensor-core path.
+- FMAs: fp32 kernels without tensor cores (the CUDA backend's LoRA kernels) at `fp32_lanes_per_sm`
+  FMAs per SM per clock (128 on sm_90, 64 on sm_80).
 - Overlap: a loop that waits for its wgmma at once (wait depth 0) serializes its issue time with
   its tensor time (the warpgroup dequantizes or multiplies, not both); a deeper wait, or mma.sync
   (which other warps' instructions overlap), overlaps them (max).
@@ -37,6 +41,8 @@ class Gpu:
     max_threads_per_sm: int = 2048
     max_ctas_per_sm: int = 32
     issue_per_sm_clock: int = 4
+    fp32_lanes_per_sm: int = 128
+    mma_sync_fraction: float = 1.0
     gemm_efficiency: float = 0.75
     copy_fraction: float = 0.88
     launch_seconds: float = 2.5e-6
@@ -44,6 +50,10 @@ class Gpu:
     @property
     def tensor_flops(self) -> float:
         return self.sm_count * self.clock_hz * self.tensor_flops_per_sm_clock
+
+    @property
+    def fp32_flops(self) -> float:
+        return self.sm_count * self.clock_hz * self.fp32_lanes_per_sm * 2
 
     @property
     def copy_bandwidth(self) -> float:
@@ -56,8 +66,8 @@ class Gpu:
 
 
 GPUS = {
-    90: Gpu("H200 SXM (model)", 90, 132, 1.755e9, 4096, 4.8e12, 233472),
-    80: Gpu("A100 SXM 80GB (model)", 80, 108, 1.41e9, 2048, 2.039e12, 167936),
+    90: Gpu("H200 SXM (model)", 90, 132, 1.755e9, 4096, 4.8e12, 233472, mma_sync_fraction=2 / 3),
+    80: Gpu("A100 SXM 80GB (model)", 80, 108, 1.41e9, 2048, 2.039e12, 167936, fp32_lanes_per_sm=64),
 }
 
 
@@ -91,11 +101,14 @@ class KernelTime:
         return max(parts, key=parts.get)
 
 
-def kernel_time(gpu: Gpu, *, warp_instructions: float, flops: float, bytes_moved: float,
-                overlapped: bool) -> KernelTime:
-    """The MODEL's time of one launch that issues `warp_instructions` in all."""
+def kernel_time(gpu: Gpu, *, warp_instructions: float, flops: float, bytes_moved: float, overlapped: bool,
+                tensor_ops: dict) -> KernelTime:
+    """The MODEL's time of one launch that issues `warp_instructions` in all, its main loop holding
+    `tensor_ops` (full opcode -> count: HMMA is mma.sync, HGMMA wgmma)."""
     issue = warp_instructions / (gpu.issue_per_sm_clock * gpu.sm_count * gpu.clock_hz)
-    return KernelTime(issue, flops / gpu.gemm_flops, bytes_moved / gpu.copy_bandwidth, overlapped)
+    mma_sync = any(op.startswith("HMMA") for op in tensor_ops)
+    tensor_flops = gpu.gemm_flops * (gpu.mma_sync_fraction if mma_sync else 1.0)
+    return KernelTime(issue, flops / tensor_flops, bytes_moved / gpu.copy_bandwidth, overlapped)
 
 
 def bf16_linear_seconds(gpu: Gpu, m: int, n: int, k: int) -> float:

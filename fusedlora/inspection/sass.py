@@ -1,7 +1,10 @@
 """Read a compiled kernel's SASS: its main loop, and what that loop spends per iteration.
 
 The main loop is the backward branch's range (target .. branch) holding the most tensor-core
-instructions (the shortest of equals: the innermost). Counts are static: each instruction of the
+instructions (the shortest of equals: the innermost); in a kernel without tensor-core
+instructions, the range holding the most 16-byte global loads (the longest of equals: a compiler
+versions a loop on a uniform condition, such as a nested absmax, and the longest version is the
+general one); in a kernel with neither, none. Counts are static: each instruction of the
 loop body once, branches inside the body taken or not; NOPs (alignment padding) are left out.
 Counts are per warp and per iteration; `LoopCounts.per_element` turns them into thread
 instructions per weight element.
@@ -106,9 +109,13 @@ def main_loop(instructions: list[Instruction]) -> list[Instruction]:
         if target and int(target.group(1), 16) < branch.address:
             start = int(target.group(1), 16)
             loops.append([i for i in instructions if start <= i.address <= branch.address])
-    if not loops:
-        return []
-    return max(loops, key=lambda body: (sum(i.kind == "tensor" for i in body), -len(body)))
+    tensor = lambda body: sum(i.kind == "tensor" for i in body)  # noqa: E731
+    wide = lambda body: sum(i.opcode == "LDG" and i.width == 16 for i in body)  # noqa: E731
+    if any(map(tensor, loops)):
+        return max(loops, key=lambda body: (tensor(body), -len(body)))
+    if any(map(wide, loops)):
+        return max(loops, key=lambda body: (wide(body), len(body)))
+    return []
 
 
 def count(body: list[Instruction]) -> LoopCounts:

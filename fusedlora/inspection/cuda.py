@@ -1,0 +1,224 @@
+"""The CUDA C++ kernels of csrc/ compiled for a GPU this machine may not have, counted from their
+SASS, and a MODEL of the CUDA backend's time in the headline cases.
+
+    compiled_kernels(arch)  → {(kernel, template arguments): (SASS text, resource-usage text)}
+    inspect(arch, formats)  → {"kernels": [row per kernel], "cases": [MODEL estimate per case]}
+
+The .cu files are compiled to cubins with nvcc, the extension's flags (fusedlora/toolkit.py) and
+torch's (its half/bfloat16 macros and headers), once per source content, toolchain and arch
+(cached under ~/.cache/fusedlora/sass). The bf16 instantiations are the headline cases'.
+
+The kernels' tiles are read from csrc/ (their `constexpr` constants), so the work model follows
+the source. Main loops: the GEMMs' is the loop of their WMMA (HMMA) instructions, the small-M
+kernel's the loop of its 16-byte weight loads (see `sass.main_loop`); the dense small-M kernel
+(one loop per dense dtype, chosen at run time) and the LoRA kernels (nested loops) have none that
+counts per element, so the MODEL times them by their bytes and FMAs alone (a lower bound) and the
+budgets hold their resources only.
+"""
+
+import concurrent.futures
+import functools
+import hashlib
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from ..benchmark.cases import Case
+from ..extension import CSRC
+from ..formats import quantize
+from ..toolkit import NVCC_FLAGS, point_cuda_home
+from . import sass
+from .kernels import DTYPE, KernelReport, Work
+from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
+
+FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}  # csrc/types.h's WeightFormat
+FORWARD, GRAD_X = 0, 1  # csrc/gemm.cu's Mode
+_MANGLED = re.compile(r"\d+(gemm_kernel|small_m_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)I(.*?)EEv")
+_TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E")
+_TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
+
+
+def constant(source: str, name: str) -> int:
+    """The integer `constexpr` `name` of csrc/`source` (a literal, else an error)."""
+    match = re.search(rf"constexpr int(?:64_t)? {name} = (\d+);", (CSRC / source).read_text())
+    if not match:
+        raise ValueError(f"csrc/{source} has no literal constexpr {name}: update fusedlora/inspection/cuda.py")
+    return int(match.group(1))
+
+
+def _demangle(mangled: str):
+    """(kernel, template arguments) of a mangled kernel name: ("gemm_kernel", ("bf16", 3, 0))."""
+    match = _MANGLED.search(mangled)
+    if not match:
+        return None
+    arguments = tuple(_TYPES[m.group(0)] if m.group(1) is None else int(m.group(1))
+                      for m in _TEMPLATE_ARGUMENT.finditer(match.group(2)))
+    return match.group(1), arguments
+
+
+def _nvcc_command(arch: int, source: Path, output: Path) -> list:
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    includes = [f"-I{path}" for path in include_paths(device_type="cuda")]
+    python = f"-I{__import__('sysconfig').get_paths()['include']}"
+    # C++20: what recent torch headers require; the standard does not change the device code.
+    return ["nvcc", "-cubin", f"-arch=sm_{arch}", "-std=c++20", *NVCC_FLAGS, *COMMON_NVCC_FLAGS, *includes, python,
+            str(source), "-o", str(output)]
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version() -> str:
+    """nvcc's release line, e.g. "Cuda compilation tools, release 13.0, V13.0.88"."""
+    point_cuda_home()
+    text = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=True).stdout
+    return next((line for line in text.splitlines() if "release" in line), text.strip())
+
+
+def _cache_dir(arch: int) -> Path:
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(repr((arch, NVCC_FLAGS, torch.__version__, nvcc_version())).encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusedlora" / "sass"
+    return root / f"sm_{arch}-{digest.hexdigest()[:16]}"
+
+
+def _compile(arch: int, source: Path, folder: Path) -> None:
+    cubin = folder / f"{source.stem}.cubin"
+    built = subprocess.run(_nvcc_command(arch, source, cubin), capture_output=True, text=True)
+    if built.returncode:
+        raise RuntimeError(f"nvcc failed on csrc/{source.name} for sm_{arch}:\n{built.stderr[-4000:]}")
+    text, usage = sass.disassemble(cubin.read_bytes())
+    (folder / f"{source.stem}.sass").write_text(text)
+    (folder / f"{source.stem}.usage").write_text(usage)
+    cubin.unlink()
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernels(arch: int) -> dict:
+    """{(kernel, template arguments): (SASS text, resource-usage text)} of every csrc/*.cu kernel."""
+    point_cuda_home()
+    folder = _cache_dir(arch)
+    sources = sorted(CSRC.glob("*.cu"))
+    missing = [s for s in sources if not (folder / f"{s.stem}.usage").is_file()]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(missing), os.cpu_count() or 1))) as pool:
+            list(pool.map(lambda source: _compile(arch, source, folder), missing))
+    kernels = {}
+    for source in sources:
+        texts = re.split(r"\n\s*Function : (\S+)\n", (folder / f"{source.stem}.sass").read_text())
+        usages = dict(re.findall(r"Function (\S+?):\s*\n\s*(REG:[^\n]*)", (folder / f"{source.stem}.usage").read_text()))
+        for mangled, text in zip(texts[1::2], texts[2::2]):
+            name = _demangle(mangled)
+            if name:
+                kernels[name] = (text, usages[mangled])
+    return kernels
+
+
+def _cdiv(p: int, q: int) -> int:
+    return -(-p // q)
+
+
+def _weight_bytes(case: Case) -> int:
+    return quantize(torch.empty((case.n, case.k), device="meta", dtype=DTYPE), case.fmt).nbytes
+
+
+def _threads(kernel: str) -> int:
+    if kernel == "gemm_kernel":
+        return constant("gemm.cu", "kThreads")
+    if kernel == "small_m_kernel":
+        return constant("small_m.cu", "kWarps") * 32
+    return constant("lora.cu", "kThreads")
+
+
+def _weight_work(kernel: str, mode: int, case: Case) -> Work:
+    """What one launch of a weight-reading kernel does on `case` (bf16, the LoRA term at rank r)."""
+    m, n, k, r = case.m, case.n, case.k, case.rank
+    activations = 2 * m * (k + n)  # bf16 in and out
+    if kernel == "small_m_kernel":
+        warps = constant("small_m.cu", "kWarps")
+        per_chunk = 32 if case.fmt in ("nf4", "fp4") else 16  # weights per 16-byte load
+        return Work(_cdiv(n, warps), _cdiv(_cdiv(k, per_chunk), 32), warps * 32 * per_chunk,
+                    2.0 * m * n * (k + r), activations + _weight_bytes(case))
+    tile, step = constant("gemm.cu", "kTile"), constant("gemm.cu", "kStep")
+    reduce = k if mode == FORWARD else n
+    return Work(_cdiv(m, tile) * _cdiv(n if mode == FORWARD else k, tile), _cdiv(reduce, step), tile * step,
+                2.0 * m * n * (k + r), activations + _weight_bytes(case))
+
+
+def _lora_time(gpu: Gpu, kernel: str, case: Case) -> KernelTime:
+    """The LoRA kernels (fp32 FMAs) by their bytes and FMAs alone: a lower bound."""
+    m, n, k, r = case.m, case.n, case.k, case.rank
+    flops, moved = {
+        "shrink_kernel": (2.0 * m * k * r, 2 * m * k + 4 * (m * r + r * k)),
+        "grad_u_kernel": (4.0 * m * n * r, 2 * m * n + 4 * (2 * m * r + 2 * n * r)),
+        "grad_a_kernel": (2.0 * m * k * r, 2 * m * k + 4 * m * r + 4 * r * k * _cdiv(m, constant("lora.cu", "kRowsPerSlice"))),
+    }[kernel]
+    return KernelTime(flops / gpu.fp32_flops, 0.0, moved / gpu.copy_bandwidth, True)
+
+
+def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
+    kernel = key[0]
+    text, usage = compiled_kernels(gpu.arch)[key]
+    resources = sass.resource_usage(usage)
+    instructions = sass.parse(text)
+    loop = sass.count(sass.main_loop(instructions))
+    warps = _threads(kernel) // 32
+    ctas = ctas_per_sm(gpu, resources["registers"], warps, resources["static_shared"])
+    if kernel in ("gemm_kernel", "small_m_kernel"):
+        work = _weight_work(kernel, mode, case)
+        if loop.instructions:
+            rest = len(instructions) - loop.instructions
+            time = kernel_time(gpu, warp_instructions=work.programs * warps * (loop.instructions * work.trips + rest),
+                               flops=work.flops, bytes_moved=work.bytes_moved, overlapped=True,
+                               tensor_ops=loop.tensor_ops)
+        else:  # the dense small-M kernel: no main loop to count (module docstring)
+            time = KernelTime(0.0, 0.0, work.bytes_moved / gpu.copy_bandwidth, True)
+    else:
+        work, time = Work(1, 0, 0, 0.0, 0.0), _lora_time(gpu, kernel, case)
+    return KernelReport(kernel, (gpu.arch, *key), None, warps, 1, resources["registers"], resources["local_bytes"],
+                        resources["static_shared"], ctas, len(instructions), loop, work, time)
+
+
+def _launches(case: Case) -> list:
+    """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/ops.cpp's order)."""
+    fmt = FORMAT_IDS[case.fmt]
+    small = case.m <= constant("kernels.h", "kSmallMMaxRows")
+    launches = [(("shrink_kernel", ("bf16",)), None),
+                (("small_m_kernel", ("bf16", fmt)), None) if small else (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
+    if not case.decode:
+        launches += [(("grad_u_kernel", ("bf16",)), None), (("grad_a_kernel", ("bf16",)), None),
+                     (("gemm_kernel", ("bf16", fmt, GRAD_X)), GRAD_X)]
+    return launches
+
+
+def row_key(key: tuple, fmt: str) -> str:
+    """The budget key of a CUDA kernel: `cuda/<kernel>[/<mode>]/<format>`."""
+    kernel, arguments = key
+    if kernel == "gemm_kernel":
+        return f"cuda/{kernel}/{'forward' if arguments[2] == FORWARD else 'grad_x'}/{fmt}"
+    return f"cuda/{kernel}/{fmt}" if kernel == "small_m_kernel" else f"cuda/{kernel}"
+
+
+def inspect(gpu: Gpu, cases: list, case_estimate) -> dict:
+    """Kernel rows and the CUDA backend's MODEL estimate (`case_estimate(case, gpu, seconds)`) per case."""
+    from .budgets import measured
+
+    seen, kernels, estimates = set(), [], []
+    for case in cases:
+        seconds, by_bytes = 0.0, []
+        for key, mode in _launches(case):
+            report = _report(gpu, key, case, mode)
+            seconds += report.time.total + gpu.launch_seconds
+            if not report.loop.instructions:
+                by_bytes.append(key[0])
+            name = row_key(key, case.fmt)
+            if name not in seen:
+                seen.add(name)
+                kernels.append(dict(key=name, fmt=case.fmt, case=case.label, family="cuda", **measured(report)))
+        estimates.append({**case_estimate(case, gpu, seconds), "backend": "cuda", "timed_by_bytes": by_bytes})
+    return {"kernels": kernels, "cases": estimates}
