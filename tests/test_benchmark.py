@@ -14,9 +14,9 @@ import torch
 from fusedlora.benchmark.cases import Case, default_cases, order_cases, parse_shapes
 from fusedlora.benchmark.memory import saved_activation_bytes
 from fusedlora.benchmark.providers import CaseTensors, Layer, Provider, providers
-from fusedlora.benchmark.report import flops, summary
+from fusedlora.benchmark.report import derived, flops, summary, table
 from fusedlora.benchmark.runner import CaseRunner
-from fusedlora.benchmark.timing import Clock
+from fusedlora.benchmark.timing import Clock, Timing
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = Case("tiny", 8, 64, 96, 4, "nf4")
@@ -26,10 +26,19 @@ def _run(*args, **kwargs):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs)
 
 
+def _without_interpreter() -> dict:
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
 def test_quick_cpu_run_writes_json_table_and_plot(tmp_path):
-    result = _run("-m", "fusedlora", "bench", "--quick", "--out", str(tmp_path))
+    result = _run("-m", "fusedlora", "bench", "--quick", "--out", str(tmp_path), env=_without_interpreter())
     assert result.returncode == 0, result.stderr
     assert "CPU timing (perf_counter), median of 20" in result.stdout
+    # fusedlora's CPU path (its reference backend) is what the summary reports on a CPU.
+    summary_lines = result.stdout.split("summary (")[1].splitlines()
+    assert any("tiny 256->384 M=64 r=16 nf4" in line and " reference " in line for line in summary_lines)
+    # The cost model's estimates for the headline GPU cases, labelled a model.
+    assert "MODEL estimates for H200" in result.stdout and "not measurements" in result.stdout
     recorded = json.loads(next(tmp_path.glob("bench-*-cpu.json")).read_text())
     assert next(tmp_path.glob("bench-*-cpu.png")).stat().st_size > 1000
     meta = recorded["meta"]
@@ -45,6 +54,65 @@ def test_quick_cpu_run_writes_json_table_and_plot(tmp_path):
             assert row["times_floor"] > 0
     assert all(row["status"].startswith("unavailable") for row in by_provider["fusedlora-triton"])
     assert all(row["check_error"] < 3e-2 for row in by_provider["reference"])
+    layouts = recorded["ceilings"]["bf16_matmul_tflop_per_s_by_layout"]
+    assert recorded["ceilings"]["bf16_matmul_tflop_per_s"] == max(layouts.values()) and len(layouts) == 2
+    estimates = {(e["backend"], e["case"]): e for e in recorded["model"]["estimates"]}
+    training = estimates[("triton", "up_proj 4096->14336 M=8192 r=16 nf4")]
+    assert training["model_ratio_to_bf16"] > 1.0 and training["target_ratio_to_bf16"] == 1.10
+    assert 0 < estimates[("triton", "q_proj 4096->4096 M=1 r=16 nf4")]["model_copy_fraction"] < 1
+
+
+def test_the_cpu_run_says_why_it_prints_no_model(tmp_path):
+    result = _run("-m", "fusedlora", "bench", "--quick", "--shapes", "tiny", "--rows", "1", "--reps", "2",
+                  "--warmup", "0", "--providers", "reference", "--out", str(tmp_path),
+                  env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "model: TRITON_INTERPRET=1 is set" in result.stdout
+    assert "unavailable" in json.loads(next(tmp_path.glob("bench-*-cpu.json")).read_text())["model"]
+    summarized = _run("-m", "fusedlora", "bench", "--summarize", str(next(tmp_path.glob("bench-*-cpu.json"))),
+                      "--model", env=_without_interpreter())
+    assert summarized.returncode == 0 and "this run is a CPU run" in summarized.stdout, summarized.stderr
+
+
+def _measured(provider: str, case: Case, forward_ms: float, forward_backward_ms: float) -> dict:
+    return {"provider": provider, "status": "ok", "case": dict(case.__dict__), "forward_ms": forward_ms,
+            "backward_ms": forward_backward_ms - forward_ms, "forward_backward_ms": forward_backward_ms,
+            "spread_ms": {"forward": 0.01, "backward": 0.01, "forward_backward": 0.01}, "weight_bytes": 10**7,
+            "saved_bytes": case.m * (case.k + case.rank) * 2, "peak_bytes": None, "check_error": 0.0}
+
+
+def test_a_gpu_run_gets_the_model_beside_each_measured_headline_figure(tmp_path):
+    """What bench/gpu_check.sh does after measuring: `--summarize JSON --model` on an sm_90 run."""
+    training, decode = Case("q_proj", 8192, 4096, 4096, 16, "nf4"), Case("q_proj", 1, 4096, 4096, 16, "nf4")
+    results = [_measured("fusedlora-triton", training, 1.0, 3.0), _measured("fusedlora-triton", decode, 0.04, 0.1),
+               _measured("floor", training, 0.4, 0.8), _measured("fusedlora-triton", Case("tiny", 8, 64, 96, 16, "nf4"), 1, 2)]
+    ceilings = {"copy_gb_per_s": 4000.0, "bf16_matmul_tflop_per_s": 700.0}
+    meta = {"capability": "9.0", "complete": True, "commit": "x"}
+    path = tmp_path / "bench-gpu-cuda.json"
+    path.write_text(json.dumps({"meta": meta, "ceilings": ceilings, "results": derived(results, ceilings)}))
+    result = _run("-m", "fusedlora", "bench", "--summarize", str(path), "--model", env=_without_interpreter())
+    assert result.returncode == 0, result.stderr[-4000:]
+    recorded = json.loads(path.read_text())
+    rows = {(row["provider"], row["case"]["shape"], row["case"]["m"]): row for row in recorded["results"]}
+    for key, measured in ((("fusedlora-triton", "q_proj", 8192), 3.0), (("fusedlora-triton", "q_proj", 1), 0.04)):
+        row = rows[key]
+        assert row["model_ms"] > 0 and row["measured_over_model"] == pytest.approx(measured / row["model_ms"])
+    assert "model_ms" not in rows[("floor", "q_proj", 8192)]  # the model describes fusedlora's kernels only
+    assert "model_ms" not in rows[("fusedlora-triton", "tiny", 8)]  # nor shapes outside the headline
+    assert recorded["model"]["arch"] == 90 and "meas/model" in result.stdout
+
+
+def test_timing_reports_outliers_and_phases_that_disagree():
+    assert Timing((1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0)).outliers == 1
+    assert Timing((1.0, 1.1, 0.9, 1.0, 1.05, 0.95)).outliers == 0
+    case = Case("tiny", 8, 64, 96, 4, "nf4")
+    agreeing = _measured("reference", case, 1.0, 3.0)
+    disagreeing = {**_measured("peft-dense", case, 1.0, 3.0), "backward_ms": 5.0, "outliers": {"forward": 2}}
+    rows = {row["provider"]: row for row in derived([agreeing, disagreeing], {"copy_gb_per_s": 1.0,
+                                                                              "bf16_matmul_tflop_per_s": 1.0})}
+    assert rows["reference"]["phases_agree"] and not rows["peft-dense"]["phases_agree"]
+    text = table(list(rows.values()), "clock", {"copy_gb_per_s": 1.0, "bf16_matmul_tflop_per_s": 1.0})
+    assert "fwd + bwd - f+b = +3.000 ms" in text and "outlier runs (beyond Q3 + 3 IQR, left out by the median): forward 2" in text
 
 
 def test_a_provider_that_disagrees_is_reported_not_timed():

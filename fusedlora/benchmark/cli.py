@@ -1,4 +1,5 @@
-"""`python -m fusedlora bench`: measure, print the table, write JSON + PNG."""
+"""`python -m fusedlora bench`: measure, print the table, write JSON + PNG; with the cost model's
+estimates beside (a MODEL, see fusedlora/benchmark/model.py)."""
 
 import argparse
 import datetime
@@ -13,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from . import cases as case_lists
+from . import model as cost_model
 from .providers import providers as all_providers
 from .report import derived, plot, summary, table, write_json
 from .runner import CaseRunner
@@ -54,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, help="seconds: start no new case after this (headline cases run first)")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
     parser.add_argument("--summarize", metavar="JSON", help="print the headline summary of an earlier run and exit")
+    parser.add_argument("--model", action="store_true",
+                        help="with --summarize of a GPU run: put the cost model's estimate beside each measured "
+                             "headline figure (written into the JSON)")
+    parser.add_argument("--no-model", action="store_true",
+                        help="a CPU run: do not print the cost model's estimates for the headline GPU cases")
     return parser
 
 
@@ -73,17 +80,14 @@ def _cases(args, gpu: bool) -> list:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.model and not args.summarize:
+        raise SystemExit("--model goes with --summarize JSON (a GPU run's results)")
     if args.summarize:
-        with open(args.summarize) as handle:
-            recorded = json.load(handle)
-        print(summary(recorded["results"], recorded["ceilings"]))
-        meta = recorded["meta"]
-        if not meta.get("complete", True):
-            print(f"(an incomplete run: stopped after {meta['cases_done']} of {meta['cases_total']} cases)")
-        return 0
+        return _summarize(Path(args.summarize), args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     chosen = _cases(args, device.type == "cuda")
     providers = all_providers(args.providers.split(",") if args.providers else None)
     clock = Clock(device, warmup=args.warmup, reps=args.reps)
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "capability": "%d.%d" % capability if capability else None,
         "versions": _versions(),
         "timing": clock.label,
         "argv": argv if argv is not None else [],
@@ -118,11 +123,56 @@ def main(argv=None) -> int:
     meta["cases_skipped_by_budget"] = skipped
     meta["complete"] = True
     rows = derived(results, measured_ceilings)
-    write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows)
+    model = None if device.type == "cuda" or args.no_model else _cpu_preview()
+    write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows, model)
     plotted = plot(stem.with_suffix(".png"), rows)
     print(table(rows, clock.label, measured_ceilings))
     print("\n" + summary(rows, measured_ceilings))
+    if model is not None:
+        print("\n" + (cost_model.preview(model["estimates"], model["gpu"]) if "estimates" in model
+                      else f"model: {model['unavailable']}"))
     print(f"\n{meta['device']}, commit {meta['commit'][:12]}; wrote {stem}.json"
           + (f" and {stem}.png" if plotted else " (no plot: matplotlib missing or nothing to plot)")
           + (f"; {skipped} cases left out by --budget" if skipped else ""))
+    return 0
+
+
+def _cpu_preview() -> dict:
+    """The MODEL's estimates of the headline GPU cases on an H200 (the Triton backend), or why not."""
+    from ..inspection.cli import supported_cases
+    from ..inspection.model import GPUS
+
+    reason = cost_model.unavailable()
+    if reason:
+        return {"unavailable": reason}
+    arch = cost_model.CPU_PREVIEW_ARCH
+    return {"arch": arch, "gpu": GPUS[arch].name,
+            "estimates": cost_model.estimates(supported_cases(arch, ["nf4"]), arch)}
+
+
+def _summarize(path: Path, with_model: bool) -> int:
+    """Print an earlier run's summary; with `with_model`, first record the cost model's estimate
+    beside each measured headline figure of a GPU run the model describes (rewriting `path`)."""
+    from ..inspection.model import GPUS
+
+    recorded = json.loads(path.read_text())
+    meta = recorded["meta"]
+    if with_model:
+        capability = meta.get("capability")
+        arch = int(capability.replace(".", "")) if capability else None
+        reason = cost_model.unavailable() or (None if arch in GPUS else
+                                              f"the model describes sm_{' and sm_'.join(map(str, GPUS))}, this run "
+                                              f"is {'a CPU run' if arch is None else f'sm_{arch}'}")
+        if reason:
+            print(f"model: {reason}")
+        else:
+            backends = sorted({row["provider"].removeprefix("fusedlora-") for row in recorded["results"]
+                               if row["provider"] in ("fusedlora-triton", "fusedlora-cuda") and row["status"] == "ok"})
+            estimates = cost_model.estimates(cost_model.headline(recorded["results"]), arch, backends)
+            cost_model.attach(recorded["results"], estimates)
+            recorded["model"] = {"arch": arch, "gpu": GPUS[arch].name, "estimates": estimates}
+            write_json(path, meta, recorded["ceilings"], recorded["results"], recorded["model"])
+    print(summary(recorded["results"], recorded["ceilings"]))
+    if not meta.get("complete", True):
+        print(f"(an incomplete run: stopped after {meta['cases_done']} of {meta['cases_total']} cases)")
     return 0

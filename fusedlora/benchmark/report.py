@@ -4,12 +4,15 @@ Rates: up to 16 rows (decode) the weight bytes are the cost, so the forward read
 GB/s and a fraction of the measured copy bandwidth; above, forward+backward reads as TFLOP/s
 (the LoRA FLOPs counted for every provider but the floor) and a fraction of the measured bf16
 matmul rate. `× floor` is a provider's forward+backward time over the floor's (1.00 = as fast
-as a bare bf16 F.linear forward plus g·W); `speed-up vs X` is X's time over the provider's.
+as a bare bf16 F.linear forward plus g·W); `speed-up vs X` is X's time over the provider's. Forward and backward are timed apart and
+together; where fwd + bwd and fwd+bwd differ by more than their spreads together, or a phase had
+outlier runs, the table says so under the provider's line.
 """
 
 import json
 import os
 from collections import defaultdict
+from typing import Optional
 
 from .cases import Case
 
@@ -52,6 +55,8 @@ def derived(results: list, ceilings: dict) -> list:
                     row["times_floor"] = result["forward_backward_ms"] / floor["forward_backward_ms"]
                 row["speedup_vs"] = {peer: providers[peer]["forward_backward_ms"] / result["forward_backward_ms"]
                                      for peer in PEERS if peer != name and providers.get(peer, {}).get("status") == "ok"}
+                row["phase_gap_ms"] = result["forward_ms"] + result["backward_ms"] - result["forward_backward_ms"]
+                row["phases_agree"] = abs(row["phase_gap_ms"]) <= sum(result["spread_ms"].values())
             rows.append(row)
     return rows
 
@@ -59,7 +64,9 @@ def derived(results: list, ceilings: dict) -> list:
 def table(rows: list, clock_label: str, ceilings: dict) -> str:
     """A plain-text table, one block per case."""
     lines = [f"timing: {clock_label}; ceilings measured here: copy {ceilings['copy_gb_per_s']:.0f} GB/s, "
-             f"bf16 matmul {ceilings['bf16_matmul_tflop_per_s']:.3g} TFLOP/s"]
+             f"bf16 matmul {ceilings['bf16_matmul_tflop_per_s']:.3g} TFLOP/s (the faster layout of "
+             + ", ".join(f"{name} {rate:.3g}" for name, rate in ceilings.get("bf16_matmul_tflop_per_s_by_layout", {}).items())
+             + ")"]
     for providers in _group(rows).values():
         case = Case(**next(iter(providers.values()))["case"])
         rate = "wGB/s %copy" if case.decode else "TFLOP/s %mm"
@@ -79,18 +86,32 @@ def table(rows: list, clock_label: str, ceilings: dict) -> str:
                 f"{row['spread_ms']['forward_backward']:6.3f} {value:7.3g} {100 * fraction:4.0f}% "
                 f"{_ratio(row.get('times_floor'))} {_ratio(versus.get('reference'))} {_ratio(versus.get('peft-bnb'))} "
                 f"{row['saved_bytes'] / 2**20:9.2f} {peak}")
+            lines += _timing_notes(row)
     return "\n".join(lines)
+
+
+def _timing_notes(row: dict) -> list:
+    notes = []
+    if not row.get("phases_agree", True):
+        notes.append(f"    fwd + bwd - f+b = {row['phase_gap_ms']:+.3f} ms, more than the three spreads together "
+                     f"({sum(row['spread_ms'].values()):.3f} ms)")
+    if row.get("outliers"):
+        runs = ", ".join(f"{phase} {count}" for phase, count in row["outliers"].items())
+        notes.append(f"    outlier runs (beyond Q3 + 3 IQR, left out by the median): {runs}")
+    return notes
 
 
 def _ratio(value) -> str:
     return f"{value:7.2f}" if value is not None else f"{'-':>7s}"
 
 
-def write_json(path, meta: dict, ceilings: dict, rows: list) -> None:
-    """Write the results to `path` whole or not at all (a run may be stopped while it writes)."""
+def write_json(path, meta: dict, ceilings: dict, rows: list, model: Optional[dict] = None) -> None:
+    """Write the results (and the cost model's estimates, when given) to `path` whole or not at
+    all (a run may be stopped while it writes)."""
     partial = f"{path}.partial"
+    recorded = {"meta": meta, "ceilings": ceilings, "results": rows, **({"model": model} if model else {})}
     with open(partial, "w") as handle:
-        json.dump({"meta": meta, "ceilings": ceilings, "results": rows}, handle, indent=1)
+        json.dump(recorded, handle, indent=1)
     os.replace(partial, path)
 
 
@@ -133,19 +154,26 @@ def plot(path, rows: list) -> bool:
 
 def summary(rows: list, ceilings: dict) -> str:
     """The headline figures (the targets of the GPU check): training at the largest M with nf4
-    against the floor and the peers, decode weight bandwidth, and saved bytes against x + u."""
+    against the floor and the peers, decode weight bandwidth, and saved bytes against x + u; each
+    case by fusedlora's fastest GPU backend, else by its reference backend (the CPU path). Where the
+    cost model's estimate was recorded beside a measured row (`model_ms`: forward for decode,
+    forward+backward for training), it is shown with the measured/model ratio."""
     ok = [row for row in rows if row["status"] == "ok"]
     if not ok:
         return "summary: no case was measured"
-    fused = [row for row in ok if row["provider"].startswith("fusedlora-")]
     largest = max(row["case"]["m"] for row in ok)
-    lines = ["summary (fusedlora's fastest backend per case)",
-             f"  {'case':44s} {'f+b ms':>8s} {'×floor':>7s} {'vs ref':>7s} {'vs bnb':>7s} {'wGB/s':>7s} {'%copy':>6s} "
-             f"{'saved/(x+u)':>11s}"]
+    lines = ["summary (fusedlora's fastest backend per case; model: the cost model's estimate, not a measurement)",
+             f"  {'case':44s} {'backend':17s} {'f+b ms':>8s} {'×floor':>7s} {'vs ref':>7s} {'vs bnb':>7s} "
+             f"{'wGB/s':>7s} {'%copy':>6s} {'saved/(x+u)':>11s} {'model ms':>9s} {'meas/model':>10s}"]
     best = {}
-    for row in fused:
+    for row in ok:
+        if not (row["provider"].startswith("fusedlora-") or row["provider"] == "reference"):
+            continue
         key = tuple(sorted(row["case"].items()))
-        if key not in best or row["forward_backward_ms"] < best[key]["forward_backward_ms"]:
+        held = best.get(key)
+        gpu_backend = row["provider"] != "reference"
+        if held is None or (gpu_backend, -row["forward_backward_ms"]) > (held["provider"] != "reference",
+                                                                           -held["forward_backward_ms"]):
             best[key] = row
     for row in sorted(best.values(), key=lambda r: (r["case"]["m"] != largest, r["case"]["m"], r["case"]["shape"])):
         case = Case(**row["case"])
@@ -153,10 +181,12 @@ def summary(rows: list, ceilings: dict) -> str:
             continue
         activations = case.m * (case.k + case.rank) * 2  # x and u in bf16
         versus = row.get("speedup_vs", {})
-        lines.append(f"  {case.label:44s} {row['forward_backward_ms']:8.3f} {_ratio(row.get('times_floor'))} "
-                     f"{_ratio(versus.get('reference'))} {_ratio(versus.get('peft-bnb'))} "
-                     f"{row['weight_gb_per_s']:7.0f} {100 * row['fraction_of_copy']:5.0f}% "
-                     f"{row['saved_bytes'] / activations:11.3f}")
+        model = row.get("model_ms")
+        lines.append(f"  {case.label:44s} {row['provider']:17s} {row['forward_backward_ms']:8.3f} "
+                     f"{_ratio(row.get('times_floor'))} {_ratio(versus.get('reference'))} "
+                     f"{_ratio(versus.get('peft-bnb'))} {row['weight_gb_per_s']:7.0f} {100 * row['fraction_of_copy']:5.0f}% "
+                     f"{row['saved_bytes'] / activations:11.3f} "
+                     + (f"{model:9.3f} {row['measured_over_model']:10.2f}" if model else f"{'-':>9s} {'-':>10s}"))
     if len(lines) == 2:
         lines.append("  (no fusedlora case at the headline sizes was measured)")
     return "\n".join(lines)

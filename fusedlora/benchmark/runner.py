@@ -28,6 +28,7 @@ class Measurement:
     backward_ms: Optional[float] = None
     forward_backward_ms: Optional[float] = None
     spread_ms: dict = field(default_factory=dict)
+    outliers: dict = field(default_factory=dict)  # phase -> runs far above the rest (timing.Timing.outliers)
     check_error: Optional[float] = None
     saved_bytes: Optional[int] = None
     peak_bytes: Optional[int] = None
@@ -131,4 +132,5 @@ class CaseRunner:
         result.backward_ms = timings["backward"].median
         result.forward_backward_ms = timings["forward_backward"].median
         result.spread_ms = {name: timing.spread for name, timing in timings.items()}
+        result.outliers = {name: timing.outliers for name, timing in timings.items() if timing.outliers}
         result.peak_bytes = peak_bytes(lambda: layer.forward(xs[0]).backward(grads[0]), self.clock.device)
