@@ -30,7 +30,7 @@ from ..backends.registry import capability_refusal
 from ..benchmark.cases import LLAMA3_8B, Case
 from ..formats import quantize
 from . import cuda
-from .budgets import BUDGETS, budget_key, check, comparable_families, load, measured, write
+from .budgets import BUDGETS, COMPILERS, budget_key, check, comparable_families, load, measured, write
 from .kernels import DROPOUT, DTYPE, inspect_launch, record_case
 from .model import GPUS, bf16_linear_seconds
 from .sass import cuobjdump
@@ -190,8 +190,9 @@ def main(argv=None) -> int:
     budgets = load()
     families = comparable_families(budgets, results["versions"])
     for family in sorted(set(args.backends) - families):
-        print(f"{family}: not the compiler the budgets were measured with ({budgets.get('measured_with')}): "
-              "spills and fit checked, counts not compared")
+        compiler = COMPILERS[family]
+        print(f"{family}: not the compiler the budgets were measured with ({compiler} {results['versions'][compiler]}, "
+              f"budgets: {budgets.get('measured_with', {}).get(compiler)}): spills and fit checked, counts not compared")
     violations = [violation for arch, inspected in results["archs"].items()
                   for violation in check(inspected["kernels"], int(arch), budgets, families)]
     for violation in violations:
