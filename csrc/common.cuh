@@ -4,10 +4,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
 
+#include "device.cuh"
 #include "types.h"
 
 namespace fusedlora {
@@ -31,7 +29,7 @@ __constant__ float kFp4Code[16] = {
     0.0f, 0.0625f / 12.0f, 8.0f / 12.0f, 12.0f / 12.0f, 4.0f / 12.0f, 6.0f / 12.0f, 2.0f / 12.0f, 3.0f / 12.0f,
     0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -12.0f / 12.0f, -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f};
 
-// The absmax block of 4-bit element `index`: a shift, the blocksize being a power of two (ops.cpp checks).
+// The absmax block of 4-bit element `index`: a shift, the blocksize being a power of two (lora_ops.cpp checks).
 __device__ __forceinline__ int64_t block_of(const WeightView& w, int64_t index) {
   return index >> (__ffsll(w.blocksize) - 1);
 }

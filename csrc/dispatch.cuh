@@ -3,11 +3,10 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <type_traits>
 
+#include "device.cuh"
 #include "types.h"
 
 namespace fusedlora {

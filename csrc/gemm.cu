@@ -8,10 +8,6 @@
 // while dequantizing, as the reference dequantizes. The LoRA product (rank <= 256) is a second,
 // small GEMM in the epilogue, so the output is written once. int64 offsets; every tail masked.
 
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <mma.h>
-
 #include <type_traits>
 
 #include "common.cuh"
@@ -20,8 +16,6 @@
 
 namespace fusedlora {
 namespace {
-
-using namespace nvcuda;
 
 constexpr int kTile = 64;                      // output rows and columns of a block
 constexpr int kStep = 32;                      // reduction step
@@ -32,6 +26,8 @@ constexpr int kLoraLd = 16 + 8;                // LoRA operand rows
 constexpr int kOutLd = kTile + 4;              // fp32 staging rows
 constexpr int kTileElems = kTile * kStepLd;    // holds every staged operand (2560 >= 32·72, 64·24)
 constexpr int kStageTrips = kTile * kStep / kThreads;  // elements of each staged tile per thread
+constexpr int kStageUnroll = 4;  // the staging loops run kStageTrips / kStageUnroll times (the inspection reads both)
+static_assert(kTile * kStep % kThreads == 0 && kStageTrips % kStageUnroll == 0, "counted staging loops, no remainder");
 static_assert(2 * kTileElems >= kTile * kOutLd, "the fp32 path stages its output tile in the operand tiles");
 
 enum Mode { kForward, kGradX };
@@ -45,26 +41,27 @@ __device__ __forceinline__ float scaled_weight(const WeightView& w, int64_t r, i
 }
 
 // Stage reduction step [r0, r0 + kStep): the left operand's rows m0.. and the weight tile. Counted
-// loops (kStageTrips per thread), unrolled: the main loop holds no inner loop.
+// loops (kStageTrips per thread) unrolled kStageUnroll times: their trip count is known, so the
+// inspection counts what one step executes (fully unrolled, they spill on sm_80).
 template <typename T, int FMT, int MODE>
 __device__ __forceinline__ void stage(T* a_tile, T* w_tile, const T* __restrict__ left, int64_t ld_left,
                                       const WeightView& w, int64_t m0, int64_t o0, int64_t r0, int64_t rows,
                                       int64_t outs, int64_t reduce) {
-#pragma unroll
+#pragma unroll kStageUnroll
   for (int t = 0; t < kStageTrips; ++t) {
     const int i = threadIdx.x + t * kThreads, row = i / kStep, col = i % kStep;
     const int64_t m = m0 + row, r = r0 + col;
     a_tile[row * kStepLd + col] = (m < rows && r < reduce) ? left[m * ld_left + r] : from_float<T>(0.0f);
   }
   if constexpr (MODE == kForward) {  // w_tile[o][r] = W[o0 + o, r0 + r]: Wᵀ stored column-major
-#pragma unroll
+#pragma unroll kStageUnroll
     for (int t = 0; t < kStageTrips; ++t) {
       const int i = threadIdx.x + t * kThreads, o = i / kStep, col = i % kStep;
       const int64_t n = o0 + o, r = r0 + col;
       w_tile[o * kStepLd + col] = from_float<T>((n < outs && r < reduce) ? scaled_weight<FMT, MODE>(w, r, n) : 0.0f);
     }
   } else {  // w_tile[r][o] = W[r0 + r, o0 + o]: row-major
-#pragma unroll
+#pragma unroll kStageUnroll
     for (int t = 0; t < kStageTrips; ++t) {
       const int i = threadIdx.x + t * kThreads, row = i / kTile, o = i % kTile;
       const int64_t r = r0 + row, k = o0 + o;
@@ -98,10 +95,10 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
                                  const float* __restrict__ bias, float scaling, const Dropout& dropout,
                                  T* __restrict__ out, int64_t ld_out, int64_t rows, int64_t outs, int64_t reduce) {
   using BLayout = std::conditional_t<MODE == kForward, wmma::col_major, wmma::row_major>;
-  __shared__ __align__(32) T a_tile[kTileElems];
-  __shared__ __align__(32) T w_tile[kTileElems];
-  __shared__ __align__(32) float base_out[kTile * kOutLd];
-  __shared__ __align__(32) float lora_out[kTile * kOutLd];
+  T* a_tile = shared_array<T[kTileElems], __LINE__>();
+  T* w_tile = shared_array<T[kTileElems], __LINE__>();
+  float* base_out = shared_array<float[kTile * kOutLd], __LINE__>();
+  float* lora_out = shared_array<float[kTile * kOutLd], __LINE__>();
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, o0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int warp = threadIdx.x / 32, warp_m = (warp / 2) * 32, warp_o = (warp % 2) * 32;
 
@@ -113,7 +110,7 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
     }
   for (int64_t r0 = 0; r0 < reduce; r0 += kStep) {
     stage<T, FMT, MODE>(a_tile, w_tile, left, ld_left, w, m0, o0, r0, rows, outs, reduce);
-    __syncthreads();
+    block_sync();
 #pragma unroll
     for (int kk = 0; kk < kStep; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
@@ -129,7 +126,7 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
-    __syncthreads();
+    block_sync();
   }
 
   // The LoRA product in steps of 16 ranks, its operands staged where the main loop's were.
@@ -145,7 +142,7 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
         w_tile[j * kGradLd + row] = from_float<T>(right);  // (j, o) at [j][o]: row-major
       }
     }
-    __syncthreads();
+    block_sync();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b[2];
     for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], a_tile + (warp_m + 16 * i) * kLoraLd, kLoraLd);
@@ -158,7 +155,7 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
     }
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::mma_sync(lora[i][j], a[i], b[j], lora[i][j]);
-    __syncthreads();
+    block_sync();
   }
 
   for (int i = 0; i < 2; ++i)
@@ -167,7 +164,7 @@ __device__ __forceinline__ void tensor_core_tile(const T* __restrict__ left, int
       wmma::store_matrix_sync(base_out + offset, acc[i][j], kOutLd, wmma::mem_row_major);
       wmma::store_matrix_sync(lora_out + offset, lora[i][j], kOutLd, wmma::mem_row_major);
     }
-  __syncthreads();
+  block_sync();
   for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
     const int row = i / kTile, col = i % kTile;
     const int64_t m = m0 + row, o = o0 + col;
@@ -187,7 +184,7 @@ __device__ __forceinline__ void fma_tile(const float* __restrict__ left, int64_t
                                          const float* __restrict__ bias, float scaling, const Dropout& dropout,
                                          float* __restrict__ out, int64_t ld_out, int64_t rows, int64_t outs,
                                          int64_t reduce) {
-  __shared__ float tiles[2 * kTileElems];  // a-tile and w-tile, then the staged output tile
+  float* tiles = shared_array<float[2 * kTileElems], __LINE__>();  // a-tile and w-tile, then the staged output tile
   float* a_tile = tiles;
   float* w_tile = tiles + kTileElems;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, o0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -195,7 +192,7 @@ __device__ __forceinline__ void fma_tile(const float* __restrict__ left, int64_t
   float acc[4][8] = {};
   for (int64_t r0 = 0; r0 < reduce; r0 += kStep) {
     stage<float, FMT, MODE>(a_tile, w_tile, left, ld_left, w, m0, o0, r0, rows, outs, reduce);
-    __syncthreads();
+    block_sync();
     for (int r = 0; r < kStep; ++r) {
       float a[4], b[8];
 #pragma unroll
@@ -208,13 +205,13 @@ __device__ __forceinline__ void fma_tile(const float* __restrict__ left, int64_t
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
     }
-    __syncthreads();
+    block_sync();
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 8; ++j) tiles[(row0 + i) * kOutLd + col0 + j] = acc[i][j];
-  __syncthreads();
+  block_sync();
   for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
     const int row = i / kTile, col = i % kTile;
     const int64_t m = m0 + row, o = o0 + col;
@@ -255,15 +252,13 @@ void launch_gemm(const at::Tensor& left, const WeightView& w, const at::Tensor& 
   const int64_t ld_lora_right = lora_left.defined() ? lora_right.stride(0) : 0;
   const int rank = lora_left.defined() ? static_cast<int>(lora_left.size(1)) : 0;
   const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(left.scalar_type(), "fusedlora_gemm", [&] {
     using T = typename CudaType<scalar_t>::type;
     dispatch_format(w.fmt, [&](auto fmt) {
-      gemm_kernel<T, decltype(fmt)::value, MODE><<<grid, kThreads, 0, stream>>>(
-          reinterpret_cast<const T*>(left.data_ptr<scalar_t>()), left.stride(0), w, lora_left_ptr, ld_lora_left,
-          lora_right_ptr, ld_lora_right, rank, bias_ptr, static_cast<float>(scaling), dropout,
-          reinterpret_cast<T*>(out.data_ptr<scalar_t>()), out.stride(0), rows, outs, reduce);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(gemm_kernel<T, decltype(fmt)::value, MODE>, grid, dim3(kThreads),
+             reinterpret_cast<const T*>(left.data_ptr<scalar_t>()), left.stride(0), w, lora_left_ptr, ld_lora_left,
+             lora_right_ptr, ld_lora_right, rank, bias_ptr, static_cast<float>(scaling), dropout,
+             reinterpret_cast<T*>(out.data_ptr<scalar_t>()), out.stride(0), rows, outs, reduce);
     });
   });
 }

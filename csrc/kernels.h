@@ -1,13 +1,29 @@
-// Launchers of the CUDA kernels, called by ops.cpp. Every tensor is on the current CUDA device,
-// row-major with unit stride along its last dimension; the LoRA tensors (u, du, A, B, bias) are
-// fp32. Each launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+// The CUDA backend's host functions (lora_ops.cpp), and the launchers of its kernels that they call.
+// Every tensor is on the current CUDA device, row-major with unit stride along its last dimension;
+// the LoRA tensors (u, du, A, B, bias) are fp32. Each launcher checks its launch (device.cuh).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
 
 #include "types.h"
 
 namespace fusedlora {
+
+// The ops' computations (their schemas: csrc/ops.cpp): (y, u) and (dx, dA, dB).
+std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, at::TensorList w_tensors, c10::string_view w_format,
+                                                at::IntArrayRef w_shape, int64_t w_blocksize, const at::Tensor& lora_a,
+                                                const at::Tensor& lora_b, double scaling,
+                                                const std::optional<at::Tensor>& bias, double dropout_p,
+                                                const at::Tensor& seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                             const at::Tensor& u, at::TensorList w_tensors,
+                                                             c10::string_view w_format, at::IntArrayRef w_shape,
+                                                             int64_t w_blocksize, const at::Tensor& lora_a,
+                                                             const at::Tensor& lora_b, double scaling, double dropout_p,
+                                                             const at::Tensor& seed, bool need_dx);
 
 // u (M, r) = drop(x) · Aᵀ.
 void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u);

@@ -4,9 +4,6 @@
 //   grad_a:  dA (r, K) = duᵀ · drop(x)                 per row-slice partials
 // Partials are summed on the host in a fixed order: the results are bitwise reproducible.
 
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-
 #include "common.cuh"
 #include "dispatch.cuh"
 #include "kernels.h"
@@ -26,8 +23,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ a, int64_t ld_a, Dropout dropout,
                   float* __restrict__ u, int64_t ld_u, int64_t rows, int64_t k, int rank) {
-  __shared__ float x_tile[kShrinkRows][kShrinkStep + 1];
-  __shared__ float a_tile[kMaxRank][kShrinkStep + 1];
+  auto& x_tile = shared_array<float[kShrinkRows][kShrinkStep + 1], __LINE__>();
+  auto& a_tile = shared_array<float[kMaxRank][kShrinkStep + 1], __LINE__>();
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kShrinkRows;
   float acc[kShrinkSlots] = {};
   for (int64_t k0 = 0; k0 < k; k0 += kShrinkStep) {
@@ -40,7 +37,7 @@ __global__ void __launch_bounds__(kThreads)
       const int j = i / kShrinkStep, col = i % kShrinkStep;
       a_tile[j][col] = k0 + col < k ? a[j * ld_a + k0 + col] : 0.0f;
     }
-    __syncthreads();
+    block_sync();
 #pragma unroll
     for (int slot = 0; slot < kShrinkSlots; ++slot) {
       const int o = threadIdx.x + slot * kThreads;
@@ -51,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
         acc[slot] += sum;
       }
     }
-    __syncthreads();
+    block_sync();
   }
 #pragma unroll
   for (int slot = 0; slot < kShrinkSlots; ++slot) {
@@ -63,7 +60,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // grad_u: a block walks row tiles of 16 (blockIdx.x, + gridDim.x, ...) and, for each, all of N
 // in steps of 16; its share of dB accumulates in its own partial (read-modify-write, reproducible)
-// or, when `atomic`, into one shared fp32 buffer with atomicAdd (far less memory, not bitwise
+// or, when `atomic`, into one shared fp32 buffer with atomic_add (far less memory, not bitwise
 // reproducible).
 constexpr int kGradURows = 16;
 constexpr int kGradUStep = 16;
@@ -75,9 +72,9 @@ __global__ void __launch_bounds__(kThreads)
     grad_u_kernel(const T* __restrict__ g, int64_t ld_g, const float* __restrict__ u, int64_t ld_u,
                   const float* __restrict__ b, int64_t ld_b, float scaling, float* __restrict__ du, int64_t ld_du,
                   float* __restrict__ db_partials, bool atomic, int64_t rows, int64_t columns, int rank) {
-  __shared__ float g_tile[kGradURows][kGradUStep + 1];
-  __shared__ float u_tile[kGradURows][kMaxRank + 1];
-  __shared__ float b_tile[kGradUStep][kMaxRank + 1];
+  auto& g_tile = shared_array<float[kGradURows][kGradUStep + 1], __LINE__>();
+  auto& u_tile = shared_array<float[kGradURows][kMaxRank + 1], __LINE__>();
+  auto& b_tile = shared_array<float[kGradUStep][kMaxRank + 1], __LINE__>();
   float* db = db_partials + (atomic ? 0 : static_cast<int64_t>(blockIdx.x) * columns * rank);
   const int64_t tiles = (rows + kGradURows - 1) / kGradURows;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -97,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
         const int col = i / rank, j = i % rank;
         b_tile[col][j] = n0 + col < columns ? b[(n0 + col) * ld_b + j] : 0.0f;
       }
-      __syncthreads();
+      block_sync();
 #pragma unroll
       for (int slot = 0; slot < kGradUSlots; ++slot) {
         const int o = threadIdx.x + slot * kThreads;
@@ -112,14 +109,14 @@ __global__ void __launch_bounds__(kThreads)
             float share = 0.0f;
             for (int r = 0; r < kGradURows; ++r) share = fmaf(g_tile[r][row], u_tile[r][j], share);
             if (atomic) {
-              atomicAdd(db + n * rank + j, scaling * share);
+              atomic_add(db + n * rank + j, scaling * share);
             } else {
               db[n * rank + j] += scaling * share;
             }
           }
         }
       }
-      __syncthreads();
+      block_sync();
     }
 #pragma unroll
     for (int slot = 0; slot < kGradUSlots; ++slot) {
@@ -127,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t m = m0 + o / max(rank, 1);
       if (o < kGradURows * rank && m < rows) du[m * ld_du + o % rank] = scaling * acc[slot];
     }
-    __syncthreads();
+    block_sync();
   }
 }
 
@@ -145,8 +142,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     grad_a_kernel(const float* __restrict__ du, int64_t ld_du, const T* __restrict__ x, int64_t ld_x,
                   Dropout dropout, float* __restrict__ da_partials, int64_t rows, int64_t k, int rank,
                   int64_t rows_per_slice) {
-  __shared__ float du_tile[kGradARows][kMaxRank + 1];
-  __shared__ float x_tile[kGradARows][kGradACols + 1];
+  auto& du_tile = shared_array<float[kGradARows][kMaxRank + 1], __LINE__>();
+  auto& x_tile = shared_array<float[kGradARows][kGradACols + 1], __LINE__>();
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kGradACols;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
   const int64_t last = min(first + rows_per_slice, rows);
@@ -161,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t m = m0 + row, kk = k0 + col;
       x_tile[row][col] = (m < last && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k) : 0.0f;
     }
-    __syncthreads();
+    block_sync();
 #pragma unroll
     for (int slot = 0; slot < kGradASlots; ++slot) {
       const int o = threadIdx.x + slot * kThreads;
@@ -172,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         acc[slot] += sum;
       }
     }
-    __syncthreads();
+    block_sync();
   }
   float* da = da_partials + static_cast<int64_t>(blockIdx.y) * rank * k;
 #pragma unroll
@@ -194,13 +191,11 @@ void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout&
   check_rank(rank);
   if (rows == 0) return;
   const dim3 grid(static_cast<unsigned>((rows + kShrinkRows - 1) / kShrinkRows));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_shrink", [&] {
     using T = typename CudaType<scalar_t>::type;
-    shrink_kernel<T><<<grid, kThreads, 0, stream>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0),
-                                                   lora_a.data_ptr<float>(), lora_a.stride(0), dropout,
-                                                   u.data_ptr<float>(), u.stride(0), rows, k, static_cast<int>(rank));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(shrink_kernel<T>, grid, dim3(kThreads), reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0),
+           lora_a.data_ptr<float>(), lora_a.stride(0), dropout, u.data_ptr<float>(), u.stride(0), rows, k,
+           static_cast<int>(rank));
   });
 }
 
@@ -216,14 +211,12 @@ void launch_grad_u(const at::Tensor& g, const at::Tensor& u, const at::Tensor& l
   TORCH_CHECK(atomic || db_partials.size(0) == grad_u_blocks(rows),
               "fusedlora: dB partials must have 1 (atomics) or grad_u_blocks(M) rows");
   if (rows == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(g.scalar_type(), "fusedlora_grad_u", [&] {
     using T = typename CudaType<scalar_t>::type;
-    grad_u_kernel<T><<<static_cast<unsigned>(grad_u_blocks(rows)), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(g.data_ptr<scalar_t>()), g.stride(0), u.data_ptr<float>(), u.stride(0),
-        lora_b.data_ptr<float>(), lora_b.stride(0), static_cast<float>(scaling), du.data_ptr<float>(), du.stride(0),
-        db_partials.data_ptr<float>(), atomic, rows, columns, static_cast<int>(rank));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(grad_u_kernel<T>, dim3(static_cast<unsigned>(grad_u_blocks(rows))), dim3(kThreads),
+           reinterpret_cast<const T*>(g.data_ptr<scalar_t>()), g.stride(0), u.data_ptr<float>(), u.stride(0),
+           lora_b.data_ptr<float>(), lora_b.stride(0), static_cast<float>(scaling), du.data_ptr<float>(), du.stride(0),
+           db_partials.data_ptr<float>(), atomic, rows, columns, static_cast<int>(rank));
   });
 }
 
@@ -239,14 +232,11 @@ void launch_grad_a(const at::Tensor& du, const at::Tensor& x, const Dropout& dro
   if (rows == 0 || k == 0) return;
   const int64_t rows_per_slice = ((rows + slices - 1) / slices + kGradARows - 1) / kGradARows * kGradARows;
   const dim3 grid(static_cast<unsigned>((k + kGradACols - 1) / kGradACols), static_cast<unsigned>(slices));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_grad_a", [&] {
     using T = typename CudaType<scalar_t>::type;
-    grad_a_kernel<T><<<grid, kThreads, 0, stream>>>(du.data_ptr<float>(), du.stride(0),
-                                                   reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0),
-                                                   dropout, da_partials.data_ptr<float>(), rows, k,
-                                                   static_cast<int>(rank), rows_per_slice);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(grad_a_kernel<T>, grid, dim3(kThreads), du.data_ptr<float>(), du.stride(0),
+           reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), dropout, da_partials.data_ptr<float>(),
+           rows, k, static_cast<int>(rank), rows_per_slice);
   });
 }
 

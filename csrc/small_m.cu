@@ -4,9 +4,6 @@
 // the row scale, the bias and the LoRA term s·u[m]·B[n]. No tensor cores: at M <= 4 the FMAs
 // are far from the limit, the memory system is the limit.
 
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-
 #include "common.cuh"
 #include "dispatch.cuh"
 #include "kernels.h"
@@ -15,7 +12,6 @@ namespace fusedlora {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 __device__ __forceinline__ uint32_t byte_of(const uint32_t (&words)[4], int b) {
   return (words[b / 4] >> (8 * (b % 4))) & 0xFFu;
@@ -35,10 +31,10 @@ __global__ void __launch_bounds__(kWarps * 32)
                    int64_t ld_u, const float* __restrict__ lora_b, int64_t ld_b, int rank,
                    const float* __restrict__ bias, float scaling, T* __restrict__ y, int64_t ld_y, int rows,
                    int64_t columns, int64_t k) {
-  __shared__ float code[16];  // the 4-bit table: divergent lookups are cheap in shared memory
+  float* code = shared_array<float[16], __LINE__>();  // the 4-bit table: divergent lookups are cheap in shared memory
   if constexpr (FMT == kNf4 || FMT == kFp4) {
     if (threadIdx.x < 16) code[threadIdx.x] = FMT == kNf4 ? kNf4Code[threadIdx.x] : kFp4Code[threadIdx.x];
-    __syncthreads();
+    block_sync();
   }
   const int lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -82,7 +78,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 #pragma unroll
   for (int m = 0; m < kSmallMMaxRows; ++m)
-    for (int offset = 16; offset > 0; offset /= 2) acc[m] += __shfl_xor_sync(kFullMask, acc[m], offset);
+    for (int offset = 16; offset > 0; offset /= 2) acc[m] += warp_shfl_xor(acc[m], offset);
   float mine = 0.0f;  // lane m keeps row m (constant indices keep acc in registers)
 #pragma unroll
   for (int m = 0; m < kSmallMMaxRows; ++m)
@@ -118,15 +114,13 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   const int rank = u.defined() ? static_cast<int>(u.size(1)) : 0;
   const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const dim3 grid(static_cast<unsigned>((columns + kWarps - 1) / kWarps));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_small_m", [&] {
     using T = typename CudaType<scalar_t>::type;
     dispatch_format(w.fmt, [&](auto fmt) {
-      small_m_kernel<T, decltype(fmt)::value><<<grid, kWarps * 32, 0, stream>>>(
-          reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), w, vectorized, u_ptr, ld_u, b_ptr, ld_b,
-          rank, bias_ptr, static_cast<float>(scaling), reinterpret_cast<T*>(y.data_ptr<scalar_t>()), y.stride(0),
-          static_cast<int>(rows), columns, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(small_m_kernel<T, decltype(fmt)::value>, grid, dim3(kWarps * 32),
+             reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), w, vectorized, u_ptr, ld_u, b_ptr, ld_b,
+             rank, bias_ptr, static_cast<float>(scaling), reinterpret_cast<T*>(y.data_ptr<scalar_t>()), y.stride(0),
+             static_cast<int>(rows), columns, k);
     });
   });
 }

@@ -1,0 +1,175 @@
+"""The CUDA C++ kernels executed on the CPU: csrc/'s kernels and host logic (lora_ops.cpp) compiled
+as host C++ with the device emulated (tests/emulation/, tests/cuda_emulation.py, docs/design.md
+§6). Every launcher, format and dtype on ragged shapes against the float64 oracle under two thread
+schedules (five with FUSEDLORA_EMULATION_FULL=1, on a wider matrix); the emulated number
+conversions bit for bit against torch's; the tensor-core primitives of the coming GEMM (cp.async,
+ldmatrix, mma.sync m16n8k16) in PTX's lane layouts, and their PTX assembled by nvcc; and planted
+bugs (source mutations) that must fail."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cuda_emulation
+from cuda_emulation import CSRC, EMULATION, WRAPPERS, Case, check
+from helpers import assert_close
+
+FULL = os.environ.get("FUSEDLORA_EMULATION_FULL") == "1"
+SCHEDULES = [("forward", 0), ("shuffled", 1)] + ([("reverse", 0), ("shuffled", 2), ("shuffled", 3)] if FULL else [])
+FORMATS = ["nf4", "fp4", "int8", "fp8", "dense"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    """The harness, built once (its build folder: the planted-bug test starts from it)."""
+    build_dir = tmp_path_factory.mktemp("emulation")
+    cuda_emulation.build(build_dir)
+    return build_dir
+
+
+def _matrix() -> list[Case]:
+    """Each format x dtype on alternating paths (small-M, M <= 4, and the GEMM) with bias, dropout,
+    strided x, ranks and dB's two reductions rotated through; then the edges."""
+    shapes = [(3, 72, 80), (33, 96, 136), (4, 130, 40), (70, 64, 72)] if FULL else [(3, 72, 80), (33, 96, 136)]
+    ranks = [1, 8, 16, 64]
+    cases = []
+    for index, (fmt, dtype) in enumerate((f, d) for f in FORMATS for d in DTYPES):
+        for offset, (m, k, n) in enumerate(shapes):
+            i = index + offset
+            cases.append(Case(m, k, n, ranks[i % 4], fmt, dtype, bias=i % 2 == 0, p=0.1 if i % 3 == 0 else 0.0,
+                              x_padding=8 if i % 4 == 1 else 0, deterministic=i % 5 == 2,
+                              weight_dtype=DTYPES[i % 3]))
+            if not FULL:
+                shapes = shapes[::-1]  # the next format x dtype takes the other path first
+                break
+    return cases + [
+        Case(5, 64, 96, 256, "nf4", torch.bfloat16, p=0.1),  # the largest rank, the GEMM at small M
+        Case(40, 65, 48, 8, "nf4", torch.float16, blocksize=32, double_quant=False),  # odd K: blocks span rows
+        Case(4, 130, 24, 8, "fp4", torch.bfloat16, blocksize=128),  # small-M, unaligned rows: the scalar path
+        Case(2, 256, 40, 4, "nf4", torch.bfloat16, blocksize=256, x_padding=16),  # small-M, 16-byte loads
+        Case(36, 48, 70, 4, "int8", torch.bfloat16, deterministic=True, need_dx=False),
+    ]
+
+
+MATRIX = _matrix()
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=[case.label for case in MATRIX])
+def test_every_launcher_format_and_dtype_matches_float64(harness, case):
+    for schedule, seed in SCHEDULES:
+        check(case, schedule, seed)
+
+
+def test_emulated_conversions_round_as_torch_does(harness):
+    g = torch.Generator().manual_seed(7)
+    edges = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, 1e-8, 2.0**-24, 3 * 2.0**-25, 2.0**-25,
+                          float("inf"), -float("inf"), 3.0e38, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8])
+    values = torch.cat([edges, -edges, torch.randn(4000, generator=g) * 10.0 ** torch.randint(-9, 6, (4000,), generator=g)])
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        ours = torch.ops.fusedlora_emulated.convert(values, name)
+        assert torch.equal(ours, values.to(dtype).float()), name
+    nan = torch.ops.fusedlora_emulated.convert(torch.tensor([float("nan")]), "fp16")
+    assert torch.isnan(nan).all()
+    codes = torch.arange(256, dtype=torch.uint8)
+    decoded, expected = torch.ops.fusedlora_emulated.convert(codes, "fp8"), codes.view(torch.float8_e4m3fn).float()
+    assert torch.equal(torch.isnan(decoded), torch.isnan(expected))
+    assert torch.equal(decoded[~torch.isnan(decoded)], expected[~torch.isnan(expected)])
+
+
+def test_tensor_core_primitives_follow_ptx_lane_layouts(harness):
+    """cp.async, ldmatrix and mma.sync m16n8k16 as tests/emulation/primitives_kernel.cuh uses them:
+    right with PTX's lane layouts, wrong with another lane's rows, poisoned without the wait."""
+    g = torch.Generator().manual_seed(11)
+    a, bt = torch.randn(16, 16, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16()
+    expected = a.double() @ bt.double().t()
+    for schedule, seed in SCHEDULES:
+        torch.ops.fusedlora_emulated.set_schedule(schedule, seed)
+        assert_close(torch.ops.fusedlora_emulated.mma_tile(a, bt, 0, False), expected, torch.float32, schedule)
+    wrong_lanes = torch.ops.fusedlora_emulated.mma_tile(a, bt, 1, False)
+    assert (wrong_lanes.double() - expected).abs().max() > 0.1
+    assert torch.isnan(torch.ops.fusedlora_emulated.mma_tile(a, bt, 0, True)).any()
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_nvcc_compiles_the_primitives_to_their_instructions(arch, tmp_path):
+    """The PTX behind csrc/device.cuh's mma_m16n8k16, ldmatrix_x4 and cp_async_* assembles (ptxas
+    checks it only where a kernel uses it) into HMMA, LDSM and LDGSTS."""
+    from fusedlora.inspection import cuda, sass
+
+    source = tmp_path / "primitives.cu"
+    source.write_text('#include "primitives_kernel.cuh"\n'
+                      "template __global__ void fusedlora::mma_tile_kernel<__nv_bfloat16>(\n"
+                      "    const __nv_bfloat16*, const __nv_bfloat16*, float*, int, bool);\n")
+    cubin = tmp_path / "primitives.cubin"
+    cuda.nvcc_version()  # points CUDA_HOME at the toolkit
+    command = cuda._nvcc_command(arch, source, cubin) + [f"-I{CSRC}", f"-I{EMULATION}"]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    text, _ = sass.disassemble(cubin.read_bytes())
+    opcodes = {".".join((i.opcode, *i.modifiers)) for i in sass.parse(text)}
+    assert "HMMA.16816.F32.BF16" in opcodes and any(op.startswith("LDSM.16.M88.4") for op in opcodes), opcodes
+    assert any(op.startswith("LDGSTS") for op in opcodes) and any(op.startswith("DEPBAR") for op in opcodes), opcodes
+
+
+# Each a source mutation of csrc/ (file, text, replacement) that the smoke cases must catch.
+MUTANTS = {
+    "nibble order": ("common.cuh", "(index & 1) ? (byte & 0xF) : (byte >> 4)", "(index & 1) ? (byte >> 4) : (byte & 0xF)"),
+    "int8 scale": ("common.cuh", "(1.0f / 127.0f)", "(1.0f / 128.0f)"),
+    "GEMM tail mask": ("gemm.cu", "(n < outs && r < reduce) ? scaled_weight", "(n < outs) ? scaled_weight"),
+    "missing block_sync": ("gemm.cu", "wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);\n    }\n    block_sync();",
+                           "wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);\n    }"),
+    "dropout index": ("lora.cu", "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k)",
+                      "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), kk, m, k)"),
+}
+
+
+def _smoke(build_dir: Path, replaced: dict) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(Path(cuda_emulation.__file__)), "--build", str(build_dir), "--schedules", "forward",
+            "--replace", *(f"{stem}={wrapper}" for stem, wrapper in replaced.items())]
+    return subprocess.run(args, capture_output=True, text=True, timeout=900)
+
+
+def _mutant(folder: Path, file: str, text: str, replacement: str) -> dict:
+    """The mutated file in `folder`, with a wrapper for each kernel file that includes it; {stem: wrapper}."""
+    source = (CSRC / file).read_text()
+    assert source.count(text) == 1, f"the mutation's text is not once in csrc/{file}: update MUTANTS"
+    folder.mkdir()
+    (folder / file).write_text(source.replace(text, replacement))
+    stems = [Path(file).stem] if file.endswith(".cu") else list(WRAPPERS)  # a header: every kernel file
+    for stem in stems:
+        if not (folder / f"{stem}.cu").exists():
+            shutil.copy(CSRC / f"{stem}.cu", folder)
+        shutil.copy(WRAPPERS[stem], folder)  # includes "<stem>.cu", found beside it first
+    return {stem: folder / f"{stem}.cpp" for stem in stems}
+
+
+def test_planted_bugs_fail_and_the_source_as_is_passes(harness, tmp_path):
+    def build_dir(name):  # a copy of the harness's: only the mutated translation units recompile
+        return Path(shutil.copytree(harness, tmp_path / name, ignore=shutil.ignore_patterns("lock")))
+
+    control = _smoke(build_dir("control"), {})
+    assert control.returncode == 0 and "all smoke cases passed" in control.stdout, control.stdout + control.stderr[-3000:]
+    missed = []
+    for index, (name, (file, text, replacement)) in enumerate(MUTANTS.items()):
+        result = _smoke(build_dir(f"build-{index}"), _mutant(tmp_path / f"mutant-{index}", file, text, replacement))
+        assert result.returncode != cuda_emulation.BUILD_FAILED, f"{name}: the mutant does not build\n{result.stderr[-3000:]}"
+        if result.returncode == 0:
+            missed.append(name)
+    assert not missed, f"planted bugs the harness did not catch: {missed}"
+
+
+def test_the_emulation_header_is_only_reached_through_device_cuh():
+    """The kernels use CUDA's primitives through csrc/device.cuh alone (tests/emulation/ replaces exactly those)."""
+    assert (EMULATION / "emulated_device.h").is_file()
+    for path in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")):
+        if path.name == "device.cuh":
+            continue
+        text = path.read_text()
+        for primitive in ("__syncthreads", "__shfl", "atomicAdd", "__shared__", "<<<", "nvcuda", "getCurrentCUDAStream"):
+            assert primitive not in text, f"csrc/{path.name} uses {primitive} directly: put it behind csrc/device.cuh"
