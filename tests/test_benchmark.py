@@ -85,34 +85,55 @@ def test_a_gpu_run_gets_the_model_beside_each_measured_headline_figure(tmp_path)
     """What bench/gpu_check.sh does after measuring: `--summarize JSON --model` on an sm_90 run."""
     training, decode = Case("q_proj", 8192, 4096, 4096, 16, "nf4"), Case("q_proj", 1, 4096, 4096, 16, "nf4")
     results = [_measured("fusedlora-triton", training, 1.0, 3.0), _measured("fusedlora-triton", decode, 0.04, 0.1),
-               _measured("floor", training, 0.4, 0.8), _measured("fusedlora-triton", Case("tiny", 8, 64, 96, 16, "nf4"), 1, 2)]
+               _measured("fusedlora-cuda", decode, 0.05, 0.1), _measured("floor", training, 0.4, 0.8),
+               _measured("fusedlora-triton", Case("tiny", 8, 64, 96, 16, "nf4"), 1, 2)]
     ceilings = {"copy_gb_per_s": 4000.0, "bf16_matmul_tflop_per_s": 700.0}
-    meta = {"capability": "9.0", "complete": True, "commit": "x"}
+    meta = {"capability": "9.0", "complete": True, "commit": "x", "device": "NVIDIA H200"}
     path = tmp_path / "bench-gpu-cuda.json"
     path.write_text(json.dumps({"meta": meta, "ceilings": ceilings, "results": derived(results, ceilings)}))
     result = _run("-m", "fusedlora", "bench", "--summarize", str(path), "--model", env=_without_interpreter())
     assert result.returncode == 0, result.stderr[-4000:]
     recorded = json.loads(path.read_text())
     rows = {(row["provider"], row["case"]["shape"], row["case"]["m"]): row for row in recorded["results"]}
-    for key, measured in ((("fusedlora-triton", "q_proj", 8192), 3.0), (("fusedlora-triton", "q_proj", 1), 0.04)):
+    for key, measured in ((("fusedlora-triton", "q_proj", 8192), 3.0), (("fusedlora-triton", "q_proj", 1), 0.04),
+                          (("fusedlora-cuda", "q_proj", 1), 0.05)):
         row = rows[key]
         assert row["model_ms"] > 0 and row["measured_over_model"] == pytest.approx(measured / row["model_ms"])
+    assert rows[("fusedlora-cuda", "q_proj", 1)]["model_ms"] != rows[("fusedlora-triton", "q_proj", 1)]["model_ms"]
     assert "model_ms" not in rows[("floor", "q_proj", 8192)]  # the model describes fusedlora's kernels only
     assert "model_ms" not in rows[("fusedlora-triton", "tiny", 8)]  # nor shapes outside the headline
-    assert recorded["model"]["arch"] == 90 and "meas/model" in result.stdout
+    assert recorded["model"]["arch"] == 90 and "this run's GPU is" not in result.stdout
+    training_row = rows[("fusedlora-triton", "q_proj", 8192)]
+    assert f"{training_row['model_ms']:9.3f} {training_row['measured_over_model']:10.2f}" in result.stdout
+
+
+def test_the_summary_prefers_a_gpu_backend_and_shows_one_that_failed():
+    case = Case("q_proj", 8192, 4096, 4096, 16, "nf4")
+    ceilings = {"copy_gb_per_s": 4000.0, "bf16_matmul_tflop_per_s": 700.0}
+    reference, triton = _measured("reference", case, 2.0, 6.0), _measured("fusedlora-triton", case, 1.0, 3.0)
+    lines = lambda rows: [line for line in summary(derived(rows, ceilings), ceilings).splitlines()  # noqa: E731
+                          if case.label in line]
+    assert " fusedlora-triton " in lines([reference, triton])[0]
+    failed = {**triton, "status": "disagrees: error 0.5 > 0.03 of the reference"}
+    assert lines([reference, failed]) == [f"  {case.label:44s} {'fusedlora-triton':17s} {failed['status']}"]
+    unavailable = {**triton, "status": "unavailable: no GPU"}
+    assert " reference " in lines([reference, unavailable])[0]
 
 
 def test_timing_reports_outliers_and_phases_that_disagree():
     assert Timing((1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0)).outliers == 1
     assert Timing((1.0, 1.1, 0.9, 1.0, 1.05, 0.95)).outliers == 0
-    case = Case("tiny", 8, 64, 96, 4, "nf4")
+    case = Case("tiny", 33, 64, 96, 4, "nf4")
     agreeing = _measured("reference", case, 1.0, 3.0)
     disagreeing = {**_measured("peft-dense", case, 1.0, 3.0), "backward_ms": 5.0, "outliers": {"forward": 2}}
     rows = {row["provider"]: row for row in derived([agreeing, disagreeing], {"copy_gb_per_s": 1.0,
                                                                               "bf16_matmul_tflop_per_s": 1.0})}
     assert rows["reference"]["phases_agree"] and not rows["peft-dense"]["phases_agree"]
+    decode = derived([{**disagreeing, "case": dict(Case("tiny", 8, 64, 96, 4, "nf4").__dict__)}],
+                     {"copy_gb_per_s": 1.0, "bf16_matmul_tflop_per_s": 1.0})
+    assert "phases_agree" not in decode[0]  # decode times its forward without autograd: not comparable
     text = table(list(rows.values()), "clock", {"copy_gb_per_s": 1.0, "bf16_matmul_tflop_per_s": 1.0})
-    assert "fwd + bwd - f+b = +3.000 ms" in text and "outlier runs (beyond Q3 + 3 IQR, left out by the median): forward 2" in text
+    assert "fwd + bwd - f+b = +3.000 ms" in text and "outlier runs (beyond Q3 + 3 IQR; the median is the figure): forward 2" in text
 
 
 def test_a_provider_that_disagrees_is_reported_not_timed():

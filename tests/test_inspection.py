@@ -1,9 +1,10 @@
-"""The cost model's inspection: SASS parsing on hand-written text, occupancy arithmetic, and the
-real command compiling today's kernels for sm_90 and sm_80 (Triton's ahead-of-time path, no GPU
-needed) without spills, each fitting on an SM, within bench/budgets.json (the CI gate), plus a
-regression the gate must catch. The budgets' counts hold for the Triton they were measured with
-(the README's pinned torch brings it); .ci/run also runs the command's compile check under the
-oldest supported Triton, where counts are reported, not compared."""
+"""The cost model's inspection: SASS parsing on hand-written text, occupancy arithmetic, the CUDA
+kernels' names and work, the gate's rules, and the real command compiling today's kernels of both
+backends for sm_90 and sm_80 (Triton's ahead-of-time path and nvcc, no GPU needed) without spills,
+each fitting on an SM, within bench/budgets.json (the CI gate), plus a regression the gate must
+catch. The budgets' counts hold for the compilers they were measured with (the README's pinned
+torch brings the Triton; nvcc 13.0); .ci/run also runs the Triton compile check under the oldest
+supported Triton, where counts are reported, not compared."""
 
 import json
 import os
@@ -50,6 +51,84 @@ def test_the_main_loop_is_the_backward_branch_holding_the_mma_and_is_counted_by_
     assert counts.tensor_ops == {"HGMMA.64x128x16.F32.BF16": 1}
     assert counts.wgmma_wait_depth == 1
     assert counts.per_element(counts.instructions, warps=8, elements=128 * 64) == pytest.approx(9 * 8 * 32 / 8192)
+
+
+# A kernel without tensor-core instructions (the CUDA small-M kernel): its main loop is the one of the
+# 16-byte loads, the longest of the compiler's versions of it; a loop without wide loads is not one.
+NO_MMA = """
+        /*0000*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0010*/                   FFMA R1, R2, R3, R4 ;
+        /*0020*/               @P0 BRA 0x0 ;
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0040*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+        /*0050*/                   FFMA R1, R2, R3, R4 ;
+        /*0060*/               @P0 BRA 0x30 ;
+        /*0070*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0080*/               @P0 BRA 0x70 ;
+"""
+
+
+def test_without_tensor_ops_the_main_loop_is_the_longest_one_of_16_byte_loads():
+    instructions = sass.parse(NO_MMA)
+    assert [i.address for i in sass.main_loop(instructions)] == [0x30, 0x40, 0x50, 0x60]
+    assert sass.main_loop(sass.parse(NO_MMA.split("/*0000*/")[0] + "/*0070*/" + NO_MMA.split("/*0070*/")[1])) == []
+
+
+def test_an_inner_loop_counts_once_per_trip():
+    text = """
+        /*0000*/                   HMMA.16816.F32.BF16 R0, R4, R8, R0 ;
+        /*0010*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+        /*0020*/               @P1 BRA 0x10 ;
+        /*0030*/               @P0 BRA 0x0 ;
+    """
+    counts = sass.count(sass.main_loop(sass.parse(text)), inner_trips=4)
+    assert (counts.instructions, counts.static_instructions) == (1 + 4 * 2 + 1, 4)
+    assert counts.global_loads_by_width == {1: 4} and counts.tensor_ops == {"HMMA.16816.F32.BF16": 1}
+
+
+def test_cuda_kernel_names_and_work_follow_csrc():
+    from fusedlora.benchmark.cases import Case
+    from fusedlora.inspection import cuda
+
+    name = "_ZN9fusedlora39_GLOBAL__N__b41cabec_7_gemm_cu_a350ca7411gemm_kernelI13__nv_bfloat16Li3ELi1EEEvPKT_lNS_10W"
+    assert cuda._demangle(name) == ("gemm_kernel", ("bf16", 3, 1))
+    assert cuda._demangle("_ZN9fusedlora12_GLOBAL__N_113shrink_kernelI6__halfEEvPKT_l") == ("shrink_kernel", ("fp16",))
+    case = Case("t", 100, 300, 200, 8, "nf4")
+    forward, grad_x = (cuda._weight_work("gemm_kernel", mode, case) for mode in (cuda.FORWARD, cuda.GRAD_X))
+    assert forward.flops == 2.0 * 100 * 200 * (300 + 8) and grad_x.flops == 2.0 * 100 * 300 * (200 + 8)
+    assert (forward.programs, forward.trips) == (2 * 4, 10) and (grad_x.programs, grad_x.trips) == (2 * 5, 7)
+    small = cuda._weight_work("small_m_kernel", None, Case("t", 1, 4096, 200, 8, "nf4"))
+    assert (small.programs, small.trips, small.weight_elements) == (25, 4, 8 * 32 * 32)
+    assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 64, 64, 8, "nf4"))] == [
+        "shrink_kernel", "gemm_kernel", "grad_u_kernel", "grad_a_kernel", "gemm_kernel"]
+    assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"))] == ["shrink_kernel", "small_m_kernel"]
+    assert cuda._grad_a_slices(8192) == 16 and cuda._grad_a_slices(300) == 2
+    assert cuda._staging_trips() == 64 * 32 // 128 // 4
+
+
+def _row(**overrides) -> dict:
+    row = dict(key="k/nf4", case="c", candidate=None, family="cuda", local_bytes=0, ctas_per_sm=2,
+               instructions_per_element=10.0, scalar_loads_per_element=1.0, loop_instructions=100)
+    return {**row, **overrides}
+
+
+def test_the_gate_fails_a_kernel_whose_counted_main_loop_is_gone_and_records_compilers_per_family(tmp_path):
+    from fusedlora.inspection.budgets import check, comparable_families, load, write
+
+    results = {"commit": "abc", "versions": {"triton": "9.9", "nvcc": "release 1.0"},
+               "archs": {"90": {"kernels": [_row()]}}}
+    path = tmp_path / "budgets.json"
+    path.write_text(json.dumps({"limits": {}, "targets": {}, "measured_with": {"triton": {"triton": "3.8.0"}}}))
+    write(results, path)
+    budgets = load(path)
+    # Only the family inspected is recorded as measured with this run's compiler.
+    assert budgets["measured_with"] == {"triton": {"triton": "3.8.0"}, "cuda": {"nvcc": "release 1.0", "commit": "abc"}}
+    assert comparable_families(budgets, {"triton": "9.9", "nvcc": "release 1.0"}) == {"cuda"}
+    assert check([_row()], 90, budgets, {"cuda"}) == []
+    lost = _row(instructions_per_element=None, scalar_loads_per_element=None, loop_instructions=0)
+    assert any("no main loop found" in v for v in check([lost], 90, budgets, {"cuda"}))
+    assert any("instructions_per_element 20 > budget 10.0" in v
+               for v in check([_row(instructions_per_element=20.0)], 90, budgets, {"cuda"}))
 
 
 def test_ctas_per_sm_takes_the_tightest_of_registers_shared_memory_and_threads():
@@ -108,7 +187,8 @@ def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspect
     # kernel's loop of 16-byte weight loads, the LoRA kernels' resources.
     for mode in ("forward", "grad_x"):
         gemm = by_key[f"cuda/gemm_kernel/{mode}/nf4"]
-        assert "HMMA" in "".join(gemm["tensor_ops"]) and gemm["instructions_per_element"] > 0
+        assert "HMMA" in "".join(gemm["tensor_ops"])
+        assert gemm["instructions_per_element"] > by_key[f"cuda/gemm_kernel/{mode}/dense"]["instructions_per_element"]
     assert by_key["cuda/small_m_kernel/nf4"]["global_loads_by_width"].get("16", 0) >= 1
     assert {"cuda/shrink_kernel", "cuda/grad_u_kernel", "cuda/grad_a_kernel"} <= set(by_key)
     backends = {(c["backend"], c["case"]) for c in report["archs"][str(arch)]["cases"]}

@@ -123,12 +123,13 @@ def main(argv=None) -> int:
     meta["cases_skipped_by_budget"] = skipped
     meta["complete"] = True
     rows = derived(results, measured_ceilings)
-    model = None if device.type == "cuda" or args.no_model else _cpu_preview()
-    write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows, model)
+    write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows)
     plotted = plot(stem.with_suffix(".png"), rows)
     print(table(rows, clock.label, measured_ceilings))
     print("\n" + summary(rows, measured_ceilings))
-    if model is not None:
+    if device.type == "cpu" and not args.no_model:  # after the measurements are written and printed
+        model = _cpu_preview()
+        write_json(stem.with_suffix(".json"), meta, measured_ceilings, rows, model)
         print("\n" + (cost_model.preview(model["estimates"], model["gpu"]) if "estimates" in model
                       else f"model: {model['unavailable']}"))
     print(f"\n{meta['device']}, commit {meta['commit'][:12]}; wrote {stem}.json"
@@ -146,8 +147,11 @@ def _cpu_preview() -> dict:
     if reason:
         return {"unavailable": reason}
     arch = cost_model.CPU_PREVIEW_ARCH
-    return {"arch": arch, "gpu": GPUS[arch].name,
-            "estimates": cost_model.estimates(supported_cases(arch, ["nf4"]), arch)}
+    try:
+        estimates = cost_model.estimates(supported_cases(arch, ["nf4"]), arch)
+    except Exception as error:  # the measurements stand without the model
+        return {"unavailable": f"the model failed: {type(error).__name__}: {str(error)[:300]}"}
+    return {"arch": arch, "gpu": GPUS[arch].name, "estimates": estimates}
 
 
 def _summarize(path: Path, with_model: bool) -> int:
@@ -160,12 +164,20 @@ def _summarize(path: Path, with_model: bool) -> int:
     if with_model:
         capability = meta.get("capability")
         arch = int(capability.replace(".", "")) if capability else None
-        reason = cost_model.unavailable() or (None if arch in GPUS else
-                                              f"the model describes sm_{' and sm_'.join(map(str, GPUS))}, this run "
-                                              f"is {'a CPU run' if arch is None else f'sm_{arch}'}")
+        described = f"the model describes sm_{' and sm_'.join(map(str, GPUS))}"
+        if arch is None:
+            reason = (f"{described}; this run is a CPU run" if meta.get("device", "").startswith("CPU")
+                      else f"{described}; this run recorded no compute capability")
+        else:
+            reason = None if arch in GPUS else f"{described}; this run is sm_{arch}"
+        reason = cost_model.unavailable() or reason
         if reason:
             print(f"model: {reason}")
         else:
+            product = GPUS[arch].name.split()[0]
+            if product not in meta.get("device", ""):
+                print(f"model: it describes {GPUS[arch].name}, this run's GPU is {meta.get('device')}: clocks, SM "
+                      "count and bandwidth differ, and so does the model's error")
             backends = sorted({row["provider"].removeprefix("fusedlora-") for row in recorded["results"]
                                if row["provider"] in ("fusedlora-triton", "fusedlora-cuda") and row["status"] == "ok"})
             estimates = cost_model.estimates(cost_model.headline(recorded["results"]), arch, backends)

@@ -44,7 +44,7 @@ def estimates(cases: list[Case], arch: int, backends=("triton",)) -> list[dict]:
 
 def headline(rows: list[dict]) -> list[Case]:
     """The measured headline cases (summary's) of fusedlora's backends that the model can describe."""
-    largest = max((row["case"]["m"] for row in rows), default=0)
+    largest = max((row["case"]["m"] for row in rows if row["status"] == "ok"), default=0)
     cases = {Case(**row["case"]) for row in rows
              if row["provider"].startswith("fusedlora-") and row["status"] == "ok"
              and LLAMA3_8B.get(row["case"]["shape"]) == (row["case"]["k"], row["case"]["n"])}

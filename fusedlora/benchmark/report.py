@@ -55,18 +55,20 @@ def derived(results: list, ceilings: dict) -> list:
                     row["times_floor"] = result["forward_backward_ms"] / floor["forward_backward_ms"]
                 row["speedup_vs"] = {peer: providers[peer]["forward_backward_ms"] / result["forward_backward_ms"]
                                      for peer in PEERS if peer != name and providers.get(peer, {}).get("status") == "ok"}
-                row["phase_gap_ms"] = result["forward_ms"] + result["backward_ms"] - result["forward_backward_ms"]
-                row["phases_agree"] = abs(row["phase_gap_ms"]) <= sum(result["spread_ms"].values())
+                if not Case(**case).decode:  # decode times its forward without autograd: not the same forward
+                    row["phase_gap_ms"] = result["forward_ms"] + result["backward_ms"] - result["forward_backward_ms"]
+                    row["phases_agree"] = abs(row["phase_gap_ms"]) <= sum(result["spread_ms"].values())
             rows.append(row)
     return rows
 
 
 def table(rows: list, clock_label: str, ceilings: dict) -> str:
     """A plain-text table, one block per case."""
+    layouts = ceilings.get("bf16_matmul_tflop_per_s_by_layout", {})
     lines = [f"timing: {clock_label}; ceilings measured here: copy {ceilings['copy_gb_per_s']:.0f} GB/s, "
-             f"bf16 matmul {ceilings['bf16_matmul_tflop_per_s']:.3g} TFLOP/s (the faster layout of "
-             + ", ".join(f"{name} {rate:.3g}" for name, rate in ceilings.get("bf16_matmul_tflop_per_s_by_layout", {}).items())
-             + ")"]
+             f"bf16 matmul {ceilings['bf16_matmul_tflop_per_s']:.3g} TFLOP/s"
+             + (" (the faster layout of " + ", ".join(f"{name} {rate:.3g}" for name, rate in layouts.items()) + ")"
+                if layouts else "")]
     for providers in _group(rows).values():
         case = Case(**next(iter(providers.values()))["case"])
         rate = "wGB/s %copy" if case.decode else "TFLOP/s %mm"
@@ -97,7 +99,7 @@ def _timing_notes(row: dict) -> list:
                      f"({sum(row['spread_ms'].values()):.3f} ms)")
     if row.get("outliers"):
         runs = ", ".join(f"{phase} {count}" for phase, count in row["outliers"].items())
-        notes.append(f"    outlier runs (beyond Q3 + 3 IQR, left out by the median): {runs}")
+        notes.append(f"    outlier runs (beyond Q3 + 3 IQR; the median is the figure): {runs}")
     return notes
 
 
@@ -155,7 +157,8 @@ def plot(path, rows: list) -> bool:
 def summary(rows: list, ceilings: dict) -> str:
     """The headline figures (the targets of the GPU check): training at the largest M with nf4
     against the floor and the peers, decode weight bandwidth, and saved bytes against x + u; each
-    case by fusedlora's fastest GPU backend, else by its reference backend (the CPU path). Where the
+    case by fusedlora's fastest GPU backend, or by its reference backend (the CPU path) where no GPU
+    backend could run the case; a GPU backend that ran and failed is shown failing. Where the
     cost model's estimate was recorded beside a measured row (`model_ms`: forward for decode,
     forward+backward for training), it is shown with the measured/model ratio."""
     ok = [row for row in rows if row["status"] == "ok"]
@@ -166,18 +169,20 @@ def summary(rows: list, ceilings: dict) -> str:
              f"  {'case':44s} {'backend':17s} {'f+b ms':>8s} {'×floor':>7s} {'vs ref':>7s} {'vs bnb':>7s} "
              f"{'wGB/s':>7s} {'%copy':>6s} {'saved/(x+u)':>11s} {'model ms':>9s} {'meas/model':>10s}"]
     best = {}
-    for row in ok:
-        if not (row["provider"].startswith("fusedlora-") or row["provider"] == "reference"):
-            continue
-        key = tuple(sorted(row["case"].items()))
-        held = best.get(key)
-        gpu_backend = row["provider"] != "reference"
-        if held is None or (gpu_backend, -row["forward_backward_ms"]) > (held["provider"] != "reference",
-                                                                           -held["forward_backward_ms"]):
-            best[key] = row
+    for providers in _group(rows).values():
+        backends = [row for name, row in providers.items()
+                    if name.startswith("fusedlora-") and not row["status"].startswith("unavailable")]
+        candidates = backends or [row for name, row in providers.items() if name == "reference"]
+        ran = [row for row in candidates if row["status"] == "ok"]
+        if candidates:
+            best[tuple(sorted(candidates[0]["case"].items()))] = (min(ran, key=lambda r: r["forward_backward_ms"])
+                                                                  if ran else candidates[0])
     for row in sorted(best.values(), key=lambda r: (r["case"]["m"] != largest, r["case"]["m"], r["case"]["shape"])):
         case = Case(**row["case"])
         if not (case.m == largest and case.fmt == "nf4") and not (case.decode and case.fmt in ("nf4", "int8")):
+            continue
+        if row["status"] != "ok":
+            lines.append(f"  {case.label:44s} {row['provider']:17s} {row['status']}")
             continue
         activations = case.m * (case.k + case.rank) * 2  # x and u in bf16
         versus = row.get("speedup_vs", {})

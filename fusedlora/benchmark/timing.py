@@ -1,8 +1,8 @@
 """Clocks and ceilings. On a GPU: CUDA events around each call, the L2 cache flushed before it
 (so neither the weight nor the activations are served from L2), median of the timed runs after
 warm-up. On a CPU: `time.perf_counter`, labelled as CPU timing. Runs far above the others
-(beyond the upper quartile by 3 interquartile ranges) are counted as outliers and reported; the
-median leaves them out of the figure."""
+(beyond the upper quartile by 3 interquartile ranges, or by 1% of the median where the runs hardly
+differ) are counted as outliers and reported; the median they hardly move is the figure."""
 
 import statistics
 import time
@@ -35,11 +35,13 @@ class Timing:
 
     @property
     def outliers(self) -> int:
-        """Runs beyond the upper quartile by more than 3 interquartile ranges (0 under 4 runs)."""
+        """Runs beyond the upper quartile by more than 3 interquartile ranges, and by 1% of the
+        median at least (0 under 4 runs)."""
         if len(self.runs) < 4:
             return 0
         upper = statistics.quantiles(self.runs, n=4)[2]
-        return sum(run > upper + OUTLIER_IQRS * self.spread for run in self.runs)
+        margin = max(OUTLIER_IQRS * self.spread, 0.01 * self.median)
+        return sum(run > upper + margin for run in self.runs)
 
 
 class Clock:

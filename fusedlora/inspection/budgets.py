@@ -54,10 +54,11 @@ COMPILERS = {"triton": "triton", "cuda": "nvcc"}  # kernel family -> the compile
 
 
 def comparable_families(budgets: dict, versions: dict) -> set:
-    """The kernel families whose counts, compiled with `versions`, may be held to `budgets`' limits."""
+    """The kernel families whose counts, compiled with `versions` ({compiler: version}), may be held
+    to `budgets`' limits: those whose limits were measured with the same compiler version."""
     measured_with = budgets.get("measured_with", {})
     return {family for family, compiler in COMPILERS.items()
-            if versions.get(compiler) is not None and measured_with.get(compiler) == versions[compiler]}
+            if versions.get(compiler) is not None and measured_with.get(family, {}).get(compiler) == versions[compiler]}
 
 
 def shipped(row: dict) -> bool:
@@ -80,7 +81,9 @@ def check(rows: list[dict], arch: int, budgets: dict, families: set) -> list[str
             violations.append(f"sm_{arch} {row['key']}: no budget (add one with --write-budgets)")
             continue
         for name in _MOST:
-            if name in limit and row[name] is not None and row[name] > limit[name] * (1 + TOLERANCE):
+            if name in limit and row[name] is None:  # a main loop the budget counts is gone (a lost tensor op, say)
+                violations.append(f"{where}: no main loop found to count {name} (budget {limit[name]})")
+            elif name in limit and row[name] > limit[name] * (1 + TOLERANCE):
                 violations.append(f"{where}: {name} {row[name]:.3g} > budget {limit[name]}")
         if row["ctas_per_sm"] < limit.get("min_ctas_per_sm", 1):
             violations.append(f"{where}: {row['ctas_per_sm']} CTAs per SM < budget {limit['min_ctas_per_sm']}")
@@ -88,11 +91,14 @@ def check(rows: list[dict], arch: int, budgets: dict, families: set) -> list[str
 
 
 def write(results: dict, path: Path = BUDGETS) -> None:
-    """Set the limits of the inspected architectures to the worst figure of each key in `results`."""
+    """Set the limits of the inspected architectures to the worst figure of each key in `results`,
+    and record, per kernel family inspected, the compiler version and commit they were measured with."""
     budgets = load(path) if path.is_file() else {"limits": {}, "targets": {}}
+    families = set()
     for arch, inspected in results["archs"].items():
         limits = budgets["limits"].setdefault(arch, {})
         for row in filter(shipped, inspected["kernels"]):
+            families.add(row["family"])
             limit = limits.setdefault(row["key"], {"local_bytes": 0})
             counted = {name: row[name] for name in ("instructions_per_element", "scalar_loads_per_element")
                        if row[name] is not None}
@@ -101,6 +107,8 @@ def write(results: dict, path: Path = BUDGETS) -> None:
             for name, value in counted.items():
                 limit[name] = max(limit.get(name, 0.0), math.ceil(value * 1000) / 1000)
             limit["min_ctas_per_sm"] = min(limit.get("min_ctas_per_sm", row["ctas_per_sm"]), row["ctas_per_sm"])
-    budgets["measured_with"] = {**budgets.get("measured_with", {}), "commit": results["commit"],
-                                **{name: version for name, version in results["versions"].items() if version}}
+    measured_with = budgets.setdefault("measured_with", {})
+    for family in families:
+        compiler = COMPILERS[family]
+        measured_with[family] = {compiler: results["versions"][compiler], "commit": results["commit"]}
     path.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")

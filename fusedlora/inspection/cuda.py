@@ -2,18 +2,20 @@
 SASS, and a MODEL of the CUDA backend's time in the headline cases.
 
     compiled_kernels(arch)  → {(kernel, template arguments): (SASS text, resource-usage text)}
-    inspect(arch, formats)  → {"kernels": [row per kernel], "cases": [MODEL estimate per case]}
+    inspect(gpu, cases, case_estimate)  → {"kernels": [row per kernel], "cases": [MODEL estimate per case]}
 
 The .cu files are compiled to cubins with nvcc, the extension's flags (fusedlora/toolkit.py) and
-torch's (its half/bfloat16 macros and headers), once per source content, toolchain and arch
-(cached under ~/.cache/fusedlora/sass). The bf16 instantiations are the headline cases'.
+torch's (its half/bfloat16 macros and headers), once per source content, command, toolchain and
+arch (cached under ~/.cache/fusedlora/sass; a snapshot of csrc/ is what is hashed and compiled).
+The bf16 instantiations are the headline cases'.
 
 The kernels' tiles are read from csrc/ (their `constexpr` constants), so the work model follows
 the source. Main loops: the GEMMs' is the loop of their WMMA (HMMA) instructions, the small-M
 kernel's the loop of its 16-byte weight loads (see `sass.main_loop`); the dense small-M kernel
 (one loop per dense dtype, chosen at run time) and the LoRA kernels (nested loops) have none that
 counts per element, so the MODEL times them by their bytes and FMAs alone (a lower bound) and the
-budgets hold their resources only.
+budgets hold their resources only. The torch operations of csrc/lora_ops.cpp around the kernels
+(fills, dtype copies, the partials' sums) count as launches (`HOST_LAUNCHES`), their bytes not.
 """
 
 import concurrent.futures
@@ -21,7 +23,10 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import subprocess
+import sysconfig
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +41,10 @@ from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
 
 FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}  # csrc/types.h's WeightFormat
 FORWARD, GRAD_X = 0, 1  # csrc/gemm.cu's Mode
+# The torch operations csrc/lora_ops.cpp launches around the kernels (bf16 activations and adapters):
+# forward: u's zero fill, A and B to fp32, u back to bf16; backward: dA's and dB's zero fills, the dB
+# partials' fill, A, u and B to fp32, the two partial sums, dA and dB back to bf16.
+HOST_LAUNCHES = {"forward": 4, "backward": 10}
 _MANGLED = re.compile(r"\d+(gemm_kernel|small_m_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)I(.*?)EEv")
 _TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E")
 _TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
@@ -63,7 +72,7 @@ def _nvcc_command(arch: int, source: Path, output: Path) -> list:
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     includes = [f"-I{path}" for path in include_paths(device_type="cuda")]
-    python = f"-I{__import__('sysconfig').get_paths()['include']}"
+    python = f"-I{sysconfig.get_paths()['include']}"
     # C++20: what recent torch headers require; the standard does not change the device code.
     return ["nvcc", "-cubin", f"-arch=sm_{arch}", "-std=c++20", *NVCC_FLAGS, *COMMON_NVCC_FLAGS, *includes, python,
             str(source), "-o", str(output)]
@@ -73,15 +82,21 @@ def _nvcc_command(arch: int, source: Path, output: Path) -> list:
 def nvcc_version() -> str:
     """nvcc's release line, e.g. "Cuda compilation tools, release 13.0, V13.0.88"."""
     point_cuda_home()
+    if shutil.which("nvcc") is None:
+        raise FileNotFoundError("inspecting the CUDA C++ kernels needs nvcc (the CUDA toolkit) on PATH; without it, "
+                                "pass --backends triton")
     text = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=True).stdout
     return next((line for line in text.splitlines() if "release" in line), text.strip())
 
 
-def _cache_dir(arch: int) -> Path:
+def _cache_dir(arch: int, snapshot: dict) -> Path:
+    """The cache folder of `snapshot` ({file name: bytes} of csrc/) compiled for sm_`arch` as now."""
+    version = nvcc_version()  # also points CUDA_HOME at the toolkit, which torch's include paths need
     digest = hashlib.sha256()
-    for path in sorted(CSRC.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    digest.update(repr((arch, NVCC_FLAGS, torch.__version__, nvcc_version())).encode())
+    for name, content in sorted(snapshot.items()):
+        digest.update(name.encode() + content)
+    command = _nvcc_command(arch, Path("SOURCE"), Path("OUTPUT"))
+    digest.update(repr((command, torch.__version__, version, sass.cuobjdump())).encode())
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusedlora" / "sass"
     return root / f"sm_{arch}-{digest.hexdigest()[:16]}"
 
@@ -100,21 +115,26 @@ def _compile(arch: int, source: Path, folder: Path) -> None:
 @functools.lru_cache(maxsize=None)
 def compiled_kernels(arch: int) -> dict:
     """{(kernel, template arguments): (SASS text, resource-usage text)} of every csrc/*.cu kernel."""
-    point_cuda_home()
-    folder = _cache_dir(arch)
-    sources = sorted(CSRC.glob("*.cu"))
-    missing = [s for s in sources if not (folder / f"{s.stem}.usage").is_file()]
+    snapshot = {path.name: path.read_bytes() for path in CSRC.iterdir() if path.is_file()}
+    folder = _cache_dir(arch, snapshot)
+    stems = sorted(Path(name).stem for name in snapshot if name.endswith(".cu"))
+    missing = [stem for stem in stems if not (folder / f"{stem}.usage").is_file()]
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(missing), os.cpu_count() or 1))) as pool:
-            list(pool.map(lambda source: _compile(arch, source, folder), missing))
+        with tempfile.TemporaryDirectory() as copy:  # compile what was hashed, whatever happens to csrc/ meanwhile
+            for name, content in snapshot.items():
+                (Path(copy) / name).write_bytes(content)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(missing), os.cpu_count() or 1))) as pool:
+                list(pool.map(lambda stem: _compile(arch, Path(copy) / f"{stem}.cu", folder), missing))
     kernels = {}
-    for source in sources:
-        texts = re.split(r"\n\s*Function : (\S+)\n", (folder / f"{source.stem}.sass").read_text())
-        usages = dict(re.findall(r"Function (\S+?):\s*\n\s*(REG:[^\n]*)", (folder / f"{source.stem}.usage").read_text()))
+    for stem in stems:
+        texts = re.split(r"\n\s*Function : (\S+)\n", (folder / f"{stem}.sass").read_text())
+        usages = dict(re.findall(r"Function (\S+?):\s*\n\s*(REG:[^\n]*)", (folder / f"{stem}.usage").read_text()))
         for mangled, text in zip(texts[1::2], texts[2::2]):
             name = _demangle(mangled)
             if name:
+                if name in kernels:
+                    raise ValueError(f"two kernels named {name} (csrc/{stem}.cu and another): rename one")
                 kernels[name] = (text, usages[mangled])
     return kernels
 
@@ -145,9 +165,20 @@ def _weight_work(kernel: str, mode: int, case: Case) -> Work:
         return Work(_cdiv(n, warps), _cdiv(_cdiv(k, per_chunk), 32), warps * 32 * per_chunk,
                     2.0 * m * n * (k + r), activations + _weight_bytes(case))
     tile, step = constant("gemm.cu", "kTile"), constant("gemm.cu", "kStep")
-    reduce = k if mode == FORWARD else n
-    return Work(_cdiv(m, tile) * _cdiv(n if mode == FORWARD else k, tile), _cdiv(reduce, step), tile * step,
-                2.0 * m * n * (k + r), activations + _weight_bytes(case))
+    reduce, outs = (k, n) if mode == FORWARD else (n, k)
+    return Work(_cdiv(m, tile) * _cdiv(outs, tile), _cdiv(reduce, step), tile * step, 2.0 * m * outs * (reduce + r),
+                activations + _weight_bytes(case))
+
+
+def _staging_trips() -> int:
+    """Trips of the GEMM's staging loops per main-loop step: kStageTrips / kStageUnroll (csrc/gemm.cu)."""
+    per_thread = constant("gemm.cu", "kTile") * constant("gemm.cu", "kStep") // constant("gemm.cu", "kThreads")
+    return per_thread // constant("gemm.cu", "kStageUnroll")
+
+
+def _grad_a_slices(m: int) -> int:
+    """csrc/lora.cu's grad_a_slices: the dA partials written."""
+    return max(1, min(constant("lora.cu", "kMaxSlices"), _cdiv(m, constant("lora.cu", "kRowsPerSlice"))))
 
 
 def _lora_time(gpu: Gpu, kernel: str, case: Case) -> KernelTime:
@@ -156,7 +187,7 @@ def _lora_time(gpu: Gpu, kernel: str, case: Case) -> KernelTime:
     flops, moved = {
         "shrink_kernel": (2.0 * m * k * r, 2 * m * k + 4 * (m * r + r * k)),
         "grad_u_kernel": (4.0 * m * n * r, 2 * m * n + 4 * (2 * m * r + 2 * n * r)),
-        "grad_a_kernel": (2.0 * m * k * r, 2 * m * k + 4 * m * r + 4 * r * k * _cdiv(m, constant("lora.cu", "kRowsPerSlice"))),
+        "grad_a_kernel": (2.0 * m * k * r, 2 * m * k + 4 * m * r + 4 * r * k * _grad_a_slices(m)),
     }[kernel]
     return KernelTime(flops / gpu.fp32_flops, 0.0, moved / gpu.copy_bandwidth, True)
 
@@ -166,13 +197,14 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
     text, usage = compiled_kernels(gpu.arch)[key]
     resources = sass.resource_usage(usage)
     instructions = sass.parse(text)
-    loop = sass.count(sass.main_loop(instructions))
+    inner_trips = _staging_trips() if kernel == "gemm_kernel" else 1
+    loop = sass.count(sass.main_loop(instructions), inner_trips)
     warps = _threads(kernel) // 32
     ctas = ctas_per_sm(gpu, resources["registers"], warps, resources["static_shared"])
     if kernel in ("gemm_kernel", "small_m_kernel"):
         work = _weight_work(kernel, mode, case)
         if loop.instructions:
-            rest = len(instructions) - loop.instructions
+            rest = len(instructions) - loop.static_instructions
             time = kernel_time(gpu, warp_instructions=work.programs * warps * (loop.instructions * work.trips + rest),
                                flops=work.flops, bytes_moved=work.bytes_moved, overlapped=True,
                                tensor_ops=loop.tensor_ops)
@@ -185,7 +217,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
 
 
 def _launches(case: Case) -> list:
-    """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/ops.cpp's order)."""
+    """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/lora_ops.cpp's order)."""
     fmt = FORMAT_IDS[case.fmt]
     small = case.m <= constant("kernels.h", "kSmallMMaxRows")
     launches = [(("shrink_kernel", ("bf16",)), None),
@@ -210,7 +242,8 @@ def inspect(gpu: Gpu, cases: list, case_estimate) -> dict:
 
     seen, kernels, estimates = set(), [], []
     for case in cases:
-        seconds, by_bytes = 0.0, []
+        launches = HOST_LAUNCHES["forward"] + (0 if case.decode else HOST_LAUNCHES["backward"])
+        seconds, by_bytes = launches * gpu.launch_seconds, []
         for key, mode in _launches(case):
             report = _report(gpu, key, case, mode)
             seconds += report.time.total + gpu.launch_seconds

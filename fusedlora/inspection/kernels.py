@@ -149,7 +149,7 @@ def inspect_launch(launch, gpu: Gpu) -> KernelReport:
     key = specialization_key(launch, gpu.arch)
     resources, instructions, loop, warps, stages, shared = _compiled_counts(launch, gpu, key)
     work = work_of(name, bound_arguments(launch, gpu.arch), launch.grid)
-    warp_instructions = work.programs * warps * (loop.instructions * work.trips + instructions - loop.instructions)
+    warp_instructions = work.programs * warps * (loop.instructions * work.trips + instructions - loop.static_instructions)
     overlapped = loop.wgmma_wait_depth != 0  # only a wgmma waited for at once stalls its warpgroup
     time = kernel_time(gpu, warp_instructions=warp_instructions, flops=work.flops, bytes_moved=work.bytes_moved,
                        overlapped=overlapped, tensor_ops=loop.tensor_ops)

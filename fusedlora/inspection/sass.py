@@ -5,9 +5,10 @@ instructions (the shortest of equals: the innermost); in a kernel without tensor
 instructions, the range holding the most 16-byte global loads (the longest of equals: a compiler
 versions a loop on a uniform condition, such as a nested absmax, and the longest version is the
 general one); in a kernel with neither, none. Counts are static: each instruction of the
-loop body once, branches inside the body taken or not; NOPs (alignment padding) are left out.
-Counts are per warp and per iteration; `LoopCounts.per_element` turns them into thread
-instructions per weight element.
+loop body once, branches inside the body taken or not; NOPs (alignment padding) are left out; an
+inner loop (a backward branch inside the body; one level) counts `inner_trips` times, the trip
+count its kernel's source fixes. Counts are per warp and per iteration;
+`LoopCounts.per_element` turns them into thread instructions per weight element.
 """
 
 import functools
@@ -70,7 +71,8 @@ class Instruction:
 class LoopCounts:
     """One iteration of a main loop, per warp."""
 
-    instructions: int
+    instructions: int  # executed: an inner loop's body counted once per trip
+    static_instructions: int  # in the loop's address range
     by_class: dict
     global_loads_by_width: dict  # bytes per thread -> count, LDG only
     async_copies_by_width: dict  # bytes per thread -> count, LDGSTS (cp.async); TMA is one instruction per tile
@@ -118,14 +120,27 @@ def main_loop(instructions: list[Instruction]) -> list[Instruction]:
     return []
 
 
-def count(body: list[Instruction]) -> LoopCounts:
-    """Per-iteration counts of a loop body."""
-    by_class = Counter(i.kind for i in body)
-    loads = Counter(i.width for i in body if i.opcode == "LDG")
-    copies = Counter(i.width for i in body if i.opcode == "LDGSTS")
-    tensor_ops = Counter(".".join((i.opcode, *i.modifiers)) for i in body if i.kind == "tensor")
+def count(body: list[Instruction], inner_trips: int = 1) -> LoopCounts:
+    """Per-iteration counts of a loop body whose inner loops run `inner_trips` times each."""
+    inner = set()
+    for branch in body[:-1]:  # the last instruction closes the loop itself
+        target = _BRANCH_TARGET.search(branch.operands) if branch.opcode == "BRA" else None
+        if target and int(target.group(1), 16) < branch.address:
+            inner.update(i.address for i in body if int(target.group(1), 16) <= i.address <= branch.address)
+    executed = [(i, inner_trips if i.address in inner else 1) for i in body]
+
+    def tally(key, where=lambda i: True) -> dict:
+        counts = Counter()
+        for i, times in executed:
+            if where(i):
+                counts[key(i)] += times
+        return dict(counts)
+
+    tensor_ops = tally(lambda i: ".".join((i.opcode, *i.modifiers)), lambda i: i.kind == "tensor")
     waits = [int(m.group(1), 16) for i in body if i.opcode == "WARPGROUP" and (m := _WGMMA_WAIT.search(i.operands))]
-    return LoopCounts(len(body), dict(by_class), dict(loads), dict(copies), dict(tensor_ops),
+    return LoopCounts(sum(times for _, times in executed), len(body), tally(lambda i: i.kind),
+                      tally(lambda i: i.width, lambda i: i.opcode == "LDG"),
+                      tally(lambda i: i.width, lambda i: i.opcode == "LDGSTS"), tensor_ops,
                       min(waits) if waits else None)
 
 
