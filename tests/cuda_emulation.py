@@ -42,9 +42,12 @@ def build(build_dir: Path, replaced: Optional[dict] = None) -> Path:
 
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    # UBSan, fatal: undefined behaviour in a kernel (an overflowing shift, a misaligned vector
+    # load, ...) aborts the run instead of passing unnoticed.
+    sanitize = ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
     load(name=NAME, sources=sources(replaced), extra_include_paths=[str(CSRC), str(EMULATION)],
-         extra_cflags=["-std=c++20", "-O1", "-DFUSEDLORA_HOST_EMULATION"], build_directory=str(build_dir),
-         is_python_module=False, verbose=False)
+         extra_cflags=["-std=c++20", "-O1", "-DFUSEDLORA_HOST_EMULATION", *sanitize], extra_ldflags=sanitize[:1],
+         build_directory=str(build_dir), is_python_module=False, verbose=False)
     return build_dir / f"{NAME}.so"
 
 
@@ -124,6 +127,7 @@ SMOKE = [
     Case(33, 96, 72, 12, "int8", torch.float16, bias=False),
     Case(2, 64, 40, 4, "int8", torch.float16),
     Case(40, 80, 40, 8, "fp8", torch.float32, p=0.1, deterministic=True),
+    Case(20, 64, 72, 4, "nf4", torch.float16, x_padding=8),  # x a view with row stride 72
 ]
 
 

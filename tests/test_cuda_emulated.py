@@ -6,6 +6,7 @@ conversions bit for bit against torch's; the tensor-core primitives of the comin
 ldmatrix, mma.sync m16n8k16) in PTX's lane layouts, and their PTX assembled by nvcc; and planted
 bugs (source mutations) that must fail."""
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -87,13 +88,14 @@ def test_tensor_core_primitives_follow_ptx_lane_layouts(harness):
     right with PTX's lane layouts, wrong with another lane's rows, poisoned without the wait."""
     g = torch.Generator().manual_seed(11)
     a, bt = torch.randn(16, 16, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16()
-    expected = a.double() @ bt.double().t()
+    c = torch.randn(16, 8, generator=g)
+    expected = a.double() @ bt.double().t() + c.double()
+    tile = torch.ops.fusedlora_emulated.mma_tile
     for schedule, seed in SCHEDULES:
         torch.ops.fusedlora_emulated.set_schedule(schedule, seed)
-        assert_close(torch.ops.fusedlora_emulated.mma_tile(a, bt, 0, False), expected, torch.float32, schedule)
-    wrong_lanes = torch.ops.fusedlora_emulated.mma_tile(a, bt, 1, False)
-    assert (wrong_lanes.double() - expected).abs().max() > 0.1
-    assert torch.isnan(torch.ops.fusedlora_emulated.mma_tile(a, bt, 0, True)).any()
+        assert_close(tile(a, bt, c, 0, False), expected, torch.float32, schedule)
+    assert (tile(a, bt, c, 1, False).double() - expected).abs().max() > 0.1  # another lane's rows
+    assert torch.isnan(tile(a, bt, c, 0, True)).any()  # read before the copies were waited for
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -105,7 +107,7 @@ def test_nvcc_compiles_the_primitives_to_their_instructions(arch, tmp_path):
     source = tmp_path / "primitives.cu"
     source.write_text('#include "primitives_kernel.cuh"\n'
                       "template __global__ void fusedlora::mma_tile_kernel<__nv_bfloat16>(\n"
-                      "    const __nv_bfloat16*, const __nv_bfloat16*, float*, int, bool);\n")
+                      "    const __nv_bfloat16*, const __nv_bfloat16*, const float*, float*, int, bool);\n")
     cubin = tmp_path / "primitives.cubin"
     cuda.nvcc_version()  # points CUDA_HOME at the toolkit
     command = cuda._nvcc_command(arch, source, cubin) + [f"-I{CSRC}", f"-I{EMULATION}"]
@@ -126,13 +128,14 @@ MUTANTS = {
                            "wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);\n    }"),
     "dropout index": ("lora.cu", "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k)",
                       "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), kk, m, k)"),
+    "x's row stride": ("gemm.cu", "left[m * ld_left + r]", "left[m * reduce + r]"),
 }
 
 
 def _smoke(build_dir: Path, replaced: dict) -> subprocess.CompletedProcess:
     args = [sys.executable, str(Path(cuda_emulation.__file__)), "--build", str(build_dir), "--schedules", "forward",
             "--replace", *(f"{stem}={wrapper}" for stem, wrapper in replaced.items())]
-    return subprocess.run(args, capture_output=True, text=True, timeout=900)
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, env={**os.environ, "MAX_JOBS": "1"})
 
 
 def _mutant(folder: Path, file: str, text: str, replacement: str) -> dict:
@@ -153,14 +156,16 @@ def test_planted_bugs_fail_and_the_source_as_is_passes(harness, tmp_path):
     def build_dir(name):  # a copy of the harness's: only the mutated translation units recompile
         return Path(shutil.copytree(harness, tmp_path / name, ignore=shutil.ignore_patterns("lock")))
 
-    control = _smoke(build_dir("control"), {})
-    assert control.returncode == 0 and "all smoke cases passed" in control.stdout, control.stdout + control.stderr[-3000:]
-    missed = []
+    runs = {"control": (build_dir("control"), {})}
     for index, (name, (file, text, replacement)) in enumerate(MUTANTS.items()):
-        result = _smoke(build_dir(f"build-{index}"), _mutant(tmp_path / f"mutant-{index}", file, text, replacement))
+        runs[name] = (build_dir(f"build-{index}"), _mutant(tmp_path / f"mutant-{index}", file, text, replacement))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compile job each
+        results = dict(zip(runs, pool.map(lambda run: _smoke(*run), runs.values())))
+    control = results.pop("control")
+    assert control.returncode == 0 and "all smoke cases passed" in control.stdout, control.stdout + control.stderr[-3000:]
+    for name, result in results.items():
         assert result.returncode != cuda_emulation.BUILD_FAILED, f"{name}: the mutant does not build\n{result.stderr[-3000:]}"
-        if result.returncode == 0:
-            missed.append(name)
+    missed = [name for name, result in results.items() if result.returncode == 0]
     assert not missed, f"planted bugs the harness did not catch: {missed}"
 
 

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -185,6 +186,7 @@ struct AsyncCopy {
 struct Fiber {
   ucontext_t context;
   State state = State::kReady;
+  const char* operation = nullptr;  // the warp-wide operation it waits at
   dim3 thread;
   int linear = 0;
   std::vector<AsyncCopy> open_group;
@@ -258,10 +260,12 @@ class Block {
     return slots_.data() + static_cast<size_t>(warp() * kWarpSize + other) * kWarpSlotBytes;
   }
 
-  // Suspends the current thread until the scheduler releases it from `state`.
-  void wait(State state) {
+  // Suspends the current thread until the scheduler releases it from `state` (at a warp barrier:
+  // of `operation`, which every lane of the warp must be at).
+  void wait(State state, const char* operation = nullptr) {
     Fiber* fiber = current_;
     fiber->state = state;
+    fiber->operation = operation;
     swapcontext(&fiber->context, &scheduler_);
   }
 
@@ -335,10 +339,15 @@ class Block {
       int at_warp = 0;
       for (int lane = 0; lane < lanes; ++lane) at_warp += fibers_[warp * kWarpSize + lane].state == State::kWarpWait;
       if (at_warp == 0) return;
+      const std::string where = "emulation: block (" + std::to_string(index_.x) + ", " + std::to_string(index_.y) +
+                                "), warp " + std::to_string(warp) + ": ";
       if (at_warp < lanes)
-        throw Error("emulation: block (" + std::to_string(index_.x) + ", " + std::to_string(index_.y) + "), warp " +
-                    std::to_string(warp) + ": " + std::to_string(at_warp) + " of " + std::to_string(lanes) +
+        throw Error(where + std::to_string(at_warp) + " of " + std::to_string(lanes) +
                     " lanes wait at a warp-wide operation while the others wait at block_sync or have exited");
+      for (int lane = 1; lane < lanes; ++lane)
+        if (std::strcmp(fibers_[warp * kWarpSize + lane].operation, fibers_[warp * kWarpSize].operation) != 0)
+          throw Error(where + "lanes meet at different warp-wide operations (" +
+                      fibers_[warp * kWarpSize].operation + ", " + fibers_[warp * kWarpSize + lane].operation + ")");
       for (int lane = 0; lane < lanes; ++lane) fibers_[warp * kWarpSize + lane].state = State::kReady;
     }
   }
@@ -363,8 +372,8 @@ inline Block& block() {
   return *current_block;
 }
 
-// Every lane of the warp arrives before any goes on.
-inline void warp_barrier() { block().wait(State::kWarpWait); }
+// Every lane of the warp arrives at `operation` before any goes on.
+inline void warp_barrier(const char* operation) { block().wait(State::kWarpWait, operation); }
 
 // Runs `body` as the grid's blocks, one at a time on this OS thread, in the schedule's order.
 inline void run_grid(dim3 grid, dim3 threads, const std::function<void()>& body) {
@@ -387,11 +396,12 @@ template <typename Arguments>
 void require_uniform(const Arguments& mine, const char* operation) {
   static_assert(sizeof(Arguments) <= kWarpSlotBytes && std::is_trivially_copyable_v<Arguments>);
   Block& b = block();
+  warp_barrier(operation);  // the previous exchange is read by every lane
   std::memcpy(b.slot(b.lane()), &mine, sizeof(Arguments));
-  warp_barrier();
+  warp_barrier(operation);
   if (std::memcmp(b.slot(0), &mine, sizeof(Arguments)) != 0)
     b.fail(std::string(operation) + ": the lanes of the warp pass different arguments");
-  warp_barrier();
+  warp_barrier(operation);
 }
 
 }  // namespace emulation
@@ -404,9 +414,9 @@ inline float warp_shfl_xor(float value, int offset) {
   emulation::Block& b = emulation::block();
   const int lane = b.lane(), other = lane ^ offset;
   if (other >= b.lanes_of(b.warp())) b.fail("warp_shfl_xor: lane " + std::to_string(other) + " is not in the warp");
-  emulation::warp_barrier();  // the previous exchange is read by every lane
+  emulation::warp_barrier("warp_shfl_xor");  // the previous exchange is read by every lane
   std::memcpy(b.slot(lane), &value, sizeof(float));
-  emulation::warp_barrier();
+  emulation::warp_barrier("warp_shfl_xor");
   float result;
   std::memcpy(&result, b.slot(other), sizeof(float));
   return result;
@@ -455,10 +465,10 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
   emulation::Block& blk = emulation::block();
   const int lane = blk.lane();
   if (blk.lanes_of(blk.warp()) != emulation::kWarpSize) blk.fail("mma_m16n8k16: a warp of fewer than 32 lanes");
-  emulation::warp_barrier();  // the previous exchange is read by every lane
+  emulation::warp_barrier("mma_m16n8k16");  // the previous exchange is read by every lane
   Fragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
   std::memcpy(blk.slot(lane), &mine, sizeof(Fragments));
-  emulation::warp_barrier();
+  emulation::warp_barrier("mma_m16n8k16");
   float A[16][16], B[16][8], C[16][8];
   for (int l = 0; l < emulation::kWarpSize; ++l) {
     Fragments f;
@@ -482,7 +492,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
     for (int k = 0; k < 16; ++k) sum = std::fma(A[row][k], B[k][column], sum);
     d[i] = sum;
   }
-  emulation::warp_barrier();
+  emulation::warp_barrier("mma_m16n8k16");
 }
 
 template <bool Trans>
@@ -491,9 +501,9 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   const int lane = blk.lane();
   if (!blk.in_shared(row, 16)) blk.fail("ldmatrix_x4: a row address outside the block's shared memory");
   emulation::require_aligned(row, 16, "ldmatrix_x4");
-  emulation::warp_barrier();
+  emulation::warp_barrier("ldmatrix_x4");
   std::memcpy(blk.slot(lane), &row, sizeof(row));
-  emulation::warp_barrier();
+  emulation::warp_barrier("ldmatrix_x4");
   for (int j = 0; j < 4; ++j) {
     uint16_t pair[2];
     for (int e = 0; e < 2; ++e) {
@@ -505,7 +515,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     }
     r[j] = static_cast<uint32_t>(pair[0]) | (static_cast<uint32_t>(pair[1]) << 16);
   }
-  emulation::warp_barrier();
+  emulation::warp_barrier("ldmatrix_x4");
 }
 
 inline void cp_async_16(void* shared_destination, const void* global_source) {
@@ -586,13 +596,13 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* pointer,
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j)
       f.x[16 * i + j] = std::is_same_v<Layout, row_major> ? pointer[i * ldm + j] : pointer[i + j * ldm];
-  emulation::warp_barrier();
+  emulation::warp_barrier("wmma::load_matrix_sync");
 }
 
 template <typename T, typename Layout_a, typename Layout_b>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, Layout_a>& a,
               const fragment<matrix_b, 16, 16, 16, T, Layout_b>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  emulation::warp_barrier();
+  emulation::warp_barrier("wmma::mma_sync");
   float result[16 * 16];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
@@ -601,7 +611,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
       result[16 * i + j] = sum;
     }
   std::copy(result, result + 16 * 16, d.x);
-  emulation::warp_barrier();
+  emulation::warp_barrier("wmma::mma_sync");
 }
 
 inline void store_matrix_sync(float* pointer, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
@@ -610,7 +620,7 @@ inline void store_matrix_sync(float* pointer, const fragment<accumulator, 16, 16
   detail::check_pointer(pointer, ldm, "wmma::store_matrix_sync");
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) pointer[layout == mem_row_major ? i * ldm + j : i + j * ldm] = f.x[16 * i + j];
-  emulation::warp_barrier();
+  emulation::warp_barrier("wmma::store_matrix_sync");
 }
 
 }  // namespace wmma

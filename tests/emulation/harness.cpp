@@ -3,11 +3,12 @@
 //   fusedlora_emulated::forward / backward: the schemas of fusedlora::cuda_lora_fwd / cuda_lora_bwd
 //   fusedlora_emulated::set_schedule(order, seed): "forward", "reverse" or "shuffled"
 //   fusedlora_emulated::convert(values, type): the emulated fp16 / bf16 rounding and fp8 decoding
-//   fusedlora_emulated::mma_tile(a, bt, lane_shift, skip_wait): primitives_kernel.cuh's tile
-// During a call every CPU allocation (the inputs' copies, the outputs, the temporaries) is guarded:
-// it ends at an inaccessible page (16-byte granularity, the widest load), starts after one, and is
-// filled with 0xFF bytes (NaN in every float type), so a read past a tensor faults and an output
-// element a kernel never writes stays NaN.
+//   fusedlora_emulated::mma_tile(a, bt, c, lane_shift, skip_wait): primitives_kernel.cuh's tile
+// During a call every CPU allocation (the inputs' copies, which keep their strides, the outputs,
+// the temporaries) is guarded: it ends at an inaccessible page (16-byte granularity, the widest
+// load) and the pages before it, back to another inaccessible one, are 0xFF bytes (NaN in every
+// float type), so a read past a tensor's end faults, one before its start reads NaN, and an output
+// element a kernel never writes stays NaN. (0xFF is no NaN in integer data.)
 
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -41,7 +42,7 @@ class GuardedAllocator final : public c10::Allocator {
     mprotect(start, page, PROT_NONE);
     mprotect(start + page + body, page, PROT_NONE);
     char* data = start + page + body - rounded;
-    std::memset(data, 0xFF, rounded);
+    std::memset(start + page, 0xFF, body);
     auto* context = new Mapping{base, total};
     return {data, context, &GuardedAllocator::release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -63,7 +64,10 @@ class GuardedAllocator final : public c10::Allocator {
 // Guarded allocation for the scope's lifetime.
 class Guarded {
  public:
-  Guarded() : previous_(c10::GetCPUAllocator()) { c10::SetCPUAllocator(&allocator(), 0); }
+  Guarded() : previous_(c10::GetCPUAllocator()) {
+    c10::SetCPUAllocator(&allocator(), 0);
+    TORCH_CHECK(c10::GetCPUAllocator() == &allocator(), "emulation: another CPU allocator has a higher priority");
+  }
   ~Guarded() { c10::SetCPUAllocator(previous_, 0); }
 
  private:
@@ -74,7 +78,8 @@ class Guarded {
   c10::Allocator* previous_;
 };
 
-Tensor copied(const Tensor& t) { return t.clone(at::MemoryFormat::Preserve); }
+// A guarded copy of `t` with its strides (a row-strided view stays one).
+Tensor copied(const Tensor& t) { return at::empty_strided(t.sizes(), t.strides(), t.options()).copy_(t); }
 
 std::vector<Tensor> copied(at::TensorList tensors) {
   std::vector<Tensor> copies;
@@ -123,19 +128,20 @@ Tensor convert(const Tensor& values, c10::string_view type) {
   return out;
 }
 
-// tests/emulation/primitives_kernel.cuh on bf16 A (16x16) and Bᵀ (8x16): C (16x8).
-Tensor mma_tile(const Tensor& a, const Tensor& bt, int64_t lane_shift, bool skip_wait) {
+// tests/emulation/primitives_kernel.cuh on bf16 A (16x16), Bᵀ (8x16) and fp32 C (16x8): A·B + C.
+Tensor mma_tile(const Tensor& a, const Tensor& bt, const Tensor& c, int64_t lane_shift, bool skip_wait) {
   TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 16}) && bt.sizes() == at::IntArrayRef({8, 16}) &&
-                  a.scalar_type() == at::kBFloat16 && bt.scalar_type() == at::kBFloat16,
-              "mma_tile: bf16 A (16, 16) and B^T (8, 16)");
+                  c.sizes() == at::IntArrayRef({16, 8}) && a.scalar_type() == at::kBFloat16 &&
+                  bt.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
+              "mma_tile: bf16 A (16, 16) and B^T (8, 16), fp32 C (16, 8)");
   Guarded guarded;
-  const Tensor a_copy = a.contiguous().clone(), bt_copy = bt.contiguous().clone();
-  Tensor c = at::empty({16, 8}, a.options().dtype(at::kFloat));
+  const Tensor a_copy = copied(a.contiguous()), bt_copy = copied(bt.contiguous()), c_copy = copied(c.contiguous());
+  Tensor d = at::empty({16, 8}, c.options());
   launch(mma_tile_kernel<__nv_bfloat16>, dim3(1), dim3(32),
          reinterpret_cast<const __nv_bfloat16*>(a_copy.data_ptr<at::BFloat16>()),
-         reinterpret_cast<const __nv_bfloat16*>(bt_copy.data_ptr<at::BFloat16>()), c.data_ptr<float>(),
-         static_cast<int>(lane_shift), skip_wait);
-  return c;
+         reinterpret_cast<const __nv_bfloat16*>(bt_copy.data_ptr<at::BFloat16>()), c_copy.data_ptr<float>(),
+         d.data_ptr<float>(), static_cast<int>(lane_shift), skip_wait);
+  return d;
 }
 
 void set_schedule(c10::string_view order, int64_t seed) {
@@ -163,7 +169,7 @@ TORCH_LIBRARY(fusedlora_emulated, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
   m.def("convert(Tensor values, str type) -> Tensor");
-  m.def("mma_tile(Tensor a, Tensor bt, int lane_shift, bool skip_wait) -> Tensor");
+  m.def("mma_tile(Tensor a, Tensor bt, Tensor c, int lane_shift, bool skip_wait) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedlora_emulated, CPU, m) {

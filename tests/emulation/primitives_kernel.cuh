@@ -1,5 +1,5 @@
-// A test kernel of csrc/device.cuh's tensor-core primitives, for one warp: C (16x8, fp32) = A · B
-// with A (16x16) and Bᵀ (8x16) row-major in global memory, staged into shared memory by cp_async_16,
+// A test kernel of csrc/device.cuh's tensor-core primitives, for one warp: D (16x8, fp32) = A · B + C
+// with A (16x16), Bᵀ (8x16) and C row-major in global memory, staged into shared memory by cp_async_16,
 // its fragments read by ldmatrix_x4 and multiplied by mma_m16n8k16, in PTX's lane layouts. The
 // harness runs it emulated (tests/test_cuda_emulated.py), nvcc compiles it for sm_80 / sm_90; the
 // test's own mistakes: `lane_shift` != 0 gives ldmatrix the wrong lanes' rows, `skip_wait` reads
@@ -13,7 +13,7 @@
 namespace fusedlora {
 
 template <typename T>
-__global__ void mma_tile_kernel(const T* a, const T* bt, float* c, int lane_shift, bool skip_wait) {
+__global__ void mma_tile_kernel(const T* a, const T* bt, const float* c, float* d, int lane_shift, bool skip_wait) {
   T* a_tile = shared_array<T[16 * 16], __LINE__>();
   T* bt_tile = shared_array<T[8 * 16], __LINE__>();
   const int lane = threadIdx.x;
@@ -30,11 +30,11 @@ __global__ void mma_tile_kernel(const T* a, const T* bt, float* c, int lane_shif
   ldmatrix_x4<false>(bt_rows, bt_tile + row * 16 + (matrix % 2) * 8);
   b_fragment[0] = bt_rows[0];
   b_fragment[1] = bt_rows[1];
-  const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  float d[4];
-  mma_m16n8k16<T>(d, a_fragment, b_fragment, zero);
   const int g = lane / 4, t = lane % 4;
-  for (int i = 0; i < 4; ++i) c[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
+  float c_fragment[4], d_fragment[4];  // (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+  for (int i = 0; i < 4; ++i) c_fragment[i] = c[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+  mma_m16n8k16<T>(d_fragment, a_fragment, b_fragment, c_fragment);
+  for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d_fragment[i];
 }
 
 }  // namespace fusedlora
