@@ -34,6 +34,15 @@ class Case:
     def decode(self) -> bool:
         return self.m <= DECODE_ROWS
 
+    def headline_training(self, largest_m: int) -> bool:
+        """Training at the largest M of a run with nf4: a headline case."""
+        return self.m == largest_m and self.fmt == "nf4"
+
+    @property
+    def headline_decode(self) -> bool:
+        """Decode with nf4 or int8: a headline case."""
+        return self.decode and self.fmt in ("nf4", "int8")
+
 
 def parse_shapes(spec: str) -> dict:
     """Shape names (q_proj, kv_proj, up_proj, down_proj, tiny, tiny_wide) or KxN, comma-separated."""
@@ -71,8 +80,7 @@ def order_cases(cases: list[Case]) -> list[Case]:
     largest = max(case.m for case in cases)
 
     def priority(case: Case):
-        headline_training = case.m == largest and case.fmt == "nf4"
-        headline_decode = case.decode and case.fmt in ("nf4", "int8")
-        return (not headline_training, not headline_decode, case.rank, case.fmt != "nf4", case.m, case.shape)
+        return (not case.headline_training(largest), not case.headline_decode, case.rank, case.fmt != "nf4", case.m,
+                case.shape)
 
     return sorted(cases, key=priority)

@@ -48,7 +48,7 @@ def headline(rows: list[dict]) -> list[Case]:
     cases = {Case(**row["case"]) for row in rows
              if row["provider"].startswith("fusedlora-") and row["status"] == "ok"
              and LLAMA3_8B.get(row["case"]["shape"]) == (row["case"]["k"], row["case"]["n"])}
-    return sorted((c for c in cases if (c.m == largest and c.fmt == "nf4") or (c.decode and c.fmt in ("nf4", "int8"))),
+    return sorted((c for c in cases if c.headline_training(largest) or c.headline_decode),
                   key=lambda c: (c.m, c.shape, c.fmt, c.rank))
 
 

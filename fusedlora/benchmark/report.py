@@ -179,7 +179,7 @@ def summary(rows: list, ceilings: dict) -> str:
                                                                   if ran else candidates[0])
     for row in sorted(best.values(), key=lambda r: (r["case"]["m"] != largest, r["case"]["m"], r["case"]["shape"])):
         case = Case(**row["case"])
-        if not (case.m == largest and case.fmt == "nf4") and not (case.decode and case.fmt in ("nf4", "int8")):
+        if not (case.headline_training(largest) or case.headline_decode):
             continue
         if row["status"] != "ok":
             lines.append(f"  {case.label:44s} {row['provider']:17s} {row['status']}")

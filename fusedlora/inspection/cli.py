@@ -28,10 +28,9 @@ import torch
 
 from ..backends.registry import capability_refusal
 from ..benchmark.cases import LLAMA3_8B, Case
-from ..formats import quantize
 from . import cuda
 from .budgets import BUDGETS, COMPILERS, budget_key, check, comparable_families, load, measured, write
-from .kernels import DROPOUT, DTYPE, inspect_launch, record_case
+from .kernels import DROPOUT, inspect_launch, record_case, weight_bytes
 from .model import GPUS, bf16_linear_seconds
 from .sass import cuobjdump
 
@@ -94,8 +93,7 @@ def case_estimate(case: Case, gpu, seconds: float) -> dict:
     or its fraction of copy bandwidth (decode), with the target."""
     row = dict(case=case.label, shape=case.shape, m=case.m, fmt=case.fmt, model_seconds=seconds)
     if case.decode:
-        weight_bytes = quantize(torch.empty((case.n, case.k), device="meta", dtype=DTYPE), case.fmt).nbytes
-        row["model_copy_fraction"] = weight_bytes / seconds / gpu.copy_bandwidth
+        row["model_copy_fraction"] = weight_bytes(case) / seconds / gpu.copy_bandwidth
         row["target_copy_fraction"] = TARGETS["decode_copy_fraction"][case.shape]
         row["model_speedup_over_bf16_linear"] = bf16_linear_seconds(gpu, case.m, case.n, case.k) / seconds
     else:

@@ -33,10 +33,9 @@ import torch
 
 from ..benchmark.cases import Case
 from ..extension import CSRC
-from ..formats import quantize
 from ..toolkit import NVCC_FLAGS, point_cuda_home
 from . import sass
-from .kernels import DTYPE, KernelReport, Work
+from .kernels import KernelReport, Work, weight_bytes
 from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
 
 FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}  # csrc/types.h's WeightFormat
@@ -143,10 +142,6 @@ def _cdiv(p: int, q: int) -> int:
     return -(-p // q)
 
 
-def _weight_bytes(case: Case) -> int:
-    return quantize(torch.empty((case.n, case.k), device="meta", dtype=DTYPE), case.fmt).nbytes
-
-
 def _threads(kernel: str) -> int:
     if kernel == "gemm_kernel":
         return constant("gemm.cu", "kThreads")
@@ -163,11 +158,11 @@ def _weight_work(kernel: str, mode: int, case: Case) -> Work:
         warps = constant("small_m.cu", "kWarps")
         per_chunk = 32 if case.fmt in ("nf4", "fp4") else 16  # weights per 16-byte load
         return Work(_cdiv(n, warps), _cdiv(_cdiv(k, per_chunk), 32), warps * 32 * per_chunk,
-                    2.0 * m * n * (k + r), activations + _weight_bytes(case))
+                    2.0 * m * n * (k + r), activations + weight_bytes(case))
     tile, step = constant("gemm.cu", "kTile"), constant("gemm.cu", "kStep")
     reduce, outs = (k, n) if mode == FORWARD else (n, k)
     return Work(_cdiv(m, tile) * _cdiv(outs, tile), _cdiv(reduce, step), tile * step, 2.0 * m * outs * (reduce + r),
-                activations + _weight_bytes(case))
+                activations + weight_bytes(case))
 
 
 def _staging_trips() -> int:

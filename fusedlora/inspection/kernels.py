@@ -25,6 +25,11 @@ SEED = 1234
 WEIGHT_KERNELS = ("lora_forward_kernel", "lora_grad_x_kernel", "lora_small_m_kernel")
 
 
+def weight_bytes(case: Case) -> int:
+    """The bytes of `case`'s frozen weight in its format (computed on the meta device)."""
+    return quantize(torch.empty((case.n, case.k), device="meta", dtype=DTYPE), case.fmt).nbytes
+
+
 def record_case(case: Case, gpu: Gpu) -> list:
     """The Triton launches of `case` on `gpu` (meta tensors: nothing runs): forward and backward
     for training (M > 16), the forward alone for decode."""
