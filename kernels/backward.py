@@ -2,6 +2,7 @@
 
     du = s·g·B  and  dB = s·gᵀ·u      one pass over g                 `lora_grad_u_kernel`
     dx = g·deq(W) + drop'(du·A)       GEMM over N, dequant in the loop  `lora_grad_x_kernel`
+    dx = drop'(du·A)                  the cuBLAS regime's LoRA share     `lora_dx_kernel`
     dA = duᵀ·drop(x)                  mask regenerated from the seed    `lora_grad_a_kernel`
 
 du is kept in fp32 (M, r). dB and dA reduce over M: each program writes its own fp32 partial
@@ -57,6 +58,39 @@ def lora_grad_u_kernel(
              mask=m_mask[:, None] & r_mask[None, :])
 
 
+@triton.jit
+def _dropped_du_a(du_ptr, a_ptr, offs_m, m_mask, offs_k, k_mask, K, R, seed, threshold, keep_scale,
+                  stride_dum, stride_ar, HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr,
+                  LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """drop'(du·A) for the (offs_m, offs_k) tile of dx, in fp32: dropout's mask and scale of x."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    du = tl.load(du_ptr + offs_m[:, None].to(tl.int64) * stride_dum + offs_r[None, :],
+                 mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :],
+                mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+    lora = tl.dot(du.to(LORA_DOT), a.to(LORA_DOT), input_precision=LORA_PRECISION)
+    return dropped(lora, offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def lora_dx_kernel(
+    du_ptr, a_ptr, dx_ptr, M, K, R, seed, threshold, keep_scale, stride_dum, stride_ar, stride_dxm,
+    HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dx = drop'(du·A) in dx's dtype: the LoRA share of dx in the cuBLAS regime, onto which
+    g·deq(W) is then accumulated (docs/design.md §4). Grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    lora = _dropped_du_a(du_ptr, a_ptr, offs_m, m_mask, offs_k, k_mask, K, R, seed, threshold, keep_scale,
+                         stride_dum, stride_ar, HAS_DROPOUT, LORA_DOT, LORA_PRECISION, BLOCK_R)
+    tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :], lora.to(dx_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & k_mask[None, :])
+
+
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def lora_grad_x_kernel(
     g_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
@@ -90,14 +124,8 @@ def lora_grad_x_kernel(
                         n_mask[:, None] & k_mask[None, :], K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K)
         acc = tl.dot(g.to(X_DOT), w.to(X_DOT), acc, input_precision=X_PRECISION)
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        du = tl.load(du_ptr + offs_m[:, None].to(tl.int64) * stride_dum + offs_r[None, :],
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :],
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        lora = tl.dot(du.to(LORA_DOT), a.to(LORA_DOT), input_precision=LORA_PRECISION)
-        acc += dropped(lora, offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
+        acc += _dropped_du_a(du_ptr, a_ptr, offs_m, m_mask, offs_k, k_mask, K, R, seed, threshold, keep_scale,
+                             stride_dum, stride_ar, HAS_DROPOUT, LORA_DOT, LORA_PRECISION, BLOCK_R)
     tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :],
              acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 

@@ -87,6 +87,26 @@ def gemm_candidates(capability: tuple[int, int], four_bit: bool) -> list:
     return HOPPER_GEMM_4BIT if hopper else AMPERE_GEMM_4BIT
 
 
+# The large-M regimes (docs/design.md §4): "fused" dequantizes W inside the GEMM's K loop;
+# "workspace" dequantizes all of W into a 16-bit workspace (`dequantize_kernel`, bandwidth-bound)
+# and runs cuBLAS on it with the LoRA term folded in. The workspace costs a pass over W per GEMM,
+# which the fused loop's dequantization outweighs once enough rows share each weight tile. The
+# MODEL (`python -m fusedlora inspect`; Llama-3-8B's up_proj and q_proj, r = 16) puts the
+# crossover between 128 and 256 rows for the 4-bit formats and near 512 for int8 and fp8, on sm_90
+# and sm_80; a dense weight has no dequantization to save and stays fused. The benchmark times
+# both regimes, so one GPU run settles these rows.
+WORKSPACE_MIN_M = {"nf4": 256, "fp4": 256, "int8": 512, "fp8": 512}
+
+
+def gemm_regime(m: int, fmt_id: int, forced: "str | None") -> str:
+    """The regime of a large-M call of M rows on a weight of format `fmt_id`: `forced` (a name of
+    fusedlora.backends.triton.REGIMES) if given, else by M and the format."""
+    if forced is not None:
+        return forced
+    fmt = next(name for name, number in FORMAT_IDS.items() if number == fmt_id)
+    return "workspace" if m >= WORKSPACE_MIN_M.get(fmt, float("inf")) else "fused"
+
+
 def m_bucket(m: int) -> int:
     """M rounded up to a power of two (at most 8192): the autotuning key for M."""
     return min(triton.next_power_of_2(max(m, 1)), 8192)
@@ -115,6 +135,8 @@ INTERPRETER = {
     "small_m": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
     "grad_u": SkinnyConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
     "grad_a": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
+    "dequantize": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
+    "dx": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
     "atomics": False,
     "small_m_split_k": 1,
     "grad_a_split_m": 1,
@@ -150,3 +172,16 @@ def grad_a_config(m: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
     block_k = 64
     split_m = max(1, min(triton.cdiv(2 * sm_count, triton.cdiv(k, block_k)), triton.cdiv(m, 256)))
     return SkinnyConfig({"BLOCK_M": 64, "BLOCK_K": block_k}, num_warps=4), split_m
+
+
+def dequantize_config(fmt_id: int, blocksize: int) -> SkinnyConfig:
+    """The workspace's dequantization: 128 rows by 64 columns, or for 4-bit weights by one absmax
+    block when it is smaller, so that each row of a tile has one absmax (its packed codes are then
+    16-byte loads of whole rows)."""
+    block_k = min(64, blocksize) if is_four_bit(fmt_id) else 64
+    return SkinnyConfig({"BLOCK_N": 128, "BLOCK_K": block_k}, num_warps=4)
+
+
+def dx_config() -> SkinnyConfig:
+    """The workspace regime's dx = drop'(du·A): bandwidth-bound, dx written once."""
+    return SkinnyConfig({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4)

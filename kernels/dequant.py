@@ -1,4 +1,5 @@
-"""Loading a tile of the frozen weight W (N, K), dequantized in registers (docs/design.md §2).
+"""Loading a tile of the frozen weight W (N, K), dequantized in registers (docs/design.md §2), and
+the kernel that dequantizes all of W into a workspace (the cuBLAS regime, §4).
 
 `FMT` selects the storage: DENSE (returned as stored), INT8 and FP8 (values only, as fp32: the
 per-row scale factors out of the K loop and is applied by the caller, see `row_scale`), NF4 / FP4
@@ -69,3 +70,47 @@ def row_scale(scale_ptr, offs_n, mask, FMT: tl.constexpr):
     if FMT == INT8:
         scale = scale * (1.0 / 127.0)
     return scale
+
+
+@triton.jit
+def dequantize_kernel(
+    w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, out_ptr,
+    N, K, stride_wn, stride_wb, stride_on,
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
+    PAIRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[n, k] = deq(W)[n, k] in out's dtype, the per-row scale included: the workspace of the
+    cuBLAS regime (docs/design.md §4). Bandwidth-bound: W read once, out written once.
+
+    PAIRED (4-bit, K even: every row starts on a byte): the tile's codes are read as a contiguous
+    (BLOCK_N, BLOCK_K/2) byte tile (16-byte loads when stride_wb = K/2 is 16-divisible), each
+    byte's two nibbles decoded and interleaved. Otherwise each element is read by `load_weight`.
+    Grid: (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n = offs_n.to(tl.int64)[:, None]
+    n_mask = (offs_n < N)[:, None]
+    if PAIRED:
+        offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte_mask = n_mask & (offs_byte < K // 2)[None, :]
+        byte = tl.load(w_ptr + n * stride_wb + offs_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
+        if K_ALIGNED and BLOCK_K <= BLOCKSIZE:
+            absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
+                                   nested_code_ptr, nested_offset_ptr, NESTED)
+        else:
+            block = (n * K + 2 * offs_byte[None, :]) // BLOCKSIZE  # both nibbles of a byte share a block
+            absmax = _block_absmax(block, byte_mask, scale_ptr, nested_absmax_ptr, nested_code_ptr,
+                                   nested_offset_ptr, NESTED)
+        high = tl.load(code_ptr + (byte >> 4)) * absmax  # element 2j sits in the high nibble of byte j
+        low = tl.load(code_ptr + (byte & 0xF)) * absmax
+        value = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))
+    else:
+        mask = n_mask & (offs_k < K)[None, :]
+        value = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                            offs_n[:, None], n_mask, offs_k[None, :], k0, mask, K, stride_wn,
+                            FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K)
+        if FMT == INT8 or FMT == FP8:
+            value = value * row_scale(scale_ptr, offs_n, offs_n < N, FMT)[:, None]
+    tl.store(out_ptr + n * stride_on + offs_k[None, :], value.to(out_ptr.dtype.element_ty),
+             mask=n_mask & (offs_k < K)[None, :])

@@ -20,13 +20,15 @@ from .tiling import grouped_tile
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def lora_shrink_kernel(
-    x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_um,
+    x_ptr, a_ptr, u_ptr, x_copy_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_um, stride_cm,
     seed, threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """u[m, j] = Σ_k drop(x)[m, k]·A[j, k]: one read of x per BLOCK_R adapter rows (all of
-    them when r <= BLOCK_R). Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    them when r <= BLOCK_R). Unless x_copy_ptr is None, the programs of the first adapter rows
+    also copy x into x_copy[:, :K] (the cuBLAS regime's [x | u], docs/design.md §4) from the same
+    read. Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
@@ -36,8 +38,11 @@ def lora_shrink_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        x = dropped(x, offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if x_copy_ptr is not None:
+            tl.store(x_copy_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_k[None, :], x,
+                     mask=m_mask[:, None] & k_mask[None, :] & (tl.program_id(1) == 0))
+        x = dropped(x.to(tl.float32), offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
         a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],
                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(x.to(LORA_DOT), a.to(LORA_DOT), acc, input_precision=LORA_PRECISION)

@@ -192,13 +192,20 @@ def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspect
     assert by_key["cuda/small_m_kernel/nf4"]["global_loads_by_width"].get("16", 0) >= 1
     assert {"cuda/shrink_kernel", "cuda/grad_u_kernel", "cuda/grad_a_kernel"} <= set(by_key)
     backends = {(c["backend"], c["case"]) for c in report["archs"][str(arch)]["cases"]}
-    assert {backend for backend, _ in backends} == {"triton", "cuda"}
+    assert {backend for backend, _ in backends} == {"triton", "triton-fused", "triton-workspace", "cuda"}
     assert len(backends) == len(report["archs"][str(arch)]["cases"])
     assert "MODEL" in result.stdout and report["kind"].startswith("static inspection and MODEL estimates")
     # Calibration: the dense Triton path lands near a cuBLAS-class bf16 GEMM pair.
     dense = [c for c in report["archs"][str(arch)]["cases"]
              if c["backend"] == "triton" and c["fmt"] == "dense" and c["m"] == 8192]
     assert dense and all(0.9 < c["model_ratio_to_bf16"] < 1.3 for c in dense), dense
+    # Each training case is estimated in both regimes; the launcher's choice is the faster one.
+    training = [c for c in report["archs"][str(arch)]["cases"] if c["backend"] == "triton" and c["m"] == 8192]
+    for chosen in training:
+        regimes = {c["backend"]: c["model_seconds"] for c in report["archs"][str(arch)]["cases"]
+                   if c["case"] == chosen["case"] and c["backend"].startswith("triton-")}
+        assert chosen["model_seconds"] == min(regimes.values()), (chosen, regimes)
+    assert "dequantize_kernel/nf4" in by_key and by_key["dequantize_kernel/nf4"]["ctas_per_sm"] >= 4
 
 
 REGRESSION = textwrap.dedent("""
@@ -210,7 +217,7 @@ REGRESSION = textwrap.dedent("""
     from fusedlora.inspection.model import GPUS
 
     gpu = GPUS[90]
-    launches = record_case(Case("up_proj", 8192, 4096, 14336, 16, "nf4"), gpu)
+    launches = record_case(Case("up_proj", 8192, 4096, 14336, 16, "nf4"), gpu, "fused")
     forward = next(l for l in launches if l.kernel.fn.__name__ == "lora_forward_kernel" and l.candidate == 0)
     # x is contiguous: a launch turns stride_xk == 1 into a constant, and so does the inspection.
     assert signature_of(forward, 90)["stride_xk"] == "constexpr"

@@ -2,12 +2,15 @@
 and dtype, both forward paths, all gradients against a float64 oracle with the shared tolerance
 table; outputs poisoned before every call; the dropout mask bit for bit; opcheck; dispatch."""
 
+import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fusedlora.backends.triton as triton_backend
 import fusedlora.formats as formats
 from fusedlora import fused_lora_linear, quantize
 from fusedlora.backends import backend_id
@@ -198,3 +201,96 @@ def test_base_only_matches_nn_linear_shape_semantics():
     x = torch.randn(2, 5, 64)
     y = fused_lora_linear(x, weight, torch.randn(4, 64), torch.zeros(24, 4), 1.0)
     assert_close(y, F.linear(x.double(), weight.weight.double()), torch.float32)
+
+
+WORKSPACE_MATRIX = [(fmt, dtype, shape) for fmt in FORMATS for dtype in (torch.float16, torch.bfloat16)
+                    for shape in ((33, 192, 80), (40, 65, 72))]  # odd K: 4-bit rows start mid-byte
+
+
+@pytest.mark.parametrize("case", range(len(WORKSPACE_MATRIX)),
+                         ids=[f"{f}-{str(d)[6:]}-{'x'.join(map(str, s))}" for f, d, s in WORKSPACE_MATRIX])
+def test_workspace_regime_every_format_and_16_bit_dtype(case):
+    """W dequantized into a workspace, then torch's matmul (cuBLAS on a GPU) with the LoRA term folded in."""
+    fmt, dtype, (m, k, n) = WORKSPACE_MATRIX[case]
+    with triton_backend.force_regime("workspace"), _counting_matmuls() as matmuls:
+        _check(m, k, n, RANKS[case % 4], fmt, dtype, bias=case % 2 == 0, p=0.1 if (case // 2) % 2 else 0.0)
+    assert len(matmuls) == 2  # forward and dx: the regime ran
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize,k", [(32, 65), (128, 96), (256, 130)])
+def test_workspace_regime_4bit_layouts(fmt, double_quant, blocksize, k):
+    with triton_backend.force_regime("workspace"):
+        _check(20, k, 24, 4, fmt, torch.bfloat16, blocksize=blocksize, double_quant=double_quant, p=0.1)
+
+
+def test_workspace_regime_fp32_adapters_rank_above_128_zero_scaling_and_split_dA(monkeypatch):
+    monkeypatch.setitem(configs.INTERPRETER, "grad_a_split_m", 2)
+    with triton_backend.force_regime("workspace"), _counting_matmuls() as matmuls:
+        _check(40, 96, 50, 5, "nf4", torch.float16, adapter_dtype=torch.float32, p=0.1)
+        _check(40, 96, 50, 200, "int8", torch.bfloat16, p=0.1)
+        _check(40, 96, 50, 5, "nf4", torch.float16, scaling=0.0)
+        _check(40, 96, 50, 5, "dense", torch.bfloat16, scaling=0.0)
+    assert len(matmuls) == 8
+
+
+def test_workspace_regime_leaves_fp32_and_mixed_lora_dtypes_fused():
+    """cuBLAS may run fp32 as TF32, and LoRA products outside x's dtype cannot share its GEMM."""
+    with triton_backend.force_regime("workspace"), _counting_matmuls() as matmuls:
+        _check(33, 64, 40, 4, "nf4", torch.float32)
+        _check(33, 64, 40, 4, "nf4", torch.bfloat16, adapter_dtype=torch.float16)
+    assert matmuls == []
+
+
+def test_the_workspace_is_released_after_each_call(monkeypatch):
+    """No dequantized W outlives the call that made it (the caching allocator reuses its memory)."""
+    import weakref
+
+    made = []
+    original = launch.new_output
+
+    def tracked(shape, dtype, device):
+        out = original(shape, dtype, device)
+        made.append((tuple(shape), weakref.ref(out)))
+        return out
+
+    monkeypatch.setattr(launch, "new_output", tracked)
+    weight = quantize(torch.randn(40, 64), "nf4")
+    x = torch.randn(33, 64, dtype=torch.bfloat16, requires_grad=True)
+    lora_A = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    lora_B = torch.randn(40, 4, dtype=torch.bfloat16, requires_grad=True)
+    with triton_backend.force_regime("workspace"):
+        fused_lora_linear(x, weight, lora_A, lora_B, 1.0).sum().backward()
+    workspaces = [ref for shape, ref in made if shape[0] == 40 and shape[1] >= 64]  # (N, K [+ r]) padded
+    assert len(workspaces) == 2 and all(ref() is None for ref in workspaces)
+
+
+def test_regime_choice_by_rows_and_format_and_its_overrides(monkeypatch):
+    ids = {name: launch.FORMAT_IDS[name] for name in FORMATS}
+    assert configs.gemm_regime(configs.WORKSPACE_MIN_M["nf4"] - 1, ids["nf4"], None) == "fused"
+    assert configs.gemm_regime(configs.WORKSPACE_MIN_M["nf4"], ids["nf4"], None) == "workspace"
+    assert configs.gemm_regime(8192, ids["dense"], None) == "fused"  # no dequantization to save
+    assert configs.gemm_regime(8192, ids["int8"], "fused") == "fused"
+    monkeypatch.setenv("FUSEDLORA_TRITON_REGIME", "workspace")
+    assert triton_backend.forced_regime() == "workspace"
+    with triton_backend.force_regime("fused"):
+        assert triton_backend.forced_regime() == "fused"
+    monkeypatch.setenv("FUSEDLORA_TRITON_REGIME", "cublas")
+    with pytest.raises(ValueError, match="FUSEDLORA_TRITON_REGIME is 'cublas'; expected one of"):
+        triton_backend.forced_regime()
+    with pytest.raises(ValueError, match="force_regime's name is 'tiled'"):
+        triton_backend.force_regime("tiled").__enter__()
+
+
+@contextlib.contextmanager
+def _counting_matmuls():
+    calls = []
+    original = launch._matmul
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    with mock.patch.object(launch, "_matmul", counted):
+        yield calls

@@ -2,12 +2,15 @@
 
 `forward` and `backward` have the signatures of `fusedlora.backends.reference.forward/backward`;
 `fusedlora.backends.triton.why_not` has already accepted the problem. Kernels are chosen by M:
-M <= 16 takes the one-launch small-M kernel, larger M the shrink plus the fused GEMM. Under
+M <= 16 takes the one-launch small-M kernel; larger M runs in one of two regimes (docs/design.md
+§4, `configs.gemm_regime`): "fused", the shrink plus the GEMM that dequantizes W in its loop, or
+"workspace", W dequantized into a 16-bit workspace and multiplied by cuBLAS (torch.mm / addmm)
+with the LoRA term folded into the same GEMM. Under
 TRITON_INTERPRET=1 (read when Triton compiles the kernels, at import) CPU tensors run through
 the interpreter. Importing this module imports Triton.
 
 Under `recording(...)` the launchers run on meta tensors and record each launch (kernel,
-arguments, options) instead of running it, for a GPU named by its capability and SM count: the
+arguments, options; a cuBLAS GEMM as a `LibraryGemm`) instead of running it, for a GPU named by its capability and SM count: the
 cost model (`fusedlora.inspection`) compiles exactly what a launch would compile.
 """
 
@@ -23,15 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import WeightArgs, lora_dtype
+from ..contract import FORMAT_IDS, WeightArgs, lora_dtype
 from ..dropout import drop_threshold
 from ..formats import FrozenWeight
 from ..kernels import configs
-from ..kernels.backward import lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
+from ..kernels.backward import lora_dx_kernel, lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
+from ..kernels.dequant import dequantize_kernel
 from ..kernels.forward import lora_forward_kernel, lora_shrink_kernel, lora_small_m_kernel
+from .triton import SMALL_M, forced_regime
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-SMALL_M = 16
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # One caller launches at a time: Triton's autotuner and its interpreter keep per-kernel state that
 # concurrent calls would corrupt. Launches are asynchronous, so the lock costs only host time.
@@ -99,6 +103,17 @@ class Launch:
     candidate: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class LibraryGemm:
+    """One recorded cuBLAS GEMM of the workspace regime: (m, k)·(k, n) in 16 bits, reading and
+    writing `bytes_moved` (an accumulated or bias output counts as read too)."""
+
+    m: int
+    n: int
+    k: int
+    bytes_moved: int
+
+
 @dataclass
 class Recording:
     capability: tuple[int, int]
@@ -121,6 +136,23 @@ def recording(capability: tuple[int, int], sm_count: int):
         yield record
     finally:
         _RECORDING.reset(token)
+
+
+def _matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias=None, accumulate: bool = False) -> None:
+    """out (m, n) = a (m, k)·b (k, n) [+ bias (n,)] [+ out when `accumulate`], on cuBLAS through torch."""
+    record = _RECORDING.get()
+    if record is not None:
+        operands = [a, b, out] + ([out] if accumulate else []) + ([bias] if bias is not None else [])
+        record.launches.append(LibraryGemm(a.shape[0], b.shape[1], a.shape[1],
+                                           sum(t.numel() * t.element_size() for t in operands)))
+        return
+    with torch.autocast(out.device.type, enabled=False):
+        if accumulate:
+            out.addmm_(a, b)
+        elif bias is not None:
+            torch.addmm(bias.to(out.dtype), a, b, out=out)
+        else:
+            torch.mm(a, b, out=out)
 
 
 def _run(kernel, grid, *args, **kwargs) -> None:
@@ -179,15 +211,11 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
                       **_dot_args(x.dtype, (lora_A.dtype, lora_B.dtype)))
     if m <= SMALL_M:
         return _forward_small_m(x, w, lora_A, lora_B, bias, y, u, scaling, dropout_p, seed, constexprs)
+    if _regime(m, w.fmt, constexprs) == "workspace":
+        return _forward_workspace(x, w, lora_A, lora_B, bias, y, u, scaling, dropout_p, seed, constexprs)
 
     if has_lora:
-        shrink_r = min(block_r, 128)
-        meta, options = _skinny("shrink", configs.shrink_config(m, block_r))
-        grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, shrink_r))
-        _run(lora_shrink_kernel, grid, x, lora_A, u, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), u.stride(0),
-             **_dropout_args(dropout_p, seed), HAS_DROPOUT=dropout_p > 0.0,
-             LORA_DOT=constexprs["LORA_DOT"], LORA_PRECISION=constexprs["LORA_PRECISION"],
-             BLOCK_R=shrink_r, **meta, **options)
+        _shrink(x, lora_A, u, None, dropout_p, seed, constexprs)
     else:
         u.zero_()
     _launch_gemm(lora_forward_kernel,
@@ -195,6 +223,60 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
                  x, *w.pointers, u, lora_B, bias, y, m, n, k, r, float(scaling),
                  x.stride(0), x.stride(1), w.stride_n, u.stride(0), lora_B.stride(0), y.stride(0),
                  configs.m_bucket(m), **constexprs)
+    return y, u
+
+
+def _regime(m: int, fmt_id: int, dots: dict) -> str:
+    """The large-M regime of a call of M rows. The workspace regime multiplies in x's dtype on
+    cuBLAS: fp32 x stays fused (cuBLAS may take fp32 as TF32, the kernels never do), and so do
+    LoRA products outside x's dtype, which cannot share its GEMM."""
+    if dots["X_DOT"] == tl.float32 or dots["LORA_DOT"] != dots["X_DOT"]:
+        return "fused"
+    return configs.gemm_regime(m, fmt_id, forced_regime())
+
+
+def _shrink(x, lora_A, u, x_copy, dropout_p, seed, dots) -> None:
+    """u = drop(x)·Aᵀ; x also copied into x_copy[:, :K] unless x_copy is None."""
+    (m, k), r = x.shape, u.shape[1]
+    shrink_r = min(configs.padded_rank(r), 128)
+    meta, options = _skinny("shrink", configs.shrink_config(m, shrink_r))
+    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, shrink_r))
+    _run(lora_shrink_kernel, grid, x, lora_A, u, x_copy, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0),
+         u.stride(0), 0 if x_copy is None else x_copy.stride(0), **_dropout_args(dropout_p, seed),
+         HAS_DROPOUT=dropout_p > 0.0, LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"],
+         BLOCK_R=shrink_r, **meta, **options)
+
+
+def _weight_matrix(w: WeightArgs, n: int, k: int, dtype: torch.dtype, extra_columns: int, device) -> torch.Tensor:
+    """deq(W) (N, K) as a `dtype` matrix with `extra_columns` more columns after K, left for the
+    caller: the stored weight itself when it is dense in `dtype` and no columns are asked for,
+    else a workspace (rows padded to 16 bytes for cuBLAS) that `dequantize_kernel` fills."""
+    if w.fmt == FORMAT_IDS["dense"] and w.data.dtype == dtype and not extra_columns:
+        return w.data
+    width = k + extra_columns
+    workspace = new_output((n, triton.cdiv(width, 8) * 8), dtype, device)[:, :width]
+    four_bit = configs.is_four_bit(w.fmt)
+    meta, options = _skinny("dequantize", configs.dequantize_config(w.fmt, w.blocksize))
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+    _run(dequantize_kernel, grid, *w.pointers, workspace, n, k, w.stride_n, k // 2, workspace.stride(0),
+         **_weight_constexprs(w, k), PAIRED=four_bit and k % 2 == 0, **meta, **options)
+    return workspace
+
+
+def _forward_workspace(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, dropout_p, seed, constexprs):
+    """The workspace regime: y = [x | u]·[deq(W) | s·B]ᵀ + bias, one cuBLAS GEMM over K + r. The
+    shrink writes x into [x | u] from the read that forms u."""
+    (m, k), n, r = x.shape, y.shape[1], u.shape[1]
+    if not constexprs["HAS_LORA"]:
+        u.zero_()
+        _matmul(y, x, _weight_matrix(w, n, k, x.dtype, 0, x.device).t(), bias)
+        return y, u
+    weight_ext = _weight_matrix(w, n, k, x.dtype, r, x.device)
+    x_ext = new_output((m, triton.cdiv(k + r, 8) * 8), x.dtype, x.device)[:, :k + r]
+    _shrink(x, lora_A, u, x_ext, dropout_p, seed, constexprs)
+    x_ext[:, k:].copy_(u)
+    weight_ext[:, k:].copy_(lora_B * scaling)
+    _matmul(y, x_ext, weight_ext.t(), bias)
     return y, u
 
 
@@ -247,6 +329,9 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     if m == 0:
         return grad_x, grad_A, grad_B
     w = weight.kernel_args()
+    if _regime(m, w.fmt, dots) == "workspace":
+        _grad_x_workspace(grad_y, w, du, lora_A, grad_x, mask_args, dropout_p > 0.0, block_r, dots)
+        return grad_x, grad_A, grad_B
     _launch_gemm(lora_grad_x_kernel,
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), x.device,
                  grad_y, *w.pointers, du, lora_A, grad_x, m, n, k, r, *mask_args.values(),
@@ -286,3 +371,19 @@ def _grad_a(du, x, block_r, dots, mask_args, has_dropout) -> torch.Tensor:
          LORA_DOT=dots["LORA_DOT"], LORA_PRECISION=dots["LORA_PRECISION"], SPLIT_M=split_m,
          BLOCK_R=block_r, **meta, **options)
     return partials.sum(dim=0)
+
+
+def _grad_x_workspace(grad_y, w: WeightArgs, du, lora_A, grad_x, mask_args, has_dropout, block_r, dots) -> None:
+    """The workspace regime's dx: drop'(du·A) written first (`lora_dx_kernel`), then g·deq(W)
+    accumulated onto it by cuBLAS. du is None when the LoRA branch is off."""
+    (m, n), k = grad_y.shape, grad_x.shape[1]
+    weight = _weight_matrix(w, n, k, grad_y.dtype, 0, grad_y.device)
+    if du is None:
+        _matmul(grad_x, grad_y, weight)
+        return
+    meta, options = _skinny("dx", configs.dx_config())
+    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
+    _run(lora_dx_kernel, grid, du, lora_A, grad_x, m, k, lora_A.shape[0], *mask_args.values(), du.stride(0),
+         lora_A.stride(0), grad_x.stride(0), HAS_DROPOUT=has_dropout, LORA_DOT=dots["LORA_DOT"],
+         LORA_PRECISION=dots["LORA_PRECISION"], BLOCK_R=block_r, **meta, **options)
+    _matmul(grad_x, grad_y, weight, accumulate=True)

@@ -76,5 +76,5 @@ def preview(model: list[dict], gpu_name: str) -> str:
         else:
             figure = (f"forward {row['model_seconds'] * 1e3:7.3f} ms, {row['model_copy_fraction']:.1%} of copy "
                       f"bandwidth (target >= {row['target_copy_fraction']:.0%})")
-        lines.append(f"  {row['backend']:6s} {row['case']:40s} {figure}")
+        lines.append(f"  {row['backend']:16s} {row['case']:40s} {figure}")
     return "\n".join(lines)

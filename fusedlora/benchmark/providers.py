@@ -1,6 +1,8 @@
 """The implementations the benchmark puts side by side, all on the same inputs.
 
 - `fusedlora-<backend>`: the fused op through each backend that can run here;
+- `fusedlora-triton-fused`, `fusedlora-triton-workspace`: the Triton backend with its large-M
+  regime forced (M > 16), so that one GPU run settles the regime's dispatch by M;
 - `reference`: the unfused computation (dequantize → F.linear → the LoRA matmuls), as PEFT and
   Unsloth compute it;
 - `peft-bnb`: PEFT's LoRA on a bitsandbytes Linear4bit (nf4) or Linear8bitLt (int8);
@@ -9,15 +11,17 @@
   matmul of the same shape costs, the bar fusedlora is measured against.
 """
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fusedlora.backends import Problem, backends, force_backend
+from fusedlora.backends.triton import REGIMES, SMALL_M, force_regime
 from fusedlora.formats import quantize
 from fusedlora.ops import fused_lora_linear
 
@@ -53,13 +57,15 @@ class CaseTensors:
 class Layer:
     """One provider built for one case: `forward(x) -> y`, the tensors that take gradients, the
     resident tensors (weights, adapters) that saved-activation accounting leaves out, the weight
-    format the reference check must use, and the bytes the weight occupies."""
+    format the reference check must use, the bytes the weight occupies, and the scope every
+    forward and backward of the layer runs in (a forced regime)."""
 
     forward: Callable
     trainable: list
     resident: list
     weight_fmt: str
     weight_bytes: int
+    scope: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,13 @@ def _adapters(tensors: CaseTensors) -> tuple:
     return tensors.lora_A.clone().requires_grad_(), tensors.lora_B.clone().requires_grad_()
 
 
-def _fusedlora(backend: str) -> Provider:
+def _fusedlora(backend: str, regime: Optional[str] = None) -> Provider:
+    """The fused op on `backend`; with `regime`, the Triton backend's large-M calls in that regime
+    (forward and backward: the layer's scope), so each regime is timed apart."""
+
     def why_not(case: Case, device: torch.device) -> Optional[str]:
+        if regime is not None and case.m <= SMALL_M:
+            return f"M <= {SMALL_M} runs the small-M kernel, in no regime"
         problem = Problem(device, DTYPE, DTYPE, case.fmt, case.rank, case.k, case.n)
         known = {b.name: b for b in backends()}
         return known[backend].why_not(problem) if backend in known else f"no backend named {backend}"
@@ -88,9 +99,11 @@ def _fusedlora(backend: str) -> Provider:
             with force_backend(backend):  # its backward runs on the same backend (fusedlora.ops)
                 return fused_lora_linear(x, weight, lora_A, lora_B, SCALING, dropout_p=dropout)
 
-        return Layer(forward, [lora_A, lora_B], [*weight.tensors(), lora_A, lora_B], case.fmt, weight.nbytes)
+        scope = (lambda: force_regime(regime)) if regime else contextlib.nullcontext
+        return Layer(forward, [lora_A, lora_B], [*weight.tensors(), lora_A, lora_B], case.fmt, weight.nbytes, scope)
 
-    return Provider("reference" if backend == "reference" else f"fusedlora-{backend}", why_not, build)
+    name = "reference" if backend == "reference" else f"fusedlora-{backend}"
+    return Provider(f"{name}-{regime}" if regime else name, why_not, build)
 
 
 def _peft_layer(base: nn.Module, tensors: CaseTensors, rank: int, dropout: float):
@@ -159,6 +172,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def providers(names: Optional[list] = None) -> list[Provider]:
     """Every provider (or those named), fusedlora's backends first, the floor last."""
     every = [_fusedlora(b.name) for b in backends() if b.name != "reference"]
+    every += [_fusedlora("triton", regime) for regime in REGIMES]
     every += [
         _fusedlora("reference"),
         Provider("peft-bnb", _peft_bnb_why_not, _peft_bnb_build),

@@ -95,7 +95,8 @@ class CaseRunner:
             self._time(layer, case, tensors, result)
             with_dropout = provider.build(case, tensors, MEMORY_DROPOUT)
             x = tensors.xs[0].clone().requires_grad_()
-            result.saved_bytes = saved_activation_bytes(with_dropout.forward, x, with_dropout.resident)
+            with with_dropout.scope():
+                result.saved_bytes = saved_activation_bytes(with_dropout.forward, x, with_dropout.resident)
         except Exception as err:  # one provider's failure is a result to report, not the end of the run
             result.status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         return result
@@ -103,8 +104,9 @@ class CaseRunner:
     @staticmethod
     def _check(layer: Layer, tensors: CaseTensors, y_ref, dx_ref) -> float:
         x = tensors.xs[0].clone().requires_grad_()
-        y = layer.forward(x)
-        y.backward(tensors.grads[0])
+        with layer.scope():
+            y = layer.forward(x)
+            y.backward(tensors.grads[0])
         return max(_relative_error(y.detach(), y_ref), _relative_error(x.grad, dx_ref))
 
     def _time(self, layer: Layer, case: Case, tensors: CaseTensors, result: Measurement) -> None:
@@ -119,18 +121,19 @@ class CaseRunner:
             with torch.set_grad_enabled(not case.decode):
                 layer.forward(xs[i % ROTATIONS])
 
-        graphs = [layer.forward(x) for x in xs]
-        timings = {
-            "forward": self.clock.time(forward),
-            "backward": self.clock.time(
-                lambda i: graphs[i % ROTATIONS].backward(grads[i % ROTATIONS], retain_graph=True), clear),
-            "forward_backward": self.clock.time(
-                lambda i: layer.forward(xs[i % ROTATIONS]).backward(grads[i % ROTATIONS]), clear),
-        }
-        graphs.clear()  # free the retained graphs before the next measurement
+        with layer.scope():  # a forced regime holds for the backward passes too
+            graphs = [layer.forward(x) for x in xs]
+            timings = {
+                "forward": self.clock.time(forward),
+                "backward": self.clock.time(
+                    lambda i: graphs[i % ROTATIONS].backward(grads[i % ROTATIONS], retain_graph=True), clear),
+                "forward_backward": self.clock.time(
+                    lambda i: layer.forward(xs[i % ROTATIONS]).backward(grads[i % ROTATIONS]), clear),
+            }
+            graphs.clear()  # free the retained graphs before the next measurement
+            result.peak_bytes = peak_bytes(lambda: layer.forward(xs[0]).backward(grads[0]), self.clock.device)
         result.forward_ms = timings["forward"].median
         result.backward_ms = timings["backward"].median
         result.forward_backward_ms = timings["forward_backward"].median
         result.spread_ms = {name: timing.spread for name, timing in timings.items()}
         result.outliers = {name: timing.outliers for name, timing in timings.items() if timing.outliers}
-        result.peak_bytes = peak_bytes(lambda: layer.forward(xs[0]).backward(grads[0]), self.clock.device)

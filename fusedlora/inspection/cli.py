@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 
 from ..backends.registry import capability_refusal
+from ..contract import FORMAT_IDS
+from ..backends.triton import REGIMES
+from ..backends.triton_launch import LibraryGemm
+from ..kernels.configs import gemm_regime
 from ..benchmark.cases import LLAMA3_8B, Case
 from . import cuda
 from .budgets import BUDGETS, COMPILERS, budget_key, check, comparable_families, load, measured, write
-from .kernels import DROPOUT, inspect_launch, record_case, weight_bytes
+from .kernels import DROPOUT, inspect_launch, library_gemm_time, record_case, weight_bytes
 from .model import GPUS, bf16_linear_seconds
 from .sass import cuobjdump
 
@@ -63,29 +67,45 @@ def supported_cases(arch: int, formats) -> list[Case]:
 def inspect_triton(gpu, cases: list[Case], all_candidates: bool = False) -> dict:
     """{"kernels": [row per distinct compiled kernel], "cases": [MODEL estimate per case]}.
 
+    A training case is estimated in each large-M regime (backend "triton-fused",
+    "triton-workspace") and once more as "triton", in the regime the launcher picks for its M.
     An autotuned GEMM is its first candidate, or with `all_candidates` every candidate (the
-    model then takes the fastest, as the autotuner would)."""
+    model then takes the fastest, as the autotuner would); a cuBLAS GEMM is timed by
+    `library_gemm_time`."""
     seen = set()  # specializations: one row per distinct compiled kernel
     kernels, estimates = [], []
     for case in cases:
-        seconds, autotuned = 0.0, {}
-        for launch in record_case(case, gpu):
-            if launch.candidate not in (None, 0) and not all_candidates:
-                continue
-            report = inspect_launch(launch, gpu)
-            if report.specialization not in seen:
-                seen.add(report.specialization)
-                kernels.append(dict(key=budget_key(report.kernel, case.fmt), fmt=case.fmt, case=case.label,
-                                    family="triton", **measured(report)))
-            if launch.candidate is not None:
-                autotuned[report.kernel] = min(autotuned.get(report.kernel, float("inf")), report.time.total)
-                continue
-            seconds += report.time.total + gpu.launch_seconds
-            if report.kernel == "lora_small_m_kernel" and launch.kwargs.get("SPLIT_K", 1) > 1:
-                seconds += 4 * gpu.launch_seconds  # two zero fills and two copies around the split-K launch
-        seconds += sum(autotuned.values()) + len(autotuned) * gpu.launch_seconds
-        estimates.append({**case_estimate(case, gpu, seconds), "backend": "triton"})
+        for regime in (None,) if case.decode else REGIMES:
+            seconds = _triton_seconds(case, gpu, regime, all_candidates, seen, kernels)
+            estimates.append({**case_estimate(case, gpu, seconds), "backend": "triton" if regime is None
+                              else f"triton-{regime}"})
+            if regime == gemm_regime(case.m, FORMAT_IDS[case.fmt], None):
+                estimates.append({**estimates[-1], "backend": "triton", "regime": regime})
     return {"kernels": kernels, "cases": estimates}
+
+
+def _triton_seconds(case: Case, gpu, regime, all_candidates: bool, seen: set, kernels: list) -> float:
+    """The MODEL's time of `case` in `regime`; each kernel compiled for the first time adds its row
+    to `kernels`."""
+    seconds, autotuned = 0.0, {}
+    for launch in record_case(case, gpu, regime):
+        if isinstance(launch, LibraryGemm):
+            seconds += library_gemm_time(launch, gpu).total + gpu.launch_seconds
+            continue
+        if launch.candidate not in (None, 0) and not all_candidates:
+            continue
+        report = inspect_launch(launch, gpu)
+        if report.specialization not in seen:
+            seen.add(report.specialization)
+            kernels.append(dict(key=budget_key(report.kernel, case.fmt, regime), fmt=case.fmt, case=case.label,
+                                family="triton", **measured(report)))
+        if launch.candidate is not None:
+            autotuned[report.kernel] = min(autotuned.get(report.kernel, float("inf")), report.time.total)
+            continue
+        seconds += report.time.total + gpu.launch_seconds
+        if report.kernel == "lora_small_m_kernel" and launch.kwargs.get("SPLIT_K", 1) > 1:
+            seconds += 4 * gpu.launch_seconds  # two zero fills and two copies around the split-K launch
+    return seconds + sum(autotuned.values()) + len(autotuned) * gpu.launch_seconds
 
 
 def case_estimate(case: Case, gpu, seconds: float) -> dict:
@@ -126,7 +146,7 @@ def _print_cases(rows, arch) -> None:
     print(f"\nsm_{arch}: MODEL estimates for {gpu.name} (not measurements; assumptions in "
           f"fusedlora/inspection/model.py), r=16, bf16, dropout {DROPOUT}")
     for row in rows:
-        backend = f"  {row['backend']:6s} {row['case']:40s}"
+        backend = f"  {row['backend']:16s} {row['case']:40s}"
         bound = ">=" if row.get("timed_by_bytes") else "  "
         if "model_ratio_to_bf16" in row:
             print(f"{backend} fwd+bwd {bound}{row['model_seconds'] * 1e3:8.3f} ms (model)  "

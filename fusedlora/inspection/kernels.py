@@ -1,10 +1,12 @@
 """Each Triton kernel of the package as the headline cases launch it: compiled for the target,
 its main loop counted, its work (trips, weight elements, FLOPs, bytes) and its MODEL time.
 
-    record_case(case, gpu)  → the launches of one forward + backward (or forward only, M <= 16)
+    record_case(case, gpu, regime)  → the launches of one forward + backward (or forward only, M <= 16)
     inspect_launch(launch, gpu)  → KernelReport
+    library_gemm_time(call, gpu)  → the MODEL time of a cuBLAS GEMM of the workspace regime
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -12,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..backends import triton_launch
+from ..backends.triton import force_regime
 from ..benchmark.cases import Case
 from ..formats import quantize
 from . import sass
@@ -30,15 +33,17 @@ def weight_bytes(case: Case) -> int:
     return quantize(torch.empty((case.n, case.k), device="meta", dtype=DTYPE), case.fmt).nbytes
 
 
-def record_case(case: Case, gpu: Gpu) -> list:
+def record_case(case: Case, gpu: Gpu, regime: Optional[str] = None) -> list:
     """The Triton launches of `case` on `gpu` (meta tensors: nothing runs): forward and backward
-    for training (M > 16), the forward alone for decode."""
+    for training (M > 16), the forward alone for decode; large M in `regime` ("fused",
+    "workspace"; None: the launcher's choice). A cuBLAS GEMM is a `triton_launch.LibraryGemm`."""
     meta = torch.device("meta")
     x = torch.empty((case.m, case.k), device=meta, dtype=DTYPE)
     weight = quantize(torch.empty((case.n, case.k), device=meta, dtype=DTYPE), case.fmt)
     lora_A = torch.empty((case.rank, case.k), device=meta, dtype=DTYPE)
     lora_B = torch.empty((case.n, case.rank), device=meta, dtype=DTYPE)
-    with triton_launch.recording((gpu.arch // 10, gpu.arch % 10), gpu.sm_count) as record:
+    regime_scope = force_regime(regime) if regime else contextlib.nullcontext()
+    with regime_scope, triton_launch.recording((gpu.arch // 10, gpu.arch % 10), gpu.sm_count) as record:
         _, u = triton_launch.forward(x, weight, lora_A, lora_B, SCALING, None, DROPOUT, SEED)
         if not case.decode:
             grad_y = torch.empty((case.m, case.n), device=meta, dtype=DTYPE)
@@ -64,6 +69,8 @@ def work_of(name: str, a: dict, grid: tuple) -> Work:
     programs = math.prod(grid)
     cdiv = lambda p, q: -(-p // q)  # noqa: E731
     weight = _nbytes(a.get("w_ptr"), a.get("scale_ptr"), a.get("nested_absmax_ptr"))
+    if name == "dequantize_kernel":
+        return Work(programs, 1, 0, 0.0, weight + a["N"] * a["K"] * a["out_ptr"].element_size())
     m, r = a["M"], a["R"]
     if name == "lora_forward_kernel":
         n, k = a["N"], a["K"]
@@ -79,12 +86,15 @@ def work_of(name: str, a: dict, grid: tuple) -> Work:
         return Work(programs, trips, a["BLOCK_N"] * a["BLOCK_K"], 2.0 * m * (n * k + k * r + n * r),
                     _nbytes(a["x_ptr"], a["y_ptr"], a["a_ptr"], a["b_ptr"]) + weight)
     if name == "lora_shrink_kernel":
-        return Work(programs, cdiv(a["K"], a["BLOCK_K"]), 0, 2.0 * m * a["K"] * r, _nbytes(a["x_ptr"], a["u_ptr"]))
+        return Work(programs, cdiv(a["K"], a["BLOCK_K"]), 0, 2.0 * m * a["K"] * r,
+                    _nbytes(a["x_ptr"], a["u_ptr"]) + (_nbytes(a["x_ptr"]) if a["x_copy_ptr"] is not None else 0))
     if name == "lora_grad_u_kernel":
         return Work(programs, cdiv(a["N"], a["BLOCK_N"]), 0, 4.0 * m * a["N"] * r, _nbytes(a["g_ptr"], a["b_ptr"]))
     if name == "lora_grad_a_kernel":
         trips = cdiv(cdiv(m, a["BLOCK_M"]), a["SPLIT_M"])
         return Work(programs, trips, 0, 2.0 * m * a["K"] * r, _nbytes(a["x_ptr"], a["da_ptr"]))
+    if name == "lora_dx_kernel":
+        return Work(programs, 1, 0, 2.0 * m * a["K"] * r, _nbytes(a["du_ptr"], a["a_ptr"], a["dx_ptr"]))
     raise ValueError(f"no work model for kernel {name!r}")
 
 
@@ -124,6 +134,13 @@ class KernelReport:
     def per_mma(self) -> Optional[float]:
         mma = sum(self.loop.tensor_ops.values())
         return self.loop.instructions / mma if mma else None
+
+
+def library_gemm_time(call, gpu: Gpu) -> KernelTime:
+    """The MODEL's time of a cuBLAS GEMM (`triton_launch.LibraryGemm`): the cuBLAS-class FLOP rate
+    or its bytes at copy bandwidth, whichever is slower (the calibration of `bf16_linear_seconds`)."""
+    return KernelTime(0.0, 2.0 * call.m * call.n * call.k / gpu.gemm_flops, call.bytes_moved / gpu.copy_bandwidth,
+                      True)
 
 
 _COMPILED: dict = {}  # specialization -> (resources, instruction count, loop counts, warps, stages, shared)
