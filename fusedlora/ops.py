@@ -17,11 +17,13 @@ have neither `backend`. `seed` is a 0-d int64 tensor so that a fresh seed per ca
 recompile compiled code.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
 
-from .backends import Problem, backend_id, backend_with_id, select_backend
+from .backends import Problem, backend_id, backend_with_id, force_regime, select_backend
+from .backends.regimes import scoped_regime
 from .checks import as_weight, check_lora_inputs
 from .contract import fake_backward, fake_forward
 from .dropout import SEED_LIMIT
@@ -104,15 +106,19 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_meta = (w_format, w_shape, w_blocksize)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = None if bias is None else bias.dtype
+    # A regime forced by `force_regime` holds for this call's backward too, which autograd may run
+    # on another thread (CUDA's device threads), where the forward's context variables are not set.
+    ctx.regime = scoped_regime()
 
 
 def _backward(ctx, grad_y, grad_u, grad_backend):
     x, u, seed, backend, lora_A, lora_B, *w_tensors = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_x, grad_A, grad_B = lora_linear_bwd(
-        grad_y.contiguous(), x, u, w_tensors, *ctx.weight_meta, lora_A, lora_B,
-        ctx.scaling, ctx.dropout_p, seed, needs[0], backend,
-    )
+    with force_regime(ctx.regime) if ctx.regime else contextlib.nullcontext():
+        grad_x, grad_A, grad_B = lora_linear_bwd(
+            grad_y.contiguous(), x, u, w_tensors, *ctx.weight_meta, lora_A, lora_B,
+            ctx.scaling, ctx.dropout_p, seed, needs[0], backend,
+        )
     grad_bias = grad_y.sum(0).to(ctx.bias_dtype) if needs[8] else None
     return (
         grad_x if needs[0] else None, [None] * len(w_tensors), None, None, None,

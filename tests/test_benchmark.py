@@ -118,6 +118,10 @@ def test_the_summary_prefers_a_gpu_backend_and_shows_one_that_failed():
     assert lines([reference, failed]) == [f"  {case.label:44s} {'fusedlora-triton':17s} {failed['status']}"]
     unavailable = {**triton, "status": "unavailable: no GPU"}
     assert " reference " in lines([reference, unavailable])[0]
+    # A forced regime is not what users get: it stays out of the summary however fast it ran.
+    forced = _measured("fusedlora-triton-workspace", case, 0.5, 1.5)
+    assert " fusedlora-triton " in lines([reference, triton, forced])[0]
+    assert lines([reference, failed, forced]) == [f"  {case.label:44s} {'fusedlora-triton':17s} {failed['status']}"]
 
 
 def test_timing_reports_outliers_and_phases_that_disagree():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusedlora.backends.triton as triton_backend
+import fusedlora.backends.regimes as regimes
 import fusedlora.formats as formats
 from fusedlora import fused_lora_linear, quantize
 from fusedlora.backends import backend_id
@@ -212,7 +212,7 @@ WORKSPACE_MATRIX = [(fmt, dtype, shape) for fmt in FORMATS for dtype in (torch.f
 def test_workspace_regime_every_format_and_16_bit_dtype(case):
     """W dequantized into a workspace, then torch's matmul (cuBLAS on a GPU) with the LoRA term folded in."""
     fmt, dtype, (m, k, n) = WORKSPACE_MATRIX[case]
-    with triton_backend.force_regime("workspace"), _counting_matmuls() as matmuls:
+    with regimes.force_regime("workspace"), _counting_matmuls() as matmuls:
         _check(m, k, n, RANKS[case % 4], fmt, dtype, bias=case % 2 == 0, p=0.1 if (case // 2) % 2 else 0.0)
     assert len(matmuls) == 2  # forward and dx: the regime ran
 
@@ -221,13 +221,13 @@ def test_workspace_regime_every_format_and_16_bit_dtype(case):
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("blocksize,k", [(32, 65), (128, 96), (256, 130)])
 def test_workspace_regime_4bit_layouts(fmt, double_quant, blocksize, k):
-    with triton_backend.force_regime("workspace"):
+    with regimes.force_regime("workspace"):
         _check(20, k, 24, 4, fmt, torch.bfloat16, blocksize=blocksize, double_quant=double_quant, p=0.1)
 
 
 def test_workspace_regime_fp32_adapters_rank_above_128_zero_scaling_and_split_dA(monkeypatch):
     monkeypatch.setitem(configs.INTERPRETER, "grad_a_split_m", 2)
-    with triton_backend.force_regime("workspace"), _counting_matmuls() as matmuls:
+    with regimes.force_regime("workspace"), _counting_matmuls() as matmuls:
         _check(40, 96, 50, 5, "nf4", torch.float16, adapter_dtype=torch.float32, p=0.1)
         _check(40, 96, 50, 200, "int8", torch.bfloat16, p=0.1)
         _check(40, 96, 50, 5, "nf4", torch.float16, scaling=0.0)
@@ -237,7 +237,7 @@ def test_workspace_regime_fp32_adapters_rank_above_128_zero_scaling_and_split_dA
 
 def test_workspace_regime_leaves_fp32_and_mixed_lora_dtypes_fused():
     """cuBLAS may run fp32 as TF32, and LoRA products outside x's dtype cannot share its GEMM."""
-    with triton_backend.force_regime("workspace"), _counting_matmuls() as matmuls:
+    with regimes.force_regime("workspace"), _counting_matmuls() as matmuls:
         _check(33, 64, 40, 4, "nf4", torch.float32)
         _check(33, 64, 40, 4, "nf4", torch.bfloat16, adapter_dtype=torch.float16)
     assert matmuls == []
@@ -260,10 +260,27 @@ def test_the_workspace_is_released_after_each_call(monkeypatch):
     x = torch.randn(33, 64, dtype=torch.bfloat16, requires_grad=True)
     lora_A = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
     lora_B = torch.randn(40, 4, dtype=torch.bfloat16, requires_grad=True)
-    with triton_backend.force_regime("workspace"):
+    with regimes.force_regime("workspace"):
         fused_lora_linear(x, weight, lora_A, lora_B, 1.0).sum().backward()
     workspaces = [ref for shape, ref in made if shape[0] == 40 and shape[1] >= 64]  # (N, K [+ r]) padded
     assert len(workspaces) == 2 and all(ref() is None for ref in workspaces)
+
+
+def test_a_forced_regime_holds_for_a_backward_run_on_another_thread():
+    """On CUDA, autograd runs the backward on a device thread, where context variables are unset."""
+    import threading
+
+    weight = quantize(torch.randn(40, 64), "nf4")
+    x = torch.randn(33, 64, dtype=torch.bfloat16, requires_grad=True)
+    lora_A = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    lora_B = torch.randn(40, 4, dtype=torch.bfloat16, requires_grad=True)
+    with _counting_matmuls() as matmuls:
+        with regimes.force_regime("workspace"):  # 33 rows: fused unless forced
+            y = fused_lora_linear(x, weight, lora_A, lora_B, 1.0)
+        backward = threading.Thread(target=lambda: y.float().sum().backward())
+        backward.start()
+        backward.join()
+    assert len(matmuls) == 2 and x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_regime_choice_by_rows_and_format_and_its_overrides(monkeypatch):
@@ -272,15 +289,21 @@ def test_regime_choice_by_rows_and_format_and_its_overrides(monkeypatch):
     assert configs.gemm_regime(configs.WORKSPACE_MIN_M["nf4"], ids["nf4"], None) == "workspace"
     assert configs.gemm_regime(8192, ids["dense"], None) == "fused"  # no dequantization to save
     assert configs.gemm_regime(8192, ids["int8"], "fused") == "fused"
+    dots = launch._dot_args(torch.bfloat16, (torch.bfloat16, torch.bfloat16))
+    assert launch._regime(8192, ids["nf4"], dots) == "workspace"
+    with _deterministic():  # the kernels are deterministic by themselves; cuBLAS may need a setting
+        assert launch._regime(8192, ids["nf4"], dots) == "fused"
+        with regimes.force_regime("workspace"):
+            assert launch._regime(8192, ids["nf4"], dots) == "workspace"
     monkeypatch.setenv("FUSEDLORA_TRITON_REGIME", "workspace")
-    assert triton_backend.forced_regime() == "workspace"
-    with triton_backend.force_regime("fused"):
-        assert triton_backend.forced_regime() == "fused"
+    assert regimes.forced_regime() == "workspace"
+    with regimes.force_regime("fused"):
+        assert regimes.forced_regime() == "fused"
     monkeypatch.setenv("FUSEDLORA_TRITON_REGIME", "cublas")
     with pytest.raises(ValueError, match="FUSEDLORA_TRITON_REGIME is 'cublas'; expected one of"):
-        triton_backend.forced_regime()
+        regimes.forced_regime()
     with pytest.raises(ValueError, match="force_regime's name is 'tiled'"):
-        triton_backend.force_regime("tiled").__enter__()
+        regimes.force_regime("tiled").__enter__()
 
 
 @contextlib.contextmanager
@@ -294,3 +317,13 @@ def _counting_matmuls():
 
     with mock.patch.object(launch, "_matmul", counted):
         yield calls
+
+
+@contextlib.contextmanager
+def _deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)

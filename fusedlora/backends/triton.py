@@ -5,17 +5,12 @@ CUDA tensors run on the compiled kernels. Under TRITON_INTERPRET=1 (read by Trit
 compiles the kernels) they run through Triton's interpreter instead, which takes CPU tensors only,
 and only when this backend is forced: on the CPU the reference is the faster path.
 
-Large M runs in one of two regimes (docs/design.md §4): "fused" (W dequantized inside the GEMM's
-loop) or "workspace" (W dequantized into a workspace, then cuBLAS). The launcher picks one by M;
-`with force_regime("workspace"):` (or FUSEDLORA_TRITON_REGIME outside any such block) forces one,
-which is how the benchmark times each.
+Large M runs in one of two regimes, "fused" or "workspace" (docs/design.md §4; `regimes`).
 """
 
-import contextlib
 import os
 import sys
-from contextvars import ContextVar
-from typing import Iterator, Optional
+from typing import Optional
 
 from .registry import Problem, forced_backend, gpu_refusal, kernel_refusal
 
@@ -27,40 +22,6 @@ def _interpreting() -> bool:
     if launchers is not None:
         return launchers.INTERPRETING
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-SMALL_M = 16  # calls of at most this many rows take the one-launch small-M kernel
-REGIMES = ("fused", "workspace")
-REGIME_ENV = "FUSEDLORA_TRITON_REGIME"
-_REGIME: ContextVar[Optional[str]] = ContextVar("fusedlora_triton_regime", default=None)
-
-
-def _checked_regime(name: str, source: str) -> str:
-    if name not in REGIMES:
-        raise ValueError(f"{source} is {name!r}; expected one of {REGIMES} (or unset: chosen by M)")
-    return name
-
-
-def forced_regime() -> Optional[str]:
-    """The large-M regime forced for calls made here (`force_regime`, else FUSEDLORA_TRITON_REGIME),
-    or None: the launcher chooses by M."""
-    scoped = _REGIME.get()
-    if scoped is not None:
-        return scoped
-    name = os.environ.get(REGIME_ENV, "").strip()
-    return _checked_regime(name, REGIME_ENV) if name else None
-
-
-@contextlib.contextmanager
-def force_regime(name: str) -> Iterator[None]:
-    """Run the Triton backend's large-M calls made inside in regime `name` ("fused" or "workspace";
-    this thread or task only). Calls the workspace regime cannot take (fp32 x, or LoRA products
-    outside x's dtype) stay fused."""
-    token = _REGIME.set(_checked_regime(name, "force_regime's name"))
-    try:
-        yield
-    finally:
-        _REGIME.reset(token)
 
 
 def why_not(problem: Problem) -> Optional[str]:

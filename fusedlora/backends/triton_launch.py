@@ -33,7 +33,7 @@ from ..kernels import configs
 from ..kernels.backward import lora_dx_kernel, lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
 from ..kernels.dequant import dequantize_kernel
 from ..kernels.forward import lora_forward_kernel, lora_shrink_kernel, lora_small_m_kernel
-from .triton import SMALL_M, forced_regime
+from .regimes import SMALL_M, forced_regime
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -229,10 +229,15 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
 def _regime(m: int, fmt_id: int, dots: dict) -> str:
     """The large-M regime of a call of M rows. The workspace regime multiplies in x's dtype on
     cuBLAS: fp32 x stays fused (cuBLAS may take fp32 as TF32, the kernels never do), and so do
-    LoRA products outside x's dtype, which cannot share its GEMM."""
+    LoRA products outside x's dtype, which cannot share its GEMM. Under
+    `torch.use_deterministic_algorithms(True)` the choice by M stays fused: the kernels are
+    deterministic by themselves, cuBLAS needs CUBLAS_WORKSPACE_CONFIG under older torch."""
     if dots["X_DOT"] == tl.float32 or dots["LORA_DOT"] != dots["X_DOT"]:
         return "fused"
-    return configs.gemm_regime(m, fmt_id, forced_regime())
+    forced = forced_regime()
+    if forced is None and torch.are_deterministic_algorithms_enabled():
+        return "fused"
+    return configs.gemm_regime(m, fmt_id, forced)
 
 
 def _shrink(x, lora_A, u, x_copy, dropout_p, seed, dots) -> None:

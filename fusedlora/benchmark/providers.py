@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedlora.backends import Problem, backends, force_backend
-from fusedlora.backends.triton import REGIMES, SMALL_M, force_regime
+from fusedlora.backends import REGIMES, Problem, backends, force_backend, force_regime
+from fusedlora.backends.regimes import SMALL_M
 from fusedlora.formats import quantize
 from fusedlora.ops import fused_lora_linear
 

@@ -28,7 +28,7 @@ import torch
 
 from ..backends.registry import capability_refusal
 from ..contract import FORMAT_IDS
-from ..backends.triton import REGIMES
+from ..backends.regimes import REGIMES, forced_regime
 from ..backends.triton_launch import LibraryGemm
 from ..kernels.configs import gemm_regime
 from ..benchmark.cases import LLAMA3_8B, Case
@@ -79,7 +79,7 @@ def inspect_triton(gpu, cases: list[Case], all_candidates: bool = False) -> dict
             seconds = _triton_seconds(case, gpu, regime, all_candidates, seen, kernels)
             estimates.append({**case_estimate(case, gpu, seconds), "backend": "triton" if regime is None
                               else f"triton-{regime}"})
-            if regime == gemm_regime(case.m, FORMAT_IDS[case.fmt], None):
+            if regime == gemm_regime(case.m, FORMAT_IDS[case.fmt], forced_regime()):
                 estimates.append({**estimates[-1], "backend": "triton", "regime": regime})
     return {"kernels": kernels, "cases": estimates}
 

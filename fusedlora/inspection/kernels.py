@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..backends import triton_launch
-from ..backends.triton import force_regime
+from ..backends.regimes import force_regime
 from ..benchmark.cases import Case
 from ..formats import quantize
 from . import sass
