@@ -98,7 +98,7 @@ def lora_grad_x_kernel(
     stride_gm, stride_wn, stride_dum, stride_ar, stride_dxm,
     M_BUCKET,  # only an autotuning key: the bucketed M
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PAIRED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -120,8 +120,7 @@ def lora_grad_x_kernel(
         if FMT == INT8 or FMT == FP8:
             g = g.to(tl.float32) * row_scale(scale_ptr, offs_n, n_mask, FMT)[None, :]
         w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                        offs_n[:, None], n_mask[:, None], offs_k[None, :], pid_k * BLOCK_K,
-                        n_mask[:, None] & k_mask[None, :], K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K)
+                        offs_n, pid_k * BLOCK_K, N, K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED, BLOCK_K)
         acc = tl.dot(g.to(X_DOT), w.to(X_DOT), acc, input_precision=X_PRECISION)
     if HAS_LORA:
         acc += _dropped_du_a(du_ptr, a_ptr, offs_m, m_mask, offs_k, k_mask, K, R, seed, threshold, keep_scale,

@@ -152,12 +152,10 @@ def shrink_config(m: int, block_r: int) -> SkinnyConfig:
     return SkinnyConfig({"BLOCK_M": 64 if m >= 4096 else 32, "BLOCK_K": 64}, num_warps=4)
 
 
-def small_m_config(n: int, k: int, sm_count: int, four_bit: bool) -> tuple[SkinnyConfig, int]:
+def small_m_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the small-M kernel: enough programs to keep every SM streaming W.
     BLOCK_K = 64 keeps a 4-bit tile within one absmax block per row (blocksize >= 64)."""
-    # Before Triton 3.8 a 64-column tile of the 4-bit formats spills as launched (with 4 warps, and
-    # with 8 at M = 16); a 32-column tile fits.
-    block_n = 32 if four_bit and BEFORE_TRITON_3_8 else 64
+    block_n = 64
     tiles = triton.cdiv(n, block_n)
     split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
     return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k

@@ -5,7 +5,8 @@ the kernel that dequantizes all of W into a workspace (the cuBLAS regime, §4).
 per-row scale factors out of the K loop and is applied by the caller, see `row_scale`), NF4 / FP4
 (4-bit code times its block's absmax, the absmax decoded from nested codes when NESTED). Element
 W[n, k] of a 4-bit weight is element i = n·K + k of the flattened weight: nibble (i odd: low,
-even: high) of byte i // 2, scaled by absmax[i // BLOCKSIZE]. When K is a multiple of BLOCKSIZE
+even: high) of byte i // 2, scaled by absmax[i // BLOCKSIZE]. When K is even, rows start on a
+byte and a tile's codes are one contiguous byte tile (PAIRED). When K is a multiple of BLOCKSIZE
 and the tile's BLOCK_K columns lie in one block per row, one absmax per row serves the tile.
 Indices are int64, so weights past 2^31 elements work.
 """
@@ -35,32 +36,52 @@ def _block_absmax(block, mask, scale_ptr, nested_absmax_ptr, nested_code_ptr, ne
 
 @triton.jit
 def load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                offs_n, n_mask, offs_k, k0, mask, K, stride_wn,
+                offs_n, k0, N, K, stride_wn,
                 FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """W at the broadcast index tile (offs_n, offs_k), 0 where `mask` is False.
+                PAIRED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tile W[offs_n, k0 : k0 + BLOCK_K] as (len(offs_n), BLOCK_K): rows past N are 0, columns
+    past K finite values that the caller's masks must drop (x's zeros, or the store's mask). For
+    INT8 / FP8 the per-row scale is NOT applied; 4-bit and per-row values are fp32.
 
-    offs_n / n_mask and offs_k broadcast against each other (e.g. offs_k[:, None] and
-    offs_n[None, :] for a (BLOCK_K, BLOCK_N) tile); k0 is the tile's first column. K_ALIGNED
-    says K % BLOCKSIZE == 0. For INT8 / FP8 the per-row scale is NOT applied.
+    stride_wn is the row stride of W's storage. K_ALIGNED says K % BLOCKSIZE == 0: a tile with
+    BLOCK_K <= BLOCKSIZE then lies in one absmax block per row, and loads one absmax per row.
+    PAIRED (4-bit, K even: each row starts on a byte, stride_wn = K/2 bytes): the tile's codes are
+    one contiguous (rows, BLOCK_K/2) byte tile, each byte holding two elements (high nibble: the
+    even one), decoded and interleaved; 16-divisible strides make its loads 16 bytes wide.
+    Otherwise (odd K) element i = n·K + k is read from byte i // 2 on its own.
     """
-    n = offs_n.to(tl.int64)
+    n = offs_n.to(tl.int64)[:, None]
+    n_mask = (offs_n < N)[:, None]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = n_mask & (offs_k < K)[None, :]
     if FMT == NF4 or FMT == FP4:
-        index = n * K + offs_k
-        byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
-        nibble = (byte >> (((index & 1) ^ 1) * 4).to(tl.int32)) & 0xF
-        value = tl.load(code_ptr + nibble)  # 0..15: always in range, masked bytes read as code 0
+        if PAIRED:
+            offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            byte_mask = n_mask & (offs_byte < K // 2)[None, :]
+            byte = tl.load(w_ptr + n * stride_wn + offs_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
+            first = n * K + 2 * offs_byte[None, :]  # both nibbles of a byte lie in one block (BLOCKSIZE is even)
+        else:
+            index = n * K + offs_k[None, :]
+            byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
+            first, byte_mask = index, mask
         if K_ALIGNED and BLOCK_K <= BLOCKSIZE:
             absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
                                    nested_code_ptr, nested_offset_ptr, NESTED)
         else:
-            absmax = _block_absmax(index // BLOCKSIZE, mask, scale_ptr, nested_absmax_ptr, nested_code_ptr,
+            absmax = _block_absmax(first // BLOCKSIZE, byte_mask, scale_ptr, nested_absmax_ptr, nested_code_ptr,
                                    nested_offset_ptr, NESTED)
-        return value * absmax
+        if PAIRED:  # one 8-byte load per byte: its (high, low) pair after the 16 codes (0..255, always in range)
+            pair = tl.load((code_ptr + 16).to(tl.pointer_type(tl.int64), bitcast=True) + byte)
+            high = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * absmax
+            low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax
+            return tl.reshape(tl.join(high, low), (offs_n.shape[0], BLOCK_K))
+        else:
+            nibble = (byte >> (((index & 1) ^ 1) * 4).to(tl.int32)) & 0xF
+            return tl.load(code_ptr + nibble) * absmax
     elif FMT == DENSE:
-        return tl.load(w_ptr + n * stride_wn + offs_k, mask=mask, other=0.0)
+        return tl.load(w_ptr + n * stride_wn + offs_k[None, :], mask=mask, other=0.0)
     else:
-        return tl.load(w_ptr + n * stride_wn + offs_k, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(w_ptr + n * stride_wn + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -75,42 +96,19 @@ def row_scale(scale_ptr, offs_n, mask, FMT: tl.constexpr):
 @triton.jit
 def dequantize_kernel(
     w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, out_ptr,
-    N, K, stride_wn, stride_wb, stride_on,
+    N, K, stride_wn, stride_on,
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
     PAIRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[n, k] = deq(W)[n, k] in out's dtype, the per-row scale included: the workspace of the
     cuBLAS regime (docs/design.md §4). Bandwidth-bound: W read once, out written once.
-
-    PAIRED (4-bit, K even: every row starts on a byte): the tile's codes are read as a contiguous
-    (BLOCK_N, BLOCK_K/2) byte tile (16-byte loads when stride_wb = K/2 is 16-divisible), each
-    byte's two nibbles decoded and interleaved. Otherwise each element is read by `load_weight`.
     Grid: (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    n = offs_n.to(tl.int64)[:, None]
-    n_mask = (offs_n < N)[:, None]
-    if PAIRED:
-        offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        byte_mask = n_mask & (offs_byte < K // 2)[None, :]
-        byte = tl.load(w_ptr + n * stride_wb + offs_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
-        if K_ALIGNED and BLOCK_K <= BLOCKSIZE:
-            absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
-                                   nested_code_ptr, nested_offset_ptr, NESTED)
-        else:
-            block = (n * K + 2 * offs_byte[None, :]) // BLOCKSIZE  # both nibbles of a byte share a block
-            absmax = _block_absmax(block, byte_mask, scale_ptr, nested_absmax_ptr, nested_code_ptr,
-                                   nested_offset_ptr, NESTED)
-        high = tl.load(code_ptr + (byte >> 4)) * absmax  # element 2j sits in the high nibble of byte j
-        low = tl.load(code_ptr + (byte & 0xF)) * absmax
-        value = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))
-    else:
-        mask = n_mask & (offs_k < K)[None, :]
-        value = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                            offs_n[:, None], n_mask, offs_k[None, :], k0, mask, K, stride_wn,
-                            FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K)
-        if FMT == INT8 or FMT == FP8:
-            value = value * row_scale(scale_ptr, offs_n, offs_n < N, FMT)[:, None]
-    tl.store(out_ptr + n * stride_on + offs_k[None, :], value.to(out_ptr.dtype.element_ty),
-             mask=n_mask & (offs_k < K)[None, :])
+    value = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                        offs_n, k0, N, K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED, BLOCK_K)
+    if FMT == INT8 or FMT == FP8:
+        value = value * row_scale(scale_ptr, offs_n, offs_n < N, FMT)[:, None]
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :], value.to(out_ptr.dtype.element_ty),
+             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])

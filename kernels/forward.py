@@ -52,16 +52,16 @@ def lora_shrink_kernel(
 
 @triton.jit
 def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                     offs_m, m_mask, offs_n, n_mask, offs_k, k0, k_mask, K, stride_xm, stride_xk, stride_wn,
+                     offs_m, m_mask, offs_n, offs_k, k0, k_mask, N, K, stride_xm, stride_xk, stride_wn,
                      FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-                     BLOCK_K: tl.constexpr, X_DOT: tl.constexpr, X_PRECISION: tl.constexpr):
-    """One K step of x·deq(W)ᵀ: acc += x[offs_m, offs_k]·W[offs_n, offs_k]ᵀ. Returns (acc, the x tile)."""
+                     PAIRED: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT: tl.constexpr, X_PRECISION: tl.constexpr):
+    """One K step of x·deq(W)ᵀ: acc += x[offs_m, offs_k]·W[offs_n, offs_k]ᵀ. Returns (acc, the x tile).
+    k_mask may end before K (a split-K slice); W's tile is masked at K, and x's zeros cover the rest."""
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
     w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                    offs_n[None, :], n_mask[None, :], offs_k[:, None], k0, k_mask[:, None] & n_mask[None, :], K,
-                    stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K)
-    return tl.dot(x.to(X_DOT), w.to(X_DOT), acc, input_precision=X_PRECISION), x
+                    offs_n, k0, N, K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED, BLOCK_K)
+    return tl.dot(x.to(X_DOT), tl.trans(w.to(X_DOT)), acc, input_precision=X_PRECISION), x
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def lora_forward_kernel(
     M, N, K, R, scaling, stride_xm, stride_xk, stride_wn, stride_um, stride_bn, stride_ym,
     M_BUCKET,  # only an autotuning key: the bucketed M
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr,
+    PAIRED: tl.constexpr, HAS_LORA: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -108,9 +108,9 @@ def lora_forward_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k0, offs_k < K, K,
-                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K,
-                                  X_DOT, X_PRECISION)
+                                  nested_offset_ptr, offs_m, m_mask, offs_n, offs_k, k0, offs_k < K, N, K,
+                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED,
+                                  BLOCK_K, X_DOT, X_PRECISION)
 
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if HAS_LORA:
@@ -129,7 +129,7 @@ def lora_small_m_kernel(
     M, N, K, R, scaling, seed, threshold, keep_scale,
     stride_xm, stride_xk, stride_wn, stride_ar, stride_bn, stride_ym, stride_um,
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PAIRED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -158,9 +158,9 @@ def lora_small_m_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                  nested_offset_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k0, k_mask, K,
-                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, BLOCK_K,
-                                  X_DOT, X_PRECISION)
+                                  nested_offset_ptr, offs_m, m_mask, offs_n, offs_k, k0, k_mask, N, K,
+                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED,
+                                  BLOCK_K, X_DOT, X_PRECISION)
         if HAS_LORA:
             x_dropped = dropped(x.to(tl.float32), offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
             a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],

@@ -164,3 +164,17 @@ def test_quantizing_on_the_meta_device_gives_the_shapes_and_dtypes_of_a_real_qua
     meta = quantize(torch.empty(48, 128, dtype=torch.bfloat16, device="meta"), fmt)
     assert [(t.dtype, t.shape) for t in meta.tensors()] == [(t.dtype, t.shape) for t in real.tensors()]
     assert all(t.is_meta for t in meta.tensors()) and meta.shape == real.shape
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_the_kernels_code_table_is_the_codes_then_each_bytes_two_values(fmt):
+    """Byte b of packed codes holds element 2j in its high nibble and 2j+1 in its low one."""
+    from fusedlora.formats.codebooks import code_table, device_code_table
+
+    table = device_code_table(fmt, torch.device("cpu"))
+    codes = code_table(fmt)
+    assert table.dtype == torch.float32 and table.shape == (16 + 2 * 256,)
+    assert torch.equal(table[:16], codes)
+    packed = torch.arange(256, dtype=torch.int64)
+    pairs = table[16:].view(256, 2)
+    assert torch.equal(pairs[:, 0], codes[packed // 16]) and torch.equal(pairs[:, 1], codes[packed % 16])

@@ -44,7 +44,19 @@ _LAUNCH_LOCK = threading.RLock()
 
 def _weight_constexprs(w: WeightArgs, k: int) -> dict:
     """The compile-time description of the weight that `load_weight` specializes on."""
-    return dict(FMT=w.fmt, NESTED=w.nested, BLOCKSIZE=w.blocksize, K_ALIGNED=k % w.blocksize == 0)
+    return dict(FMT=w.fmt, NESTED=w.nested, BLOCKSIZE=w.blocksize, K_ALIGNED=k % w.blocksize == 0,
+                PAIRED=_paired(w, k))
+
+
+def _paired(w: WeightArgs, k: int) -> bool:
+    """Whether the 4-bit rows start on a byte (K even): their codes are then read as byte tiles."""
+    return configs.is_four_bit(w.fmt) and k % 2 == 0
+
+
+def _stride_wn(w: WeightArgs, k: int) -> int:
+    """The row stride of W's storage as `load_weight` takes it: K/2 bytes for 4-bit rows that
+    start on a byte, else the format's own (0 for 4-bit: a flat index)."""
+    return k // 2 if _paired(w, k) else w.stride_n
 
 
 def _dot_args(x_dtype: torch.dtype, adapter_dtypes: tuple) -> dict:
@@ -221,7 +233,7 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _launch_gemm(lora_forward_kernel,
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), x.device,
                  x, *w.pointers, u, lora_B, bias, y, m, n, k, r, float(scaling),
-                 x.stride(0), x.stride(1), w.stride_n, u.stride(0), lora_B.stride(0), y.stride(0),
+                 x.stride(0), x.stride(1), _stride_wn(w, k), u.stride(0), lora_B.stride(0), y.stride(0),
                  configs.m_bucket(m), **constexprs)
     return y, u
 
@@ -260,11 +272,10 @@ def _weight_matrix(w: WeightArgs, n: int, k: int, dtype: torch.dtype, extra_colu
         return w.data
     width = k + extra_columns
     workspace = new_output((n, triton.cdiv(width, 8) * 8), dtype, device)[:, :width]
-    four_bit = configs.is_four_bit(w.fmt)
     meta, options = _skinny("dequantize", configs.dequantize_config(w.fmt, w.blocksize))
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
-    _run(dequantize_kernel, grid, *w.pointers, workspace, n, k, w.stride_n, k // 2, workspace.stride(0),
-         **_weight_constexprs(w, k), PAIRED=four_bit and k % 2 == 0, **meta, **options)
+    _run(dequantize_kernel, grid, *w.pointers, workspace, n, k, _stride_wn(w, k), workspace.stride(0),
+         **_weight_constexprs(w, k), **meta, **options)
     return workspace
 
 
@@ -287,7 +298,7 @@ def _forward_workspace(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, dr
 
 def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, dropout_p, seed, constexprs):
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
-    heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), configs.is_four_bit(constexprs["FMT"]))
+    heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device))
     meta, options = _skinny("small_m", heuristic)
     if INTERPRETING:
         split_k = configs.INTERPRETER["small_m_split_k"]
@@ -298,7 +309,7 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     grid = (triton.cdiv(n, meta["BLOCK_N"]), split_k)
     _run(lora_small_m_kernel, grid, x, *w.pointers, lora_A, lora_B, bias, y_out, u_out, m, n, k, r, float(scaling),
          **_dropout_args(seed=seed, dropout_p=dropout_p),
-         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride_n,
+         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=_stride_wn(w, k),
          stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
          stride_um=u_out.stride(0), HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split_k,
          BLOCK_M=SMALL_M, **constexprs, **meta, **options)
@@ -340,7 +351,7 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     _launch_gemm(lora_grad_x_kernel,
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), x.device,
                  grad_y, *w.pointers, du, lora_A, grad_x, m, n, k, r, *mask_args.values(),
-                 grad_y.stride(0), w.stride_n, du.stride(0) if has_lora else 0, lora_A.stride(0), grad_x.stride(0),
+                 grad_y.stride(0), _stride_wn(w, k), du.stride(0) if has_lora else 0, lora_A.stride(0), grad_x.stride(0),
                  configs.m_bucket(m), **_weight_constexprs(w, k), HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0,
                  BLOCK_R=block_r, **dots)
     return grad_x, grad_A, grad_B

@@ -52,8 +52,13 @@ def code_table(fmt: str, device=None) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
-    """`code_table(fmt)` on `device`, one shared copy per device (the kernels only read it)."""
-    return code_table(fmt, device)
+    """The 4-bit table the kernels read, 528 fp32 on `device` (one shared copy per device): the 16
+    values of `code_table(fmt)`, then for each byte value b = 0..255 the pair (code[b >> 4],
+    code[b & 15]), its high and its low nibble's values, so that one 8-byte load decodes a byte."""
+    code = _code_cpu(fmt)
+    byte = torch.arange(256)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).reshape(-1)
+    return torch.cat([code, pairs]).to(device)
 
 
 @lru_cache(maxsize=None)

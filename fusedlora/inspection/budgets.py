@@ -101,9 +101,13 @@ def write(results: dict, path: Path = BUDGETS) -> None:
     families = set()
     for arch, inspected in results["archs"].items():
         limits = budgets["limits"].setdefault(arch, {})
+        reset = set()  # a key inspected here gets today's figures, the worst of its rows, not the old limit
         for row in filter(shipped, inspected["kernels"]):
             families.add(row["family"])
-            limit = limits.setdefault(row["key"], {"local_bytes": 0})
+            if row["key"] not in reset:
+                reset.add(row["key"])
+                limits[row["key"]] = {"local_bytes": 0}
+            limit = limits[row["key"]]
             counted = {name: row[name] for name in ("instructions_per_element", "scalar_loads_per_element")
                        if row[name] is not None}
             if not counted and row["loop_instructions"]:  # a loop that reads no weight: its length

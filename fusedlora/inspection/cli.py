@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a kernel spills, does not fit on an SM, or exceeds bench/budgets.json")
     parser.add_argument("--write-budgets", action="store_true",
-                        help="set bench/budgets.json's limits to today's figures (lower them, never raise them)")
+                        help="set bench/budgets.json's limits of the kernels inspected to today's figures "
+                             "(after an improvement, so that the gate holds it)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
