@@ -285,10 +285,14 @@ def test_a_forced_regime_holds_for_a_backward_run_on_another_thread():
 
 def test_regime_choice_by_rows_and_format_and_its_overrides(monkeypatch):
     ids = {name: launch.FORMAT_IDS[name] for name in FORMATS}
-    assert configs.gemm_regime(configs.WORKSPACE_MIN_M["nf4"] - 1, ids["nf4"], None) == "fused"
-    assert configs.gemm_regime(configs.WORKSPACE_MIN_M["nf4"], ids["nf4"], None) == "workspace"
-    assert configs.gemm_regime(8192, ids["dense"], None) == "fused"  # no dequantization to save
-    assert configs.gemm_regime(8192, ids["int8"], "fused") == "fused"
+    hopper, ampere = (9, 0), (8, 0)
+    rows = configs.WORKSPACE_MIN_M["hopper"]["nf4"]
+    assert configs.gemm_regime(rows - 1, ids["nf4"], hopper, None) == "fused"
+    assert configs.gemm_regime(rows, ids["nf4"], hopper, None) == "workspace"
+    assert configs.gemm_regime(8192, ids["nf4"], ampere, None) == "fused"  # mma.sync overlaps the dequantization
+    assert configs.gemm_regime(8192, ids["int8"], ampere, None) == "workspace"
+    assert configs.gemm_regime(8192, ids["dense"], hopper, None) == "fused"  # no dequantization to save
+    assert configs.gemm_regime(8192, ids["int8"], hopper, "fused") == "fused"
     dots = launch._dot_args(torch.bfloat16, (torch.bfloat16, torch.bfloat16))
     assert launch._regime(8192, ids["nf4"], dots) == "workspace"
     with _deterministic():  # the kernels are deterministic by themselves; cuBLAS may need a setting

@@ -89,6 +89,15 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _capability() -> tuple[int, int]:
+    """The compute capability the launches target: the recorded GPU's, the current CUDA device's,
+    or under the interpreter Hopper's (its configs are the interpreter's own anyway)."""
+    record = _RECORDING.get()
+    if record:
+        return record.capability
+    return (9, 0) if INTERPRETING else torch.cuda.get_device_capability()
+
+
 def _sm_count(device: torch.device) -> int:
     record = _RECORDING.get()
     if record:
@@ -249,7 +258,7 @@ def _regime(m: int, fmt_id: int, dots: dict) -> str:
     forced = forced_regime()
     if forced is None and torch.are_deterministic_algorithms_enabled():
         return "fused"
-    return configs.gemm_regime(m, fmt_id, forced)
+    return configs.gemm_regime(m, fmt_id, _capability(), forced)
 
 
 def _shrink(x, lora_A, u, x_copy, dropout_p, seed, dots) -> None:

@@ -79,7 +79,7 @@ def inspect_triton(gpu, cases: list[Case], all_candidates: bool = False) -> dict
             seconds = _triton_seconds(case, gpu, regime, all_candidates, seen, kernels)
             estimates.append({**case_estimate(case, gpu, seconds), "backend": "triton" if regime is None
                               else f"triton-{regime}"})
-            if regime == gemm_regime(case.m, FORMAT_IDS[case.fmt], forced_regime()):
+            if regime == gemm_regime(case.m, FORMAT_IDS[case.fmt], (gpu.arch // 10, gpu.arch % 10), forced_regime()):
                 estimates.append({**estimates[-1], "backend": "triton", "regime": regime})
     return {"kernels": kernels, "cases": estimates}
 
