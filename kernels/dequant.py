@@ -39,9 +39,10 @@ def load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, 
                 offs_n, k0, N, K, stride_wn,
                 FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
                 PAIRED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile W[offs_n, k0 : k0 + BLOCK_K] as (len(offs_n), BLOCK_K): rows past N are 0, columns
-    past K finite values that the caller's masks must drop (x's zeros, or the store's mask). For
-    INT8 / FP8 the per-row scale is NOT applied; 4-bit and per-row values are fp32.
+    """The tile W[offs_n, k0 : k0 + BLOCK_K] as (len(offs_n), BLOCK_K); rows past N and columns past
+    K hold finite values (0, or a masked read's code times absmax) that the caller's masks drop
+    (x's or g's zeros, or the store's mask). For INT8 / FP8 the per-row scale is NOT applied; 4-bit
+    and per-row values are fp32.
 
     stride_wn is the row stride of W's storage. K_ALIGNED says K % BLOCKSIZE == 0: a tile with
     BLOCK_K <= BLOCKSIZE then lies in one absmax block per row, and loads one absmax per row.

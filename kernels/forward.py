@@ -54,14 +54,21 @@ def lora_shrink_kernel(
 def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                      offs_m, m_mask, offs_n, offs_k, k0, k_mask, N, K, stride_xm, stride_xk, stride_wn,
                      FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-                     PAIRED: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT: tl.constexpr, X_PRECISION: tl.constexpr):
-    """One K step of x·deq(W)ᵀ: acc += x[offs_m, offs_k]·W[offs_n, offs_k]ᵀ. Returns (acc, the x tile).
-    k_mask may end before K (a split-K slice); W's tile is masked at K, and x's zeros cover the rest."""
+                     PAIRED: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT: tl.constexpr, X_PRECISION: tl.constexpr,
+                     W_ROWS_FIRST: tl.constexpr):
+    """One K step of x·deq(W)ᵀ: acc += x[offs_m, offs_k]·W[offs_n, offs_k]ᵀ, or with W_ROWS_FIRST
+    its transpose, acc (BLOCK_N, BLOCK_M) += W·xᵀ (W's rows span the MMA's M dimension: what a few
+    rows of x need). Returns (acc, the x tile). k_mask may end before K (a split-K slice); W's tile
+    is masked at K, and x's zeros cover the rest."""
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
     w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                     offs_n, k0, N, K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED, BLOCK_K)
-    return tl.dot(x.to(X_DOT), tl.trans(w.to(X_DOT)), acc, input_precision=X_PRECISION), x
+    if W_ROWS_FIRST:
+        acc = tl.dot(w.to(X_DOT), tl.trans(x.to(X_DOT)), acc, input_precision=X_PRECISION)
+    else:
+        acc = tl.dot(x.to(X_DOT), tl.trans(w.to(X_DOT)), acc, input_precision=X_PRECISION)
+    return acc, x
 
 
 @triton.jit
@@ -110,7 +117,7 @@ def lora_forward_kernel(
         acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                                   nested_offset_ptr, offs_m, m_mask, offs_n, offs_k, k0, offs_k < K, N, K,
                                   stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED,
-                                  BLOCK_K, X_DOT, X_PRECISION)
+                                  BLOCK_K, X_DOT, X_PRECISION, False)
 
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if HAS_LORA:
@@ -136,7 +143,8 @@ def lora_small_m_kernel(
 ):
     """Small M (all rows in one BLOCK_M): y and u in one launch, the weight read once.
 
-    Program (n, s) takes columns n·BLOCK_N.. and the s-th of SPLIT_K slices of K; it forms its
+    Program (n, s) takes columns n·BLOCK_N.. and the s-th of SPLIT_K slices of K, multiplying
+    deq(W)·xᵀ so that the MMA's M dimension is W's BLOCK_N rows, not x's few; it forms its
     slice's share of u (the LoRA term is linear in u, so s·u_s·Bᵀ summed over slices is exact).
     SPLIT_K = 1 stores y and u directly; SPLIT_K > 1 adds into zeroed fp32 y and u with atomics.
     Grid: (cdiv(N, BLOCK_N), SPLIT_K). Needs M <= BLOCK_M and R <= BLOCK_R.
@@ -152,21 +160,22 @@ def lora_small_m_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_k * k_per_split
     k_end = min(k_begin + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
-        acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                  nested_offset_ptr, offs_m, m_mask, offs_n, offs_k, k0, k_mask, N, K,
-                                  stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED,
-                                  BLOCK_K, X_DOT, X_PRECISION)
+        acc_t, x = _accumulate_x_wt(acc_t, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                    nested_offset_ptr, offs_m, m_mask, offs_n, offs_k, k0, k_mask, N, K,
+                                    stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED,
+                                    BLOCK_K, X_DOT, X_PRECISION, True)
         if HAS_LORA:
             x_dropped = dropped(x.to(tl.float32), offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
             a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],
                         mask=k_mask[:, None] & r_mask[None, :], other=0.0)
             u = tl.dot(x_dropped.to(LORA_DOT), a.to(LORA_DOT), u, input_precision=LORA_PRECISION)
 
+    acc = tl.trans(acc_t)
     if SPLIT_K == 1:
         u = u.to(u_ptr.dtype.element_ty)  # u rounded to the LoRA dtype, as the reference keeps it
     first_slice = (pid_k == 0).to(tl.float32)  # the bias is added by one slice only

@@ -129,9 +129,12 @@ def test_the_gate_fails_a_kernel_whose_counted_main_loop_is_gone_and_records_com
     assert any("no main loop found" in v for v in check([lost], 90, budgets, {"cuda"}))
     assert any("instructions_per_element 20 > budget 10.0" in v
                for v in check([_row(instructions_per_element=20.0)], 90, budgets, {"cuda"}))
-    # Writing again sets today's figures: an improvement lowers the limit (a ratchet).
+    # Writing again sets today's figures: an improvement lowers the limit; a count whose loop is
+    # gone keeps its limit, so the gate goes on failing it.
     write({**results, "archs": {"90": {"kernels": [_row(instructions_per_element=6.0)]}}}, path)
     assert load(path)["limits"]["90"]["k/nf4"]["instructions_per_element"] == 6.0
+    write({**results, "archs": {"90": {"kernels": [lost]}}}, path)
+    assert any("no main loop found" in v for v in check([lost], 90, load(path), {"cuda"}))
 
 
 def test_ctas_per_sm_takes_the_tightest_of_registers_shared_memory_and_threads():
