@@ -25,10 +25,7 @@ def _gemm(bm, bn, bk, warps, stages, group=8):
 # Every candidate below compiles without spills and within a block's shared memory, on sm_90 and
 # sm_80, under Triton 3.8 and 3.6 (`python -m fusedlora inspect --arch 90 80 --all-candidates
 # --check` under each; tests/test_inspection.py checks the first ones in CI under both). The 4-bit
-# formats' dequantization takes registers of its own, so they get lists of their own, and Triton
-# before 3.8 (3.6 ships with torch 2.11, the oldest supported torch and the GPU machine's) fits
-# their main loops only at BLOCK_K = 32.
-BEFORE_TRITON_3_8 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8)
+# formats' dequantization takes registers of its own, so they get lists of their own.
 
 # Large tiles keep BLOCK_M >= 128 so one dequantized W tile serves many rows (docs/design.md §9).
 # (128x256 and 256x128 tiles spill, and their grad_x needs more shared memory than a block has.)
@@ -44,13 +41,6 @@ HOPPER_GEMM_4BIT = [
     _gemm(64, 128, 32, 4, 4),
     _gemm(64, 64, 64, 4, 4),
 ]
-HOPPER_GEMM_4BIT_BEFORE_3_8 = [
-    _gemm(128, 128, 32, 8, 3),
-    _gemm(128, 128, 32, 8, 4),
-    _gemm(128, 64, 32, 4, 3),
-    _gemm(64, 128, 32, 4, 4),
-    _gemm(64, 64, 32, 4, 4),
-]
 AMPERE_GEMM = [
     _gemm(128, 64, 32, 4, 4),
     _gemm(128, 128, 32, 8, 3),
@@ -63,11 +53,6 @@ AMPERE_GEMM_4BIT = [
     _gemm(64, 128, 32, 4, 4),
     _gemm(128, 64, 64, 4, 3),
     _gemm(64, 64, 64, 4, 3),
-]
-AMPERE_GEMM_4BIT_BEFORE_3_8 = [  # 128x128 spills here as launched (x's unit stride a constant)
-    _gemm(128, 64, 32, 8, 3),
-    _gemm(64, 128, 32, 4, 3),
-    _gemm(64, 64, 32, 4, 4),
 ]
 
 
@@ -82,8 +67,6 @@ def gemm_candidates(capability: tuple[int, int], four_bit: bool) -> list:
     hopper = capability[0] >= 9
     if not four_bit:
         return HOPPER_GEMM if hopper else AMPERE_GEMM
-    if BEFORE_TRITON_3_8:
-        return HOPPER_GEMM_4BIT_BEFORE_3_8 if hopper else AMPERE_GEMM_4BIT_BEFORE_3_8
     return HOPPER_GEMM_4BIT if hopper else AMPERE_GEMM_4BIT
 
 
