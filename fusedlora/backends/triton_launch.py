@@ -10,8 +10,9 @@ TRITON_INTERPRET=1 (read when Triton compiles the kernels, at import) CPU tensor
 the interpreter. Importing this module imports Triton.
 
 Under `recording(...)` the launchers run on meta tensors and record each launch (kernel,
-arguments, options; a cuBLAS GEMM as a `LibraryGemm`) instead of running it, for a GPU named by its capability and SM count: the
-cost model (`fusedlora.inspection`) compiles exactly what a launch would compile.
+arguments, options; a cuBLAS GEMM as a `LibraryGemm`) instead of running it, for a GPU named by
+its capability and SM count: the cost model (`fusedlora.inspection`) compiles exactly what a
+launch would compile.
 """
 
 import contextlib
@@ -273,14 +274,19 @@ def _shrink(x, lora_A, u, x_copy, dropout_p, seed, dots) -> None:
          BLOCK_R=shrink_r, **meta, **options)
 
 
+def _cublas_operand(rows: int, columns: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (rows, columns) matrix whose rows start 16 bytes apart, as cuBLAS's fast
+    paths want: a column slice of a buffer padded to a multiple of 8 columns."""
+    return new_output((rows, triton.cdiv(columns, 8) * 8), dtype, device)[:, :columns]
+
+
 def _weight_matrix(w: WeightArgs, n: int, k: int, dtype: torch.dtype, extra_columns: int, device) -> torch.Tensor:
     """deq(W) (N, K) as a `dtype` matrix with `extra_columns` more columns after K, left for the
     caller: the stored weight itself when it is dense in `dtype` and no columns are asked for,
-    else a workspace (rows padded to 16 bytes for cuBLAS) that `dequantize_kernel` fills."""
+    else a workspace (`_cublas_operand`) that `dequantize_kernel` fills."""
     if w.fmt == FORMAT_IDS["dense"] and w.data.dtype == dtype and not extra_columns:
         return w.data
-    width = k + extra_columns
-    workspace = new_output((n, triton.cdiv(width, 8) * 8), dtype, device)[:, :width]
+    workspace = _cublas_operand(n, k + extra_columns, dtype, device)
     meta, options = _skinny("dequantize", configs.dequantize_config(w.fmt, w.blocksize))
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
     _run(dequantize_kernel, grid, *w.pointers, workspace, n, k, _stride_wn(w, k), workspace.stride(0),
@@ -297,7 +303,7 @@ def _forward_workspace(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, dr
         _matmul(y, x, _weight_matrix(w, n, k, x.dtype, 0, x.device).t(), bias)
         return y, u
     weight_ext = _weight_matrix(w, n, k, x.dtype, r, x.device)
-    x_ext = new_output((m, triton.cdiv(k + r, 8) * 8), x.dtype, x.device)[:, :k + r]
+    x_ext = _cublas_operand(m, k + r, x.dtype, x.device)
     _shrink(x, lora_A, u, x_ext, dropout_p, seed, constexprs)
     x_ext[:, k:].copy_(u)
     weight_ext[:, k:].copy_(lora_B * scaling)
@@ -360,7 +366,8 @@ def _backward(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     _launch_gemm(lora_grad_x_kernel,
                  lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), x.device,
                  grad_y, *w.pointers, du, lora_A, grad_x, m, n, k, r, *mask_args.values(),
-                 grad_y.stride(0), _stride_wn(w, k), du.stride(0) if has_lora else 0, lora_A.stride(0), grad_x.stride(0),
+                 grad_y.stride(0), _stride_wn(w, k), du.stride(0) if has_lora else 0, lora_A.stride(0),
+                 grad_x.stride(0),
                  configs.m_bucket(m), **_weight_constexprs(w, k), HAS_LORA=has_lora, HAS_DROPOUT=dropout_p > 0.0,
                  BLOCK_R=block_r, **dots)
     return grad_x, grad_A, grad_B

@@ -161,10 +161,11 @@ def plot(path, rows: list) -> bool:
 def summary(rows: list, ceilings: dict) -> str:
     """The headline figures (the targets of the GPU check): training at the largest M with nf4
     against the floor and the peers, decode weight bandwidth, and saved bytes against x + u; each
-    case by fusedlora's fastest GPU backend as dispatched (no forced regime), or by its reference backend (the CPU path) where no GPU
-    backend could run the case; a GPU backend that ran and failed is shown failing. Where the
-    cost model's estimate was recorded beside a measured row (`model_ms`: forward for decode,
-    forward+backward for training), it is shown with the measured/model ratio."""
+    case by fusedlora's fastest GPU backend as dispatched (no forced regime), or by its reference
+    backend (the CPU path) where no GPU backend could run the case; a GPU backend that ran and
+    failed is shown failing. Where the cost model's estimate was recorded beside a measured row
+    (`model_ms`: forward for decode, forward+backward for training), it is shown with the
+    measured/model ratio."""
     ok = [row for row in rows if row["status"] == "ok"]
     if not ok:
         return "summary: no case was measured"

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from ..backends.registry import capability_refusal
-from ..contract import FORMAT_IDS
 from ..backends.regimes import REGIMES, forced_regime
+from ..backends.registry import capability_refusal
 from ..backends.triton_launch import LibraryGemm
-from ..kernels.configs import gemm_regime
 from ..benchmark.cases import LLAMA3_8B, Case
+from ..contract import FORMAT_IDS
+from ..kernels.configs import gemm_regime
 from . import cuda
 from .budgets import BUDGETS, COMPILERS, budget_key, check, comparable_families, load, measured, write
 from .kernels import DROPOUT, inspect_launch, library_gemm_time, record_case, weight_bytes
