@@ -122,6 +122,7 @@ INTERPRETER = {
     "gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4},
     "shrink": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
     "small_m": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
+    "gemv": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
     "grad_u": SkinnyConfig({"BLOCK_M": 16, "BLOCK_N": 32}),
     "grad_a": SkinnyConfig({"BLOCK_M": 16, "BLOCK_K": 32}),
     "dequantize": SkinnyConfig({"BLOCK_N": 16, "BLOCK_K": 32}),
@@ -148,6 +149,15 @@ def small_m_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
     tiles = triton.cdiv(n, block_n)
     split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
     return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k
+
+
+def gemv_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
+    """(config, split_k) for the one-row FMA kernel: 128 rows by one 64-column absmax block per
+    step, and enough K slices for about four programs per SM (W's reads in flight), each slice
+    at least 256 columns long."""
+    block_n = 256
+    split_k = max(1, min(triton.cdiv(4 * sm_count, triton.cdiv(n, block_n)), triton.cdiv(k, 256)))
+    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=1), split_k
 
 
 def grad_u_config(m: int) -> SkinnyConfig:

@@ -35,6 +35,32 @@ def _block_absmax(block, mask, scale_ptr, nested_absmax_ptr, nested_code_ptr, ne
 
 
 @triton.jit
+def four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                   offs_n, k0, N, K, stride_wn,
+                   NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A PAIRED 4-bit tile W[offs_n, k0 : k0 + BLOCK_K] as (even, odd, absmax): the codes of its even
+    and odd columns, each (len(offs_n), BLOCK_K/2) fp32, and the absmax that scales both, one per
+    row (len(offs_n), 1) when the tile lies in one block per row (K_ALIGNED, BLOCK_K <= BLOCKSIZE),
+    else one per byte. The codes of a byte come from one 8-byte load of its (high, low) pair in
+    the 256-entry table after the 16 codes (the byte is 0..255, always in range)."""
+    n = offs_n.to(tl.int64)[:, None]
+    n_mask = (offs_n < N)[:, None]
+    offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte_mask = n_mask & (offs_byte < K // 2)[None, :]
+    byte = tl.load(w_ptr + n * stride_wn + offs_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
+    if K_ALIGNED and BLOCK_K <= BLOCKSIZE:
+        absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
+                               nested_code_ptr, nested_offset_ptr, NESTED)
+    else:  # both nibbles of a byte lie in one block (BLOCKSIZE is even)
+        absmax = _block_absmax((n * K + 2 * offs_byte[None, :]) // BLOCKSIZE, byte_mask, scale_ptr,
+                               nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
+    pair = tl.load((code_ptr + 16).to(tl.pointer_type(tl.int64), bitcast=True) + byte)
+    even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return even, odd, absmax
+
+
+@triton.jit
 def load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                 offs_n, k0, N, K, stride_wn,
                 FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
@@ -48,8 +74,8 @@ def load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, 
     BLOCK_K <= BLOCKSIZE then lies in one absmax block per row, and loads one absmax per row.
     PAIRED (4-bit, K even: each row starts on a byte, stride_wn = K/2 bytes): the tile's codes are
     one contiguous (rows, BLOCK_K/2) byte tile, each byte holding two elements (high nibble: the
-    even one), decoded and interleaved; 16-divisible strides make its loads 16 bytes wide.
-    Otherwise (odd K) element i = n·K + k is read from byte i // 2 on its own.
+    even one), decoded by `four_bit_pairs` and interleaved; 16-divisible strides make its loads
+    16 bytes wide. Otherwise (odd K) element i = n·K + k is read from byte i // 2 on its own.
     """
     n = offs_n.to(tl.int64)[:, None]
     n_mask = (offs_n < N)[:, None]
@@ -57,26 +83,15 @@ def load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, 
     mask = n_mask & (offs_k < K)[None, :]
     if FMT == NF4 or FMT == FP4:
         if PAIRED:
-            offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            byte_mask = n_mask & (offs_byte < K // 2)[None, :]
-            byte = tl.load(w_ptr + n * stride_wn + offs_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
-            first = n * K + 2 * offs_byte[None, :]  # both nibbles of a byte lie in one block (BLOCKSIZE is even)
+            even, odd, absmax = four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                               nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED,
+                                               BLOCKSIZE, K_ALIGNED, BLOCK_K)
+            return tl.reshape(tl.join(even * absmax, odd * absmax), (offs_n.shape[0], BLOCK_K))
         else:
             index = n * K + offs_k[None, :]
             byte = tl.load(w_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
-            first, byte_mask = index, mask
-        if K_ALIGNED and BLOCK_K <= BLOCKSIZE:
-            absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
-                                   nested_code_ptr, nested_offset_ptr, NESTED)
-        else:
-            absmax = _block_absmax(first // BLOCKSIZE, byte_mask, scale_ptr, nested_absmax_ptr, nested_code_ptr,
+            absmax = _block_absmax(index // BLOCKSIZE, mask, scale_ptr, nested_absmax_ptr, nested_code_ptr,
                                    nested_offset_ptr, NESTED)
-        if PAIRED:  # one 8-byte load per byte: its (high, low) pair after the 16 codes (0..255, always in range)
-            pair = tl.load((code_ptr + 16).to(tl.pointer_type(tl.int64), bitcast=True) + byte)
-            high = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * absmax
-            low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax
-            return tl.reshape(tl.join(high, low), (offs_n.shape[0], BLOCK_K))
-        else:
             nibble = (byte >> (((index & 1) ^ 1) * 4).to(tl.int32)) & 0xF
             return tl.load(code_ptr + nibble) * absmax
     elif FMT == DENSE:

@@ -3,6 +3,7 @@
     u = drop(x)·Aᵀ                                   (M, r)  `lora_shrink_kernel`
     y = x·deq(W)ᵀ [·row_scale] + bias + s·u·Bᵀ         (M, N)  `lora_forward_kernel`
     both at once, split over K, for M <= 16             `lora_small_m_kernel`
+    both at once, split over K, for M = 1, with FMAs    `lora_gemv_kernel`
 
 All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32); the LoRA products
 run in `LORA_DOT` (x's dtype for 16-bit x, see `fusedlora.backends.triton_launch._dot_args`), and
@@ -13,7 +14,7 @@ written exactly once.
 import triton
 import triton.language as tl
 
-from .dequant import FP8, INT8, load_weight, row_scale
+from .dequant import FP4, FP8, INT8, NF4, four_bit_pairs, load_weight, row_scale
 from .dropout import RUNTIME_INTS, dropped
 from .tiling import grouped_tile
 
@@ -129,10 +130,36 @@ def lora_forward_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _sum_of_slices(acc, u, partial_ptr, u_partial_ptr, counter_ptr, pid_n, pid_k, offs_m, offs_n, offs_r,
+                   y_mask, u_mask, M, N, R, SPLIT_K: tl.constexpr):
+    """The split-K reduction inside the launch (docs/design.md §4): every program stores its
+    slice's fp32 partial y tile and u, then counts itself in on its column's counter; the program
+    that arrives last sums the SPLIT_K slices in slice order (the same sums whatever the arrival
+    order) and resets the counter for the next call. Returns (last, acc, u): only `last` is the
+    column's sum. The barrier before the counter orders all of the program's stores before its
+    release; the partials are read past L1 (.cg), which is not coherent across SMs."""
+    tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    lora = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+    column = (pid_n * SPLIT_K).to(tl.int64) * M * R
+    tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=y_mask)
+    tl.store(u_partial_ptr + column + pid_k * M * R + lora, u, mask=u_mask)
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        u = tl.zeros_like(u)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(partial_ptr + s * M * N + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
+            u += tl.load(u_partial_ptr + column + s * M * R + lora, mask=u_mask, other=0.0, cache_modifier=".cg")
+        tl.store(counter_ptr + pid_n, 0)
+    return last, acc, u
+
+
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def lora_small_m_kernel(
     x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-    a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr,
+    a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, partial_ptr, u_partial_ptr, counter_ptr,
     M, N, K, R, scaling, seed, threshold, keep_scale,
     stride_xm, stride_xk, stride_wn, stride_ar, stride_bn, stride_ym, stride_um,
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
@@ -145,9 +172,11 @@ def lora_small_m_kernel(
 
     Program (n, s) takes columns n·BLOCK_N.. and the s-th of SPLIT_K slices of K, multiplying
     deq(W)·xᵀ so that the MMA's M dimension is W's BLOCK_N rows, not x's few; it forms its
-    slice's share of u (the LoRA term is linear in u, so s·u_s·Bᵀ summed over slices is exact).
-    SPLIT_K = 1 stores y and u directly; SPLIT_K > 1 adds into zeroed fp32 y and u with atomics.
-    Grid: (cdiv(N, BLOCK_N), SPLIT_K). Needs M <= BLOCK_M and R <= BLOCK_R.
+    slice's share of u too. With SPLIT_K > 1 the slices meet in the launch's last program of
+    each column (`_sum_of_slices`), through partial_ptr (SPLIT_K, M, N), u_partial_ptr
+    (cdiv(N, BLOCK_N), SPLIT_K, M, R), both fp32, and counter_ptr (cdiv(N, BLOCK_N),) int32,
+    zero before the launch and zero again after it; that program adds the epilogue and stores y
+    and u. Grid: (cdiv(N, BLOCK_N), SPLIT_K). Needs M <= BLOCK_M and R <= BLOCK_R.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -176,18 +205,108 @@ def lora_small_m_kernel(
             u = tl.dot(x_dropped.to(LORA_DOT), a.to(LORA_DOT), u, input_precision=LORA_PRECISION)
 
     acc = tl.trans(acc_t)
-    if SPLIT_K == 1:
-        u = u.to(u_ptr.dtype.element_ty)  # u rounded to the LoRA dtype, as the reference keeps it
-    first_slice = (pid_k == 0).to(tl.float32)  # the bias is added by one slice only
-    acc = _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
-                         first_slice, FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    u_ptrs = u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :]
     y_mask = m_mask[:, None] & n_mask[None, :]
-    u_mask = m_mask[:, None] & r_mask[None, :] & (pid_n == 0)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-        tl.store(u_ptrs, u, mask=u_mask)
+    u_mask = m_mask[:, None] & r_mask[None, :]
+    last = True
+    if SPLIT_K > 1:
+        last, acc, u = _sum_of_slices(acc, u, partial_ptr, u_partial_ptr, counter_ptr, pid_n, pid_k, offs_m,
+                                      offs_n, offs_r, y_mask, u_mask, M, N, R, SPLIT_K)
+    if last:
+        u_rounded = u.to(u_ptr.dtype.element_ty)  # u rounded to the LoRA dtype, as the reference keeps it
+        acc = _lora_epilogue(acc, u_rounded, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
+                             1.0, FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.store(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :], u_rounded,
+                 mask=u_mask & (pid_n == 0))
+
+
+@triton.jit
+def _row_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, x_ptr,
+                 offs_n, k0, k_end, N, K, stride_wn, stride_xk,
+                 FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
+                 PAIRED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k W[offs_n, k]·x[k] over k0 <= k < min(k0 + BLOCK_K, k_end), as (len(offs_n), 1) fp32, and
+    the x tile (BLOCK_K,) fp32. A PAIRED 4-bit tile multiplies its even and odd codes by x's even
+    and odd columns (no interleave), and one absmax per row scales the row's sum, not each code."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:  # no tile crosses K or a slice's end
+        x = tl.load(x_ptr + offs_k * stride_xk).to(tl.float32)
     else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
-        tl.atomic_add(u_ptrs, u, mask=u_mask)
+        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < k_end, other=0.0).to(tl.float32)
+    if (FMT == NF4 or FMT == FP4) and PAIRED:
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+        even, odd, absmax = four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                           nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE,
+                                           K_ALIGNED, BLOCK_K)
+        products = even * x_even[None, :] + odd * x_odd[None, :]
+        if K_ALIGNED and BLOCK_K <= BLOCKSIZE:
+            return tl.sum(products, axis=1, keep_dims=True) * absmax, x
+        return tl.sum(products * absmax, axis=1, keep_dims=True), x
+    w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                    offs_n, k0, N, K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED, BLOCK_K)
+    return tl.sum(w.to(tl.float32) * x[None, :], axis=1, keep_dims=True), x
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def lora_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+    a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, partial_ptr, u_partial_ptr, counter_ptr,
+    N, K, R, scaling, seed, threshold, keep_scale, stride_xk, stride_wn, stride_ar, stride_bn,
+    FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
+    PAIRED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One row of x (M = 1, decode): y = x·deq(W)ᵀ [·row_scale] + bias + s·u·Bᵀ and u = drop(x)·Aᵀ
+    in one launch, with fp32 FMAs (no MMA has a dimension of 1), the weight read once.
+
+    Program (n, s) takes rows n·BLOCK_N.. of W and the s-th of SPLIT_K slices of K; each K step
+    sums its W tile times x along K per row, and adds x times A's tile into u's partial products.
+    The slices meet in each column's last program (`_sum_of_slices`; partial_ptr (SPLIT_K, N),
+    u_partial_ptr (cdiv(N, BLOCK_N), SPLIT_K, R), counter_ptr as there), which adds the epilogue.
+    EVEN_K says BLOCK_K divides K. Grid: (cdiv(N, BLOCK_N), SPLIT_K). Needs R <= BLOCK_R.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    row = tl.arange(0, 1)
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_per_split
+    k_end = min(k_begin + k_per_split, K)
+    acc = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    u_products = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        partial, x = _row_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                                  x_ptr, offs_n, k0, k_end, N, K, stride_wn, stride_xk, FMT, NESTED, BLOCKSIZE,
+                                  K_ALIGNED, PAIRED, EVEN_K, BLOCK_K)
+        acc += partial
+        if HAS_LORA:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_dropped = dropped(x[None, :], row, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
+            a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],
+                        mask=(offs_k < k_end)[:, None] & r_mask[None, :], other=0.0)
+            u_products += tl.reshape(x_dropped, (BLOCK_K, 1)) * a.to(tl.float32)
+
+    acc = tl.reshape(acc, (1, BLOCK_N))
+    u = tl.sum(u_products, axis=0, keep_dims=True)
+    y_mask = n_mask[None, :]
+    u_mask = r_mask[None, :]
+    last = True
+    if SPLIT_K > 1:
+        last, acc, u = _sum_of_slices(acc, u, partial_ptr, u_partial_ptr, counter_ptr, pid_n, pid_k, row, offs_n,
+                                      offs_r, y_mask, u_mask, 1, N, R, SPLIT_K)
+    if last:
+        u = u.to(u_ptr.dtype.element_ty).to(tl.float32)  # u rounded to the LoRA dtype, as the reference keeps it
+        if FMT == INT8 or FMT == FP8:
+            acc = acc * row_scale(scale_ptr, offs_n, n_mask, FMT)[None, :]
+        if bias_ptr is not None:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:
+            b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :],
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            acc += scaling * tl.reshape(tl.sum(b.to(tl.float32) * u, axis=1), (1, BLOCK_N))
+        tl.store(y_ptr + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.store(u_ptr + offs_r[None, :], u.to(u_ptr.dtype.element_ty), mask=u_mask & (pid_n == 0))

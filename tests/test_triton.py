@@ -89,6 +89,7 @@ def test_every_rank_bias_and_dropout(r, bias, p, m):
 def test_4bit_layouts_odd_rows_and_blocks_across_rows(fmt, double_quant, blocksize, k):
     _check(33, k, 48, 8, fmt, torch.float32, blocksize=blocksize, double_quant=double_quant, p=0.1)
     _check(5, k, 48, 8, fmt, torch.float32, blocksize=blocksize, double_quant=double_quant)
+    _check(1, k, 48, 8, fmt, torch.bfloat16, blocksize=blocksize, double_quant=double_quant, p=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -103,13 +104,40 @@ def test_rank_above_128(m):
 
 
 def test_split_reductions(monkeypatch):
-    """The paths a GPU takes for small grids: split-K small-M kernel, atomic dB, split-M dA."""
+    """The paths a GPU takes for small grids: split-K one-row and small-M kernels, atomic dB, split-M dA."""
     monkeypatch.setitem(configs.INTERPRETER, "atomics", True)
     monkeypatch.setitem(configs.INTERPRETER, "small_m_split_k", 3)
     monkeypatch.setitem(configs.INTERPRETER, "grad_a_split_m", 2)
-    for m in (7, 33):
+    for m in (1, 7, 33):
         _check(m, 192, 80, 8, "nf4", torch.float32, p=0.1)
         _check(m, 192, 80, 8, "int8", torch.bfloat16)
+
+
+@pytest.mark.parametrize("m,kernel", [(1, "lora_gemv_kernel"), (7, "lora_small_m_kernel")])
+def test_small_m_is_one_launch_that_allocates_only_its_outputs(monkeypatch, m, kernel):
+    """Split-K small M: one kernel per call, whose last program per column sums the slices; the
+    scratch is kept from the first call (so the second allocates only y and u) and the counters
+    are zero again after every call; the slices' sum matches the one-slice kernel's."""
+    weight = quantize(random_weight(80, 192), "nf4")
+    g = torch.Generator().manual_seed(5)
+    x, lora_A, lora_B, bias = torch.randn(m, 192, generator=g), torch.randn(8, 192, generator=g) / 14, \
+        torch.randn(80, 8, generator=g), torch.randn(80, generator=g)
+    args = (x, weight, lora_A, lora_B, 1.5, bias, 0.1, 3)
+    y_one, u_one = launch.forward(*args)
+    monkeypatch.setitem(configs.INTERPRETER, "small_m_split_k", 3)
+    kernels, outputs = [], []
+    run, new_output = launch._run, launch.new_output
+    monkeypatch.setattr(launch, "_run", lambda kernel, *a, **kw: (kernels.append(kernel), run(kernel, *a, **kw)))
+    monkeypatch.setattr(launch, "new_output", lambda *a: outputs.append(a) or new_output(*a))
+    launch.forward(*args)
+    scratch = dict(launch._SCRATCH)
+    kernels.clear(), outputs.clear()
+    y, u = launch.forward(*args)
+    assert kernels == [getattr(launch, kernel)] and len(outputs) == 2
+    assert all(a is b for key in scratch for a, b in zip(scratch[key], launch._SCRATCH[key]))
+    assert all(not counter.any() for _, counter in launch._SCRATCH.values())
+    torch.testing.assert_close(y, y_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u, u_one, rtol=1e-5, atol=1e-5)
 
 
 def test_nd_and_non_contiguous_inputs():
@@ -121,7 +149,7 @@ def test_dropout_mask_equals_the_reference_mask():
     """With x = 1 and A = I, u = drop(x) = keep / (1 - p): the kernels' mask, read back."""
     k, p, seed = 64, 0.3, 12345
     weight = quantize(torch.randn(32, k), "nf4")
-    for m in (5, 37):  # the small-M kernel and the shrink kernel
+    for m in (1, 5, 37):  # the one-row kernel, the small-M kernel and the shrink kernel
         x = torch.ones(m, k)
         args = (x, weight.tensors(), "nf4", [32, k], 64, torch.eye(k), torch.randn(32, k), 1.0, None, p,
                 torch.tensor(seed))

@@ -33,7 +33,7 @@ from ..formats import FrozenWeight
 from ..kernels import configs
 from ..kernels.backward import lora_dx_kernel, lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
 from ..kernels.dequant import dequantize_kernel
-from ..kernels.forward import lora_forward_kernel, lora_shrink_kernel, lora_small_m_kernel
+from ..kernels.forward import lora_forward_kernel, lora_gemv_kernel, lora_shrink_kernel, lora_small_m_kernel
 from .regimes import SMALL_M, forced_regime
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -312,26 +312,60 @@ def _forward_workspace(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, dr
 
 
 def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, dropout_p, seed, constexprs):
+    """One launch: `lora_gemv_kernel` for one row of a quantized W, else `lora_small_m_kernel`;
+    either reduces its K slices itself (deterministically, in slice order), in a scratch that
+    `_split_k_scratch` keeps across calls."""
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
-    heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device))
-    meta, options = _skinny("small_m", heuristic)
+    gemv = m == 1 and w.fmt != FORMAT_IDS["dense"]  # a dense row is read at bandwidth by the MMA kernel already
+    heuristic, split_k = (configs.gemv_config if gemv else configs.small_m_config)(n, k, _sm_count(x.device))
+    meta, options = _skinny("gemv" if gemv else "small_m", heuristic)
     if INTERPRETING:
         split_k = configs.INTERPRETER["small_m_split_k"]
-    if split_k > 1 and not _reduce_with_atomics():
-        split_k = 1
-    y_out = y if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    u_out = u if split_k == 1 else torch.zeros((m, r), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), split_k)
-    _run(lora_small_m_kernel, grid, x, *w.pointers, lora_A, lora_B, bias, y_out, u_out, m, n, k, r, float(scaling),
-         **_dropout_args(seed=seed, dropout_p=dropout_p),
-         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=_stride_wn(w, k),
-         stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), stride_ym=y_out.stride(0),
-         stride_um=u_out.stride(0), HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split_k,
-         BLOCK_M=SMALL_M, **constexprs, **meta, **options)
-    if split_k > 1:
-        y.copy_(y_out)
-        u.copy_(u_out)
+    columns = triton.cdiv(n, meta["BLOCK_N"])
+    partial, u_partial, counter = _split_k_scratch(x.device, split_k * m * n, columns * split_k * m * r, columns) \
+        if split_k > 1 else (None, None, None)
+    tensors = (x, *w.pointers, lora_A, lora_B, bias, y, u, partial, u_partial, counter)
+    common = dict(**_dropout_args(seed=seed, dropout_p=dropout_p), stride_wn=_stride_wn(w, k),
+                  stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), HAS_DROPOUT=dropout_p > 0.0,
+                  SPLIT_K=split_k, **meta, **options)
+    if gemv:
+        _run(lora_gemv_kernel, (columns, split_k), *tensors, n, k, r, float(scaling), stride_xk=x.stride(1),
+             EVEN_K=k % meta["BLOCK_K"] == 0, **_gemv_constexprs(constexprs), **common)
+    else:
+        _run(lora_small_m_kernel, (columns, split_k), *tensors, m, n, k, r, float(scaling),
+             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ym=y.stride(0), stride_um=u.stride(0),
+             BLOCK_M=SMALL_M, **constexprs, **common)
     return y, u
+
+
+def _gemv_constexprs(constexprs: dict) -> dict:
+    """The FMA kernel's constexprs: the weight's and the LoRA switch (its products are fp32 FMAs)."""
+    return {name: value for name, value in constexprs.items()
+            if name in ("FMT", "NESTED", "BLOCKSIZE", "K_ALIGNED", "PAIRED", "HAS_LORA", "BLOCK_R")}
+
+
+_SCRATCH: dict = {}  # (device, stream) -> (fp32 scratch, int32 counters), grown on demand, never shrunk
+
+
+def _split_k_scratch(device: torch.device, partial_elements: int, u_partial_elements: int, counters: int):
+    """(partial, u_partial, counter) views for a split-K small-M launch: fp32 scratch that needs no
+    initialisation, and int32 counters that are zero and that the kernel leaves zero. Kept per
+    device and stream (launches on one stream run in order), so a call allocates nothing once
+    warm and can be captured in a CUDA graph. Under `recording`, fresh meta tensors."""
+    if _RECORDING.get() is not None:
+        return (torch.empty(partial_elements, dtype=torch.float32, device=device),
+                torch.empty(u_partial_elements, dtype=torch.float32, device=device),
+                torch.zeros(counters, dtype=torch.int32, device=device))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    u_begin = triton.cdiv(partial_elements, 4) * 4  # u_partial 16-byte aligned, as partial is
+    scratch, counter = _SCRATCH.get(key, (None, None))
+    if scratch is None or scratch.numel() < u_begin + u_partial_elements:
+        scratch = torch.empty(u_begin + u_partial_elements, dtype=torch.float32, device=device)
+    if counter is None or counter.numel() < counters:
+        counter = torch.zeros(counters, dtype=torch.int32, device=device)
+    _SCRATCH[key] = (scratch, counter)
+    return scratch[:partial_elements], scratch[u_begin:u_begin + u_partial_elements], counter[:counters]
 
 
 def backward(grad_y, x, u, weight: FrozenWeight, lora_A, lora_B, scaling, dropout_p, seed, need_dx):

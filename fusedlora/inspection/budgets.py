@@ -21,7 +21,8 @@ from typing import Optional
 
 BUDGETS = Path(__file__).resolve().parents[2] / "bench" / "budgets.json"
 TOLERANCE = 0.02  # toolchain noise: a limit is exceeded only by more than this fraction
-_WEIGHT_KERNELS = ("lora_forward_kernel", "lora_grad_x_kernel", "lora_small_m_kernel", "dequantize_kernel")
+_WEIGHT_KERNELS = ("lora_forward_kernel", "lora_grad_x_kernel", "lora_small_m_kernel", "lora_gemv_kernel",
+                   "dequantize_kernel")
 _WORKSPACE_VARIANTS = ("lora_shrink_kernel",)
 _MOST = ("instructions_per_element", "scalar_loads_per_element", "loop_instructions", "local_bytes")
 

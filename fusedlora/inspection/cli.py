@@ -103,8 +103,6 @@ def _triton_seconds(case: Case, gpu, regime, all_candidates: bool, seen: set, ke
             autotuned[report.kernel] = min(autotuned.get(report.kernel, float("inf")), report.time.total)
             continue
         seconds += report.time.total + gpu.launch_seconds
-        if report.kernel == "lora_small_m_kernel" and launch.kwargs.get("SPLIT_K", 1) > 1:
-            seconds += 4 * gpu.launch_seconds  # two zero fills and two copies around the split-K launch
     return seconds + sum(autotuned.values()) + len(autotuned) * gpu.launch_seconds
 
 
@@ -144,7 +142,7 @@ def _print_kernels(rows, arch) -> None:
 def _print_cases(rows, arch) -> None:
     gpu = GPUS[arch]
     print(f"\nsm_{arch}: MODEL estimates for {gpu.name} (not measurements; assumptions in "
-          f"fusedlora/inspection/model.py), r=16, bf16, dropout {DROPOUT}")
+          f"fusedlora/inspection/model.py), r=16, bf16, dropout {DROPOUT} (training) and 0 (decode)")
     for row in rows:
         backend = f"  {row['backend']:16s} {row['case']:40s}"
         bound = ">=" if row.get("timed_by_bytes") else "  "

@@ -23,9 +23,9 @@ from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
 
 DTYPE = torch.bfloat16
 SCALING = 2.0
-DROPOUT = 0.1
+DROPOUT = 0.1  # training cases; decode is inference, where the LoRA dropout is off
 SEED = 1234
-WEIGHT_KERNELS = ("lora_forward_kernel", "lora_grad_x_kernel", "lora_small_m_kernel")
+WEIGHT_KERNELS = ("lora_forward_kernel", "lora_grad_x_kernel", "lora_small_m_kernel", "lora_gemv_kernel")
 
 
 def weight_bytes(case: Case) -> int:
@@ -35,7 +35,7 @@ def weight_bytes(case: Case) -> int:
 
 def record_case(case: Case, gpu: Gpu, regime: Optional[str] = None) -> list:
     """The Triton launches of `case` on `gpu` (meta tensors: nothing runs): forward and backward
-    for training (M > 16), the forward alone for decode; large M in `regime` ("fused",
+    for training (M > 16) with dropout, the forward alone without it for decode; large M in `regime` ("fused",
     "workspace"; None: the launcher's choice). A cuBLAS GEMM is a `triton_launch.LibraryGemm`."""
     meta = torch.device("meta")
     x = torch.empty((case.m, case.k), device=meta, dtype=DTYPE)
@@ -44,7 +44,8 @@ def record_case(case: Case, gpu: Gpu, regime: Optional[str] = None) -> list:
     lora_B = torch.empty((case.n, case.rank), device=meta, dtype=DTYPE)
     regime_scope = force_regime(regime) if regime else contextlib.nullcontext()
     with regime_scope, triton_launch.recording((gpu.arch // 10, gpu.arch % 10), gpu.sm_count) as record:
-        _, u = triton_launch.forward(x, weight, lora_A, lora_B, SCALING, None, DROPOUT, SEED)
+        dropout = 0.0 if case.decode else DROPOUT
+        _, u = triton_launch.forward(x, weight, lora_A, lora_B, SCALING, None, dropout, SEED)
         if not case.decode:
             grad_y = torch.empty((case.m, case.n), device=meta, dtype=DTYPE)
             triton_launch.backward(grad_y, x, u, weight, lora_A, lora_B, SCALING, DROPOUT, SEED, True)
@@ -71,7 +72,7 @@ def work_of(name: str, a: dict, grid: tuple) -> Work:
     weight = _nbytes(a.get("w_ptr"), a.get("scale_ptr"), a.get("nested_absmax_ptr"))
     if name == "dequantize_kernel":
         return Work(programs, 1, 0, 0.0, weight + a["N"] * a["K"] * a["out_ptr"].element_size())
-    m, r = a["M"], a["R"]
+    m, r = a.get("M", 1), a["R"]  # the one-row kernel has no M
     if name == "lora_forward_kernel":
         n, k = a["N"], a["K"]
         return Work(programs, cdiv(k, a["BLOCK_K"]), a["BLOCK_N"] * a["BLOCK_K"], 2.0 * m * n * (k + r),
@@ -80,11 +81,12 @@ def work_of(name: str, a: dict, grid: tuple) -> Work:
         n, k = a["N"], a["K"]
         return Work(programs, cdiv(n, a["BLOCK_N"]), a["BLOCK_N"] * a["BLOCK_K"], 2.0 * m * k * (n + r),
                     _nbytes(a["g_ptr"], a["dx_ptr"], a["du_ptr"], a["a_ptr"]) + weight)
-    if name == "lora_small_m_kernel":
+    if name in ("lora_small_m_kernel", "lora_gemv_kernel"):
         n, k = a["N"], a["K"]
         trips = cdiv(cdiv(k, a["BLOCK_K"]), a["SPLIT_K"])
+        scratch = 2 * _nbytes(a["partial_ptr"], a["u_partial_ptr"])  # written once, read once
         return Work(programs, trips, a["BLOCK_N"] * a["BLOCK_K"], 2.0 * m * (n * k + k * r + n * r),
-                    _nbytes(a["x_ptr"], a["y_ptr"], a["a_ptr"], a["b_ptr"]) + weight)
+                    _nbytes(a["x_ptr"], a["y_ptr"], a["a_ptr"], a["b_ptr"]) + weight + scratch)
     if name == "lora_shrink_kernel":
         return Work(programs, cdiv(a["K"], a["BLOCK_K"]), 0, 2.0 * m * a["K"] * r,
                     _nbytes(a["x_ptr"], a["u_ptr"]) + (_nbytes(a["x_ptr"]) if a["x_copy_ptr"] is not None else 0))

@@ -20,8 +20,7 @@ estimate beside each measured figure so the error is known):
   (which other warps' instructions overlap), overlaps them (max).
 - Memory: each operand read or written once at `copy_fraction` of the HBM peak (0.88, the
   fraction a device-to-device copy reaches on HBM3/HBM3e parts, until measured).
-- Launches: `launch_seconds` each (2.5 µs), including the fill and copy kernels that a split-K
-  small-M launch adds (two zero fills, two copies).
+- Launches: `launch_seconds` each (2.5 µs).
 """
 
 import math
