@@ -6,8 +6,8 @@
     both at once, split over K, for M = 1, with FMAs    `lora_gemv_kernel`
 
 All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32); the LoRA products
-run in `LORA_DOT` (x's dtype for 16-bit x, see `fusedlora.backends.triton_launch._dot_args`), and
-u is stored in the LoRA dtype. The LoRA term and the bias are added in the epilogue, so y is
+run in `LORA_DOT` (x's dtype for 16-bit x, see `fusedlora.backends.triton_launch._dot_args`),
+except in the one-row kernel, whose FMAs take every operand in fp32; u is stored in the LoRA dtype. The LoRA term and the bias are added in the epilogue, so y is
 written exactly once.
 """
 
@@ -142,7 +142,8 @@ def _sum_of_slices(acc, u, partial_ptr, u_partial_ptr, counter_ptr, pid_n, pid_k
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     lora = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
     column = (pid_n * SPLIT_K).to(tl.int64) * M * R
-    tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=y_mask)
+    slice_elements = (tl.zeros((), dtype=tl.int64) + M) * N  # M·N in 64 bits (M may be a literal 1)
+    tl.store(partial_ptr + pid_k * slice_elements + tile, acc, mask=y_mask)
     tl.store(u_partial_ptr + column + pid_k * M * R + lora, u, mask=u_mask)
     tl.debug_barrier()
     last = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
@@ -150,7 +151,7 @@ def _sum_of_slices(acc, u, partial_ptr, u_partial_ptr, counter_ptr, pid_n, pid_k
         acc = tl.zeros_like(acc)
         u = tl.zeros_like(u)
         for s in tl.static_range(SPLIT_K):
-            acc += tl.load(partial_ptr + s * M * N + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
+            acc += tl.load(partial_ptr + s * slice_elements + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
             u += tl.load(u_partial_ptr + column + s * M * R + lora, mask=u_mask, other=0.0, cache_modifier=".cg")
         tl.store(counter_ptr + pid_n, 0)
     return last, acc, u

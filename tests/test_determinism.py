@@ -92,8 +92,8 @@ def test_deterministic_mode_turns_the_triton_atomics_off(monkeypatch, determinis
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=_GPU) for b in ("triton", "cuda")])
 @pytest.mark.parametrize("m", [8, 4096])
 def test_deterministic_mode_is_bitwise_repeatable_on_the_gpu(backend, m, deterministic):
-    """Shapes where the default path would add with atomics: split-K small-M kernel (M = 8, K = 4096) and
-    many row blocks adding into dB (M = 4096)."""
+    """Shapes with split reductions: the split-K small-M kernel (M = 8, K = 4096; summed in slice
+    order inside its launch) and many row blocks adding into dB (M = 4096; atomics by default)."""
     _assert_repeatable(backend, "cuda", m, k=4096, n=1024, r=16)
 
 

@@ -109,30 +109,37 @@ def test_autotuner_picks_a_config(monkeypatch):
         assert launch._autotuned(kernel, capability, True).best_config is not None
 
 
-@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336)])
-def test_the_small_m_forward_is_one_launch_a_cuda_graph_replays(k, n, monkeypatch):
-    """M <= 16 on the Triton backend: once warm, a call allocates only its outputs and issues one
-    kernel, so it can be captured; replays on new inputs match eager calls bit for bit (the
-    split-K sum runs in slice order) and leave the counters zero."""
+def test_small_m_forwards_are_one_launch_that_cuda_graphs_replay(monkeypatch):
+    """M <= 16 on the Triton backend, split over K (the one-row kernel and the MMA kernel): each
+    call can be captured; two graphs captured one after the other, then eager calls that grow the
+    shared scratch, leave both graphs' replays on new inputs equal to eager calls bit for bit (the
+    split-K sums run in slice order), and every counter zero."""
     from fusedlora.backends import triton_launch as launch
 
     monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    k, n = 4096, 4096
     g = torch.Generator(device="cuda").manual_seed(k + n)
     weight = quantize(torch.randn(n, k, device="cuda", generator=g) * 0.05, "nf4")
     lora_A = torch.randn(16, k, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
     lora_B = torch.randn(n, 16, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
-    x = torch.randn(16, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    xs = {m: torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16) for m in (1, 16)}
+    graphs, outputs = {}, {}
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            fused_lora_linear(x, weight, lora_A, lora_B, 2.0, None, 0.0)  # compile, autotune, scratch
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                y_graph = fused_lora_linear(x, weight, lora_A, lora_B, 2.0, None, 0.0)
-            for _ in range(2):
-                x.copy_(torch.randn(16, k, device="cuda", generator=g, dtype=torch.bfloat16))
-                graph.replay()
-                y_eager = fused_lora_linear(x, weight, lora_A, lora_B, 2.0, None, 0.0)
+        for m, x in xs.items():
+            fused_lora_linear(x, weight, lora_A, lora_B, 2.0, None, 0.0)  # compile outside the capture
+            graphs[m] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[m]):
+                outputs[m] = fused_lora_linear(x, weight, lora_A, lora_B, 2.0, None, 0.0)
+        fused_lora_linear(torch.randn(16, 2 * k, device="cuda", dtype=torch.bfloat16),
+                          quantize(torch.randn(2 * n, 2 * k, device="cuda") * 0.05, "nf4"),
+                          torch.randn(16, 2 * k, device="cuda", dtype=torch.bfloat16),
+                          torch.randn(2 * n, 16, device="cuda", dtype=torch.bfloat16), 2.0, None, 0.0)
+        for _ in range(2):
+            for m, x in xs.items():
+                x.copy_(torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16))
+                graphs[m].replay()
+                expected = fused_lora_linear(x, weight, lora_A, lora_B, 2.0, None, 0.0)
                 torch.cuda.synchronize()
-                assert torch.equal(y_graph, y_eager)
-    assert all(not counter.any() for _, counter in launch._SCRATCH.values())
+                assert torch.equal(outputs[m], expected), m
+    counters = [c for _, c in launch._SCRATCH.values()] + [c for _, c in launch._CAPTURED_SCRATCH]
+    assert counters and all(not c.any() for c in counters)

@@ -317,7 +317,12 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     `_split_k_scratch` keeps across calls."""
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
     gemv = m == 1 and w.fmt != FORMAT_IDS["dense"]  # a dense row is read at bandwidth by the MMA kernel already
-    heuristic, split_k = (configs.gemv_config if gemv else configs.small_m_config)(n, k, _sm_count(x.device))
+    if gemv:
+        one_absmax_per_row = not configs.is_four_bit(w.fmt) or (k % w.blocksize == 0 and w.blocksize >= 64)
+        heuristic, split_k = configs.gemv_config(n, k, _sm_count(x.device), one_absmax_per_row,
+                                                 constexprs["BLOCK_R"])
+    else:
+        heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device))
     meta, options = _skinny("gemv" if gemv else "small_m", heuristic)
     if INTERPRETING:
         split_k = configs.INTERPRETER["small_m_split_k"]
@@ -345,26 +350,28 @@ def _gemv_constexprs(constexprs: dict) -> dict:
 
 
 _SCRATCH: dict = {}  # (device, stream) -> (fp32 scratch, int32 counters), grown on demand, never shrunk
+_CAPTURED_SCRATCH: list = []  # scratch that captured CUDA graphs hold: alive as long as the process
 
 
 def _split_k_scratch(device: torch.device, partial_elements: int, u_partial_elements: int, counters: int):
     """(partial, u_partial, counter) views for a split-K small-M launch: fp32 scratch that needs no
-    initialisation, and int32 counters that are zero and that the kernel leaves zero. Kept per
-    device and stream (launches on one stream run in order), so a call allocates nothing once
-    warm and can be captured in a CUDA graph. Under `recording`, fresh meta tensors."""
-    if _RECORDING.get() is not None:
-        return (torch.empty(partial_elements, dtype=torch.float32, device=device),
-                torch.empty(u_partial_elements, dtype=torch.float32, device=device),
-                torch.zeros(counters, dtype=torch.int32, device=device))
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    initialisation, and int32 counters that are zero and that the kernel leaves zero. Eager calls
+    share one scratch per device and stream (launches on one stream run in order), so a warm call
+    allocates only its outputs. A call captured into a CUDA graph gets scratch of its own, zeroed
+    by the graph itself and never freed, so that no later growth of the shared one, and no eager
+    call, can touch what the graph's replays use. Under `recording`, fresh meta tensors."""
     u_begin = triton.cdiv(partial_elements, 4) * 4  # u_partial 16-byte aligned, as partial is
-    scratch, counter = _SCRATCH.get(key, (None, None))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    scratch, counter = (None, None) if capturing or _RECORDING.get() is not None else _SCRATCH.get(key, (None, None))
     if scratch is None or scratch.numel() < u_begin + u_partial_elements:
         scratch = torch.empty(u_begin + u_partial_elements, dtype=torch.float32, device=device)
     if counter is None or counter.numel() < counters:
         counter = torch.zeros(counters, dtype=torch.int32, device=device)
-    _SCRATCH[key] = (scratch, counter)
+    if capturing:
+        _CAPTURED_SCRATCH.append((scratch, counter))
+    elif _RECORDING.get() is None:
+        _SCRATCH[key] = (scratch, counter)
     return scratch[:partial_elements], scratch[u_begin:u_begin + u_partial_elements], counter[:counters]
 
 
