@@ -214,9 +214,10 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
 def _launches(case: Case) -> list:
     """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/lora_ops.cpp's order)."""
     fmt = FORMAT_IDS[case.fmt]
-    small = case.m <= constant("kernels.h", "kSmallMMaxRows")
+    most = constant("kernels.h", "kSmallMMaxRows")
+    small = (("small_m_kernel", ("bf16", fmt, 1 if case.m == 1 else most)), None)  # unrolled for one row, or most
     launches = [(("shrink_kernel", ("bf16",)), None),
-                (("small_m_kernel", ("bf16", fmt)), None) if small else (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
+                small if case.m <= most else (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
     if not case.decode:
         launches += [(("grad_u_kernel", ("bf16",)), None), (("grad_a_kernel", ("bf16",)), None),
                      (("gemm_kernel", ("bf16", fmt, GRAD_X)), GRAD_X)]
