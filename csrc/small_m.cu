@@ -146,8 +146,10 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   TORCH_CHECK(rows <= kSmallMMaxRows, "fusedlora: the small-M kernel takes at most ", kSmallMMaxRows, " rows, got ", rows);
   if (rows == 0 || columns == 0) return;
   // The chunked paths read 16 bytes of W and of each row of x at a time (16 or 32 elements from
-  // a multiple of 16): W, x and x's rows 16-byte aligned; otherwise the any-layout path.
-  bool vectorized = aligned16(w.data) && aligned16(x.data_ptr()) && (x.stride(0) * x.element_size()) % 16 == 0;
+  // a multiple of 16): W, x and x's rows (when there are several) 16-byte aligned; otherwise the
+  // any-layout path.
+  bool vectorized = aligned16(w.data) && aligned16(x.data_ptr()) &&
+                    (rows == 1 || (x.stride(0) * x.element_size()) % 16 == 0);
   if (w.fmt == kNf4 || w.fmt == kFp4) {
     vectorized = vectorized && k % 32 == 0 && w.blocksize % 32 == 0;
   } else if (w.fmt == kInt8 || w.fmt == kFp8) {

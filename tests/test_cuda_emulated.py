@@ -55,7 +55,10 @@ def _matrix() -> list[Case]:
         Case(4, 130, 24, 8, "fp4", torch.bfloat16, blocksize=128),  # small-M, unaligned rows: the scalar path
         Case(2, 256, 40, 4, "nf4", torch.bfloat16, blocksize=256, x_padding=16),  # small-M, 16-byte loads
         Case(1, 256, 40, 8, "nf4", torch.bfloat16, p=0.1),  # one row (its own unrolling), 16-byte x loads
-        Case(1, 96, 24, 4, "int8", torch.float16, x_padding=4),  # one row, x not 16-byte aligned: any-layout path
+        Case(1, 64, 40, 4, "int8", torch.float32),  # one row, fp32 x: four values per 16-byte load
+        Case(1, 128, 40, 4, "fp4", torch.float32, bias=True),
+        Case(3, 64, 40, 4, "fp8", torch.float16),  # 16-byte chunks of fp8 for three rows
+        Case(2, 96, 24, 4, "int8", torch.float16, x_padding=4),  # x's rows not 16-byte aligned: any-layout path
         Case(36, 48, 70, 4, "int8", torch.bfloat16, deterministic=True, need_dx=False),
     ]
 

@@ -49,7 +49,7 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 {
+struct alignas(16) uint4 {  // CUDA's: a misaligned 16-byte load is then UBSan's error here
   uint32_t x, y, z, w;
 };
 
