@@ -94,8 +94,10 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_ten
   const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
   const int64_t rows = x.size(0), columns = w_shape[0], rank = lora_a.size(0);
   Tensor y = at::empty({rows, columns}, x.options());
-  Tensor u = at::zeros({rows, rank}, x.options().dtype(at::kFloat));
   const bool has_lora = scaling != 0.0;
+  // The shrink writes every element of u; without the LoRA term u is returned as zeros.
+  Tensor u = has_lora ? at::empty({rows, rank}, x.options().dtype(at::kFloat))
+                      : at::zeros({rows, rank}, x.options().dtype(at::kFloat));
   const Tensor b32 = lora_b.to(at::kFloat).contiguous();
   const Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   if (has_lora) launch_shrink(x, lora_a.to(at::kFloat).contiguous(), dropout_of(dropout_p, seed), u);

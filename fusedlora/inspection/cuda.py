@@ -41,9 +41,9 @@ from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
 FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}  # csrc/types.h's WeightFormat
 FORWARD, GRAD_X = 0, 1  # csrc/gemm.cu's Mode
 # The torch operations csrc/lora_ops.cpp launches around the kernels (bf16 activations and adapters):
-# forward: u's zero fill, A and B to fp32, u back to bf16; backward: dA's and dB's zero fills, the dB
-# partials' fill, A, u and B to fp32, the two partial sums, dA and dB back to bf16.
-HOST_LAUNCHES = {"forward": 4, "backward": 10}
+# forward: A and B to fp32, u back to bf16; backward: dA's and dB's zero fills, the dB partials'
+# fill, A, u and B to fp32, the two partial sums, dA and dB back to bf16.
+HOST_LAUNCHES = {"forward": 3, "backward": 10}
 _MANGLED = re.compile(r"\d+(gemm_kernel|small_m_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)I(.*?)EEv")
 _TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E")
 _TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
