@@ -1,8 +1,8 @@
 // The small-M forward (M <= kSmallMMaxRows, as in generation), bound by the weight bytes: one warp per output
 // column n streams row n of W once, 16 bytes per lane per step where the row is aligned (4-bit,
 // int8, fp8; x aligned too), dequantizing a chunk in registers once for every row of x, whose
-// chunk is read once by 16-byte loads; a 4-bit chunk's absmax scales its sum, not each weight. The lanes
-// then reduce, and lane m writes y[m, n] with the row scale, the bias and the LoRA term
+// chunk is read once by 16-byte loads; a 4-bit chunk's absmax scales its sum, not each weight.
+// The lanes then reduce, and lane m writes y[m, n] with the row scale, the bias and the LoRA term
 // s·u[m]·B[n]. No tensor cores: at M <= 4 the FMAs are far from the limit, the memory system is
 // the limit.
 

@@ -151,19 +151,21 @@ def small_m_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
     return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k
 
 
-def gemv_config(n: int, k: int, sm_count: int, one_absmax_per_row: bool, block_r: int) -> tuple[SkinnyConfig, int]:
+def gemv_config(n: int, k: int, sm_count: int, fmt_id: int, blocksize: int, block_r: int) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the one-row FMA kernel: 256 rows by 64-column steps when K is a
-    multiple of 64, a step needs one absmax per row (4-bit, K a multiple of a blocksize >= 64;
+    multiple of 64, a step needs one absmax per row (4-bit with K a multiple of a blocksize >= 64,
     or int8/fp8) and r <= 32; otherwise fewer rows, which ragged steps, a per-byte absmax, odd K
     or a large rank need not to spill (`python -m fusedlora inspect` and tests/test_inspection.py
     check both); and enough K slices for about four programs per SM (W's reads in flight), each
     at least 256 columns long."""
-    if k % 64 == 0 and one_absmax_per_row and block_r <= 32:
+    block_k = 64
+    one_absmax_per_row = not is_four_bit(fmt_id) or (k % blocksize == 0 and block_k <= blocksize)
+    if k % block_k == 0 and one_absmax_per_row and block_r <= 32:
         block_n = 256
     else:
         block_n = 32 if k % 2 else 64
     split_k = max(1, min(triton.cdiv(4 * sm_count, triton.cdiv(n, block_n)), triton.cdiv(k, 256)))
-    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=1), split_k
+    return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=1), split_k
 
 
 def grad_u_config(m: int) -> SkinnyConfig:

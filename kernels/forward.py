@@ -7,8 +7,8 @@
 
 All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32); the LoRA products
 run in `LORA_DOT` (x's dtype for 16-bit x, see `fusedlora.backends.triton_launch._dot_args`),
-except in the one-row kernel, whose FMAs take every operand in fp32; u is stored in the LoRA dtype. The LoRA term and the bias are added in the epilogue, so y is
-written exactly once.
+except in the one-row kernel, whose FMAs take every operand in fp32; u is stored in the LoRA
+dtype. The LoRA term and the bias are added in the epilogue, so y is written exactly once.
 """
 
 import triton
@@ -73,15 +73,21 @@ def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, 
 
 
 @triton.jit
-def _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
-                   bias_factor, FMT: tl.constexpr, HAS_LORA: tl.constexpr,
-                   LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr):
-    """acc·row_scale + bias_factor·bias + s·u·Bᵀ for a (BLOCK_M, BLOCK_N) tile; u is (BLOCK_M, BLOCK_R).
-    bias_ptr is None (a compile-time constant) when the layer has no bias."""
+def _scaled_plus_bias(acc, scale_ptr, bias_ptr, offs_n, n_mask, FMT: tl.constexpr):
+    """acc·row_scale + bias for a (rows, len(offs_n)) tile of y; bias_ptr is None (a compile-time
+    constant) when the layer has no bias."""
     if FMT == INT8 or FMT == FP8:
         acc = acc * row_scale(scale_ptr, offs_n, n_mask, FMT)[None, :]
     if bias_ptr is not None:
-        acc += bias_factor * tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
+                   FMT: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    """acc·row_scale + bias + s·u·Bᵀ for a (BLOCK_M, BLOCK_N) tile; u is (BLOCK_M, BLOCK_R)."""
+    acc = _scaled_plus_bias(acc, scale_ptr, bias_ptr, offs_n, n_mask, FMT)
     if HAS_LORA:
         b = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -125,7 +131,7 @@ def lora_forward_kernel(
         u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     acc = _lora_epilogue(acc, u, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
-                         1.0, FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
+                         FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -214,8 +220,8 @@ def lora_small_m_kernel(
                                       offs_n, offs_r, y_mask, u_mask, M, N, R, SPLIT_K)
     if last:
         u_rounded = u.to(u_ptr.dtype.element_ty)  # u rounded to the LoRA dtype, as the reference keeps it
-        acc = _lora_epilogue(acc, u_rounded, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling, stride_bn,
-                             1.0, FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
+        acc = _lora_epilogue(acc, u_rounded, b_ptr, scale_ptr, bias_ptr, offs_n, n_mask, offs_r, r_mask, scaling,
+                             stride_bn, FMT, HAS_LORA, LORA_DOT, LORA_PRECISION)
         tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
                  acc.to(y_ptr.dtype.element_ty), mask=y_mask)
         tl.store(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :], u_rounded,
@@ -301,11 +307,8 @@ def lora_gemv_kernel(
                                       offs_r, y_mask, u_mask, 1, N, R, SPLIT_K)
     if last:
         u = u.to(u_ptr.dtype.element_ty).to(tl.float32)  # u rounded to the LoRA dtype, as the reference keeps it
-        if FMT == INT8 or FMT == FP8:
-            acc = acc * row_scale(scale_ptr, offs_n, n_mask, FMT)[None, :]
-        if bias_ptr is not None:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_LORA:
+        acc = _scaled_plus_bias(acc, scale_ptr, bias_ptr, offs_n, n_mask, FMT)
+        if HAS_LORA:  # s·u·Bᵀ with FMAs: u has one row
             b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :],
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             acc += scaling * tl.reshape(tl.sum(b.to(tl.float32) * u, axis=1), (1, BLOCK_N))

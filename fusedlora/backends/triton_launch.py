@@ -318,9 +318,7 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
     gemv = m == 1 and w.fmt != FORMAT_IDS["dense"]  # a dense row is read at bandwidth by the MMA kernel already
     if gemv:
-        one_absmax_per_row = not configs.is_four_bit(w.fmt) or (k % w.blocksize == 0 and w.blocksize >= 64)
-        heuristic, split_k = configs.gemv_config(n, k, _sm_count(x.device), one_absmax_per_row,
-                                                 constexprs["BLOCK_R"])
+        heuristic, split_k = configs.gemv_config(n, k, _sm_count(x.device), w.fmt, w.blocksize, constexprs["BLOCK_R"])
     else:
         heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device))
     meta, options = _skinny("gemv" if gemv else "small_m", heuristic)
@@ -362,16 +360,17 @@ def _split_k_scratch(device: torch.device, partial_elements: int, u_partial_elem
     call, can touch what the graph's replays use. Under `recording`, fresh meta tensors."""
     u_begin = triton.cdiv(partial_elements, 4) * 4  # u_partial 16-byte aligned, as partial is
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    shared = not capturing and _RECORDING.get() is None
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    scratch, counter = (None, None) if capturing or _RECORDING.get() is not None else _SCRATCH.get(key, (None, None))
+    scratch, counter = _SCRATCH.get(key, (None, None)) if shared else (None, None)
     if scratch is None or scratch.numel() < u_begin + u_partial_elements:
         scratch = torch.empty(u_begin + u_partial_elements, dtype=torch.float32, device=device)
     if counter is None or counter.numel() < counters:
         counter = torch.zeros(counters, dtype=torch.int32, device=device)
-    if capturing:
-        _CAPTURED_SCRATCH.append((scratch, counter))
-    elif _RECORDING.get() is None:
+    if shared:
         _SCRATCH[key] = (scratch, counter)
+    elif capturing:
+        _CAPTURED_SCRATCH.append((scratch, counter))
     return scratch[:partial_elements], scratch[u_begin:u_begin + u_partial_elements], counter[:counters]
 
 
