@@ -19,6 +19,27 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// operand[row, column] as fp32, by the operand's run-time dtype.
+__device__ __forceinline__ float load_float(const Operand& operand, int64_t row, int64_t column) {
+  const int64_t index = row * operand.stride + column;
+  if (operand.type == kFloat16) return __half2float(static_cast<const __half*>(operand.data)[index]);
+  if (operand.type == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(operand.data)[index]);
+  return static_cast<const float*>(operand.data)[index];
+}
+
+// operand[row, column] = value, rounded to the operand's dtype.
+__device__ __forceinline__ void store_float(const Operand& operand, int64_t row, int64_t column, float value) {
+  const int64_t index = row * operand.stride + column;
+  void* data = const_cast<void*>(operand.data);
+  if (operand.type == kFloat16) {
+    static_cast<__half*>(data)[index] = __float2half_rn(value);
+  } else if (operand.type == kBFloat16) {
+    static_cast<__nv_bfloat16*>(data)[index] = __float2bfloat16_rn(value);
+  } else {
+    static_cast<float*>(data)[index] = value;
+  }
+}
+
 // The 16 values of the 4-bit codes (bitsandbytes' tables; FP4 code 8 is +0.0).
 __constant__ float kNf4Code[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,

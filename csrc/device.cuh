@@ -9,6 +9,7 @@
 #include "emulated_device.h"  // on the harness's include path only
 #else
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,6 +33,16 @@ __device__ __forceinline__ float warp_shfl_xor(float value, int offset) {
 }
 
 __device__ __forceinline__ void atomic_add(float* address, float value) { atomicAdd(address, value); }
+
+// *address += value, atomically; the value before.
+__device__ __forceinline__ int atomic_add(int* address, int value) { return atomicAdd(address, value); }
+
+// __threadfence(): this thread's writes are seen by the whole device before any write it makes after.
+__device__ __forceinline__ void thread_fence() { __threadfence(); }
+
+// A load through L2 only (ld.global.cg): sees what other blocks wrote before their fence, however
+// this SM's L1 was filled.
+__device__ __forceinline__ float load_coherent(const float* address) { return __ldcg(address); }
 
 // A statically allocated shared-memory object of type T (an array type, say), one per block.
 // `Tag` makes each declaration its own variable: pass __LINE__.
@@ -93,6 +104,23 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+// ---- Host side ----
+
+// The current device's SM count.
+inline int multiprocessor_count() {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return count;
+}
+
+// Whether the current stream is being captured into a CUDA graph.
+inline bool stream_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// The current stream's identity on the current device.
+inline int64_t current_stream_id() { return c10::cuda::getCurrentCUDAStream().id(); }
 
 // kernel<<<grid, block>>>(args...) on the current stream, the launch checked.
 template <typename... Params, typename... Args>

@@ -1,6 +1,6 @@
 // The CUDA backend's host functions (lora_ops.cpp), and the launchers of its kernels that they call.
 // Every tensor is on the current CUDA device, row-major with unit stride along its last dimension;
-// the LoRA tensors (u, du, A, B, bias) are fp32. Each launcher checks its launch (device.cuh).
+// the LoRA tensors (u, du, A, B, bias) are fp32 unless a launcher says otherwise. Each launcher checks its launch (device.cuh).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,10 +33,14 @@ void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout&
 void launch_forward_gemm(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
                          const at::Tensor& bias, double scaling, at::Tensor& y);
 
-// The same for M <= kSmallMMaxRows: one warp per output column, 16-byte weight loads.
+// The same for M <= kSmallMMaxRows in one launch, u (M, r) = drop(x) · Aᵀ included: A, B, the
+// bias and u in their own dtypes (fp32, fp16 or bf16), u written whole; lora_a undefined: no LoRA
+// term (u written as zeros). Split over K into slices of small_m_slice_steps(N, K steps, SMs) steps.
 constexpr int64_t kSmallMMaxRows = 4;
-void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::Tensor& u,
-                            const at::Tensor& lora_b, const at::Tensor& bias, double scaling, at::Tensor& y);
+void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, const at::Tensor& bias, double scaling, const Dropout& dropout,
+                            at::Tensor& y, at::Tensor& u);
+int64_t small_m_slice_steps(int64_t columns, int64_t steps, int64_t sm_count);
 
 // du (M, r) = scaling · g · B and dB = scaling · gᵀ · u, one pass over g; dB as per-block
 // partials (grad_u_blocks(M), N, r) to be summed (deterministic), or one (1, N, r) buffer that

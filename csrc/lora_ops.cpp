@@ -95,18 +95,19 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_ten
   const int64_t rows = x.size(0), columns = w_shape[0], rank = lora_a.size(0);
   Tensor y = at::empty({rows, columns}, x.options());
   const bool has_lora = scaling != 0.0;
+  if (rows <= kSmallMMaxRows) {  // one launch, nothing allocated but y and u
+    Tensor u = at::empty({rows, rank}, x.options().dtype(lora_dtype(x, lora_a, lora_b)));
+    launch_forward_small_m(x, weight, has_lora ? lora_a : Tensor(), lora_b, bias.value_or(Tensor()), scaling,
+                           dropout_of(dropout_p, seed), y, u);
+    return {y, u};
+  }
   // The shrink writes every element of u; without the LoRA term u is returned as zeros.
   Tensor u = has_lora ? at::empty({rows, rank}, x.options().dtype(at::kFloat))
                       : at::zeros({rows, rank}, x.options().dtype(at::kFloat));
   const Tensor b32 = lora_b.to(at::kFloat).contiguous();
   const Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   if (has_lora) launch_shrink(x, lora_a.to(at::kFloat).contiguous(), dropout_of(dropout_p, seed), u);
-  const Tensor lora_u = has_lora ? u : Tensor();
-  if (rows <= kSmallMMaxRows) {
-    launch_forward_small_m(x, weight, lora_u, b32, bias32, scaling, y);
-  } else {
-    launch_forward_gemm(x, weight, lora_u, b32, bias32, scaling, y);
-  }
+  launch_forward_gemm(x, weight, has_lora ? u : Tensor(), b32, bias32, scaling, y);
   return {y, u.to(lora_dtype(x, lora_a, lora_b))};
 }
 

@@ -28,6 +28,15 @@ struct WeightView {
   const float* nested_offset;
 };
 
+// A row-major matrix of fp32, fp16 or bf16 values (`type`: a DenseType) whose dtype is known only
+// at run time: the LoRA factors, the bias and u, which the small-M kernel reads and writes in the
+// caller's dtypes. `data` null: absent.
+struct Operand {
+  const void* data;
+  int type;
+  int64_t stride;
+};
+
 // The dropout of one call: the mask is a hash of (seed, element index), see common.cuh.
 struct Dropout {
   bool active;

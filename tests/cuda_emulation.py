@@ -119,8 +119,9 @@ def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
     assert_close(dB, dB_ref, case.dtype, f"dB of {where}")
 
 
-# Every launcher once or more, on ragged shapes: the small-M kernel (M <= 4) and the GEMM (M > 4,
-# a 64-row tile and a partial one), dB by atomics and by partials, dropout on both LoRA kernels.
+# Every launcher once or more, on ragged shapes: the small-M kernel (M <= 4, in one slice of K and
+# in several) and the GEMM (M > 4, a 64-row tile and a partial one), dB by atomics and by partials,
+# dropout on both LoRA kernels.
 SMOKE = [
     Case(3, 72, 80, 8, "nf4", torch.bfloat16, p=0.1),
     Case(70, 72, 136, 16, "nf4", torch.bfloat16, p=0.1),
@@ -128,6 +129,7 @@ SMOKE = [
     Case(2, 64, 40, 4, "int8", torch.float16),
     Case(40, 80, 40, 8, "fp8", torch.float32, p=0.1, deterministic=True),
     Case(20, 64, 72, 4, "nf4", torch.float16, x_padding=8),  # x a view with row stride 72
+    Case(2, 768, 300, 8, "nf4", torch.bfloat16, p=0.1),  # small M in three slices of K, two column groups
 ]
 
 

@@ -60,6 +60,12 @@ def _matrix() -> list[Case]:
         Case(3, 64, 40, 4, "fp8", torch.float16),  # 16-byte chunks of fp8 for three rows
         Case(2, 96, 24, 4, "int8", torch.float16, x_padding=4),  # x's rows not 16-byte aligned: any-layout path
         Case(36, 48, 70, 4, "int8", torch.bfloat16, deterministic=True, need_dx=False),
+        # Small M split over K (the harness's GPU has 4 SMs): slices summed by the last block of a group
+        Case(1, 1024, 300, 8, "nf4", torch.bfloat16),  # two groups, the second ragged; four slices
+        Case(3, 640, 40, 16, "int8", torch.float16, p=0.1),  # five slices, the last one step short
+        Case(2, 2048, 1100, 4, "fp8", torch.bfloat16, bias=False, need_dx=False),  # four steps per slice
+        Case(1, 512, 40, 4, "nf4", torch.float32, blocksize=512),  # an absmax block longer than a step
+        Case(1, 600, 70, 4, "dense", torch.bfloat16, weight_dtype=torch.float16),  # any-layout path, ragged K
     ]
 
 
@@ -70,6 +76,27 @@ MATRIX = _matrix()
 def test_every_launcher_format_and_dtype_matches_float64(harness, case):
     for schedule, seed in SCHEDULES:
         check(case, schedule, seed)
+
+
+def test_small_m_forward_is_one_launch_that_allocates_only_its_outputs(harness):
+    """M <= 4: one kernel launch per call, in one slice of K or several, with the LoRA term or
+    without; a warm call allocates y and u alone (the split-K scratch persists, its counters left
+    zero: a second call gives the first's y); u comes in the LoRA dtype, zeros without the term."""
+    from fusedlora import quantize
+
+    ops = torch.ops.fusedlora_emulated
+    ops.set_schedule("shuffled", 5)
+    g = torch.Generator().manual_seed(3)
+    for m, k, scaling in ((1, 1024, 1.5), (3, 64, 1.5), (2, 1024, 0.0)):
+        weight = quantize(torch.randn(300, k, generator=g) * 0.05, "nf4")
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        lora_A, lora_B = torch.randn(8, k, generator=g) / k**0.5, torch.randn(300, 8, generator=g)  # fp32
+        calls = [ops.forward(x, weight.tensors(), "nf4", [300, k], weight.blocksize, lora_A, lora_B, scaling, None,
+                             0.0, torch.tensor(5)) for _ in range(2)]
+        assert ops.last_forward_cost() == [1, 2], (m, k, scaling)
+        (y, u), (y_again, u_again) = calls
+        assert torch.equal(y, y_again) and torch.equal(u, u_again) and u.dtype == torch.float32
+        assert u.any() if scaling else not u.any()
 
 
 def test_emulated_conversions_round_as_torch_does(harness):
@@ -134,6 +161,9 @@ MUTANTS = {
     "dropout index": ("lora.cu", "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k)",
                       "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), kk, m, k)"),
     "x's row stride": ("gemm.cu", "left[m * ld_left + r]", "left[m * reduce + r]"),
+    "last block sums its own slice": ("small_m.cu", "load_coherent(&partial[(s * rows + m) * columns + n])",
+                                      "load_coherent(&partial[(slice * rows + m) * columns + n])"),
+    "transposed sum's halves": ("small_m.cu", "const bool upper = part & half;", "const bool upper = !(part & half);"),
 }
 
 

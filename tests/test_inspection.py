@@ -93,15 +93,22 @@ def test_cuda_kernel_names_and_work_follow_csrc():
     name = "_ZN9fusedlora39_GLOBAL__N__b41cabec_7_gemm_cu_a350ca7411gemm_kernelI13__nv_bfloat16Li3ELi1EEEvPKT_lNS_10W"
     assert cuda._demangle(name) == ("gemm_kernel", ("bf16", 3, 1))
     assert cuda._demangle("_ZN9fusedlora12_GLOBAL__N_113shrink_kernelI6__halfEEvPKT_l") == ("shrink_kernel", ("fp16",))
+    small_m = "_ZN9fusedlora12_GLOBAL__N_114small_m_kernelI13__nv_bfloat16Li3ELi4ELb1EEEvPKT_lNS_10WeightViewE"
+    assert cuda._demangle(small_m) == ("small_m_kernel", ("bf16", 3, 4, True))
     case = Case("t", 100, 300, 200, 8, "nf4")
-    forward, grad_x = (cuda._weight_work("gemm_kernel", mode, case) for mode in (cuda.FORWARD, cuda.GRAD_X))
+    forward, grad_x = (cuda._weight_work("gemm_kernel", mode, case, 132) for mode in (cuda.FORWARD, cuda.GRAD_X))
     assert forward.flops == 2.0 * 100 * 200 * (300 + 8) and grad_x.flops == 2.0 * 100 * 300 * (200 + 8)
     assert (forward.programs, forward.trips) == (2 * 4, 10) and (grad_x.programs, grad_x.trips) == (2 * 5, 7)
-    small = cuda._weight_work("small_m_kernel", None, Case("t", 1, 4096, 200, 8, "nf4"))
-    assert (small.programs, small.trips, small.weight_elements) == (25, 4, 8 * 32 * 32)
+    # small M: 256 columns a block, 256 four-bit (128 int8) weights of K a step; about 4 blocks per SM
+    small = cuda._weight_work("small_m_kernel", None, Case("t", 1, 4096, 200, 8, "nf4"), 132)
+    assert (small.programs, small.trips, small.weight_elements) == (16, 1, 256 * 256)
+    wide = cuda._weight_work("small_m_kernel", None, Case("t", 1, 4096, 14336, 8, "int8"), 132)
+    assert (wide.programs, wide.trips, wide.weight_elements) == (56 * 8, 4, 256 * 128)
+    assert cuda._small_m_grid(Case("t", 1, 65536, 65536, 8, "nf4"), 132)[1:3] == (64, 4)  # at most 4 steps a slice
     assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 64, 64, 8, "nf4"))] == [
         "shrink_kernel", "gemm_kernel", "grad_u_kernel", "grad_a_kernel", "gemm_kernel"]
-    assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"))] == ["shrink_kernel", "small_m_kernel"]
+    assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"))] == ["small_m_kernel"]
+    assert cuda._host_launches(Case("t", 4, 64, 64, 8, "nf4")) == 0  # M <= 16: a decode case, forward only
     assert cuda._grad_a_slices(8192) == 16 and cuda._grad_a_slices(300) == 2
     assert cuda._staging_trips() == 64 * 32 // 128 // 4
 

@@ -41,11 +41,12 @@ from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
 FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}  # csrc/types.h's WeightFormat
 FORWARD, GRAD_X = 0, 1  # csrc/gemm.cu's Mode
 # The torch operations csrc/lora_ops.cpp launches around the kernels (bf16 activations and adapters):
-# forward: A and B to fp32, u back to bf16; backward: dA's and dB's zero fills, the dB partials'
-# fill, A, u and B to fp32, the two partial sums, dA and dB back to bf16.
-HOST_LAUNCHES = {"forward": 3, "backward": 10}
+# the small-M forward none (one launch); the GEMM forward: A and B to fp32, u back to bf16;
+# backward: dA's and dB's zero fills, the dB partials' fill, A, u and B to fp32, the two partial
+# sums, dA and dB back to bf16.
+HOST_LAUNCHES = {"small_m": 0, "forward": 3, "backward": 10}
 _MANGLED = re.compile(r"\d+(gemm_kernel|small_m_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)I(.*?)EEv")
-_TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E")
+_TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E|Lb([01])E")
 _TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
 
@@ -58,12 +59,13 @@ def constant(source: str, name: str) -> int:
 
 
 def _demangle(mangled: str):
-    """(kernel, template arguments) of a mangled kernel name: ("gemm_kernel", ("bf16", 3, 0))."""
+    """(kernel, template arguments) of a mangled kernel name: ("gemm_kernel", ("bf16", 3, 0)),
+    ("small_m_kernel", ("bf16", 3, 1, True))."""
     match = _MANGLED.search(mangled)
     if not match:
         return None
-    arguments = tuple(_TYPES[m.group(0)] if m.group(1) is None else int(m.group(1))
-                      for m in _TEMPLATE_ARGUMENT.finditer(match.group(2)))
+    arguments = tuple(int(m.group(1)) if m.group(1) is not None else m.group(2) == "1" if m.group(2) is not None
+                      else _TYPES[m.group(0)] for m in _TEMPLATE_ARGUMENT.finditer(match.group(2)))
     return match.group(1), arguments
 
 
@@ -150,15 +152,31 @@ def _threads(kernel: str) -> int:
     return constant("lora.cu", "kThreads")
 
 
-def _weight_work(kernel: str, mode: int, case: Case) -> Work:
-    """What one launch of a weight-reading kernel does on `case` (bf16, the LoRA term at rank r)."""
+def _small_m_columns() -> int:
+    """csrc/small_m.cu's kColumns: the columns of one block."""
+    lanes = constant("small_m.cu", "kLanesPerColumn")
+    return constant("small_m.cu", "kWarps") * (32 // lanes) * constant("small_m.cu", "kColumnsPerLane")
+
+
+def _small_m_grid(case: Case, sm_count: int) -> tuple:
+    """(groups, slices, steps per slice, K per step) of csrc/small_m.cu's launch on `case`
+    (its launcher's `small_m_slice_steps`)."""
+    chunk = 32 if case.fmt in ("nf4", "fp4") else 16  # weights per 16-byte chunk
+    step = constant("small_m.cu", "kLanesPerColumn") * chunk
+    groups, steps = max(1, _cdiv(case.n, _small_m_columns())), max(1, _cdiv(case.k, step))
+    slice_steps = min(max(_cdiv(steps, _cdiv(4 * sm_count, groups)), 1), constant("small_m.cu", "kMaxSliceSteps"))
+    return groups, _cdiv(steps, slice_steps), slice_steps, step
+
+
+def _weight_work(kernel: str, mode: int, case: Case, sm_count: int) -> Work:
+    """What one launch of a weight-reading kernel does on `case` (bf16, the LoRA term at rank r): the
+    small-M kernel also reads A once per column group and B once."""
     m, n, k, r = case.m, case.n, case.k, case.rank
     activations = 2 * m * (k + n)  # bf16 in and out
     if kernel == "small_m_kernel":
-        warps = constant("small_m.cu", "kWarps")
-        per_chunk = 32 if case.fmt in ("nf4", "fp4") else 16  # weights per 16-byte load
-        return Work(_cdiv(n, warps), _cdiv(_cdiv(k, per_chunk), 32), warps * 32 * per_chunk,
-                    2.0 * m * n * (k + r), activations + weight_bytes(case))
+        groups, slices, slice_steps, step = _small_m_grid(case, sm_count)
+        return Work(groups * slices, slice_steps, _small_m_columns() * step, 2.0 * m * n * (k + r),
+                    activations + weight_bytes(case) + 2 * r * (k * groups + n))
     tile, step = constant("gemm.cu", "kTile"), constant("gemm.cu", "kStep")
     reduce, outs = (k, n) if mode == FORWARD else (n, k)
     return Work(_cdiv(m, tile) * _cdiv(outs, tile), _cdiv(reduce, step), tile * step, 2.0 * m * outs * (reduce + r),
@@ -197,7 +215,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
     warps = _threads(kernel) // 32
     ctas = ctas_per_sm(gpu, resources["registers"], warps, resources["static_shared"])
     if kernel in ("gemm_kernel", "small_m_kernel"):
-        work = _weight_work(kernel, mode, case)
+        work = _weight_work(kernel, mode, case, gpu.sm_count)
         if loop.instructions:
             rest = len(instructions) - loop.static_instructions
             time = kernel_time(gpu, warp_instructions=work.programs * warps * (loop.instructions * work.trips + rest),
@@ -215,13 +233,20 @@ def _launches(case: Case) -> list:
     """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/lora_ops.cpp's order)."""
     fmt = FORMAT_IDS[case.fmt]
     most = constant("kernels.h", "kSmallMMaxRows")
-    small = (("small_m_kernel", ("bf16", fmt, 1 if case.m == 1 else most)), None)  # unrolled for one row, or most
-    launches = [(("shrink_kernel", ("bf16",)), None),
-                small if case.m <= most else (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
+    if case.m <= most:  # one launch, unrolled for one row or for the most; 16-byte chunks but for dense W
+        launches = [(("small_m_kernel", ("bf16", fmt, 1 if case.m == 1 else most, case.fmt != "dense")), None)]
+    else:
+        launches = [(("shrink_kernel", ("bf16",)), None), (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
     if not case.decode:
         launches += [(("grad_u_kernel", ("bf16",)), None), (("grad_a_kernel", ("bf16",)), None),
                      (("gemm_kernel", ("bf16", fmt, GRAD_X)), GRAD_X)]
     return launches
+
+
+def _host_launches(case: Case) -> int:
+    """The torch operations around the kernels of `case` (`HOST_LAUNCHES`)."""
+    forward = HOST_LAUNCHES["small_m" if case.m <= constant("kernels.h", "kSmallMMaxRows") else "forward"]
+    return forward + (0 if case.decode else HOST_LAUNCHES["backward"])
 
 
 def row_key(key: tuple, fmt: str) -> str:
@@ -238,8 +263,7 @@ def inspect(gpu: Gpu, cases: list, case_estimate) -> dict:
 
     seen, kernels, estimates = set(), [], []
     for case in cases:
-        launches = HOST_LAUNCHES["forward"] + (0 if case.decode else HOST_LAUNCHES["backward"])
-        seconds, by_bytes = launches * gpu.launch_seconds, []
+        seconds, by_bytes = _host_launches(case) * gpu.launch_seconds, []
         for key, mode in _launches(case):
             report = _report(gpu, key, case, mode)
             seconds += report.time.total + gpu.launch_seconds

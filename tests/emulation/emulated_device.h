@@ -1,7 +1,8 @@
 // The CPU execution harness's device: compiles csrc/'s kernels as C++20 host code and runs them.
 // csrc/device.cuh includes this header when FUSEDLORA_HOST_EMULATION is defined, in place of
 // CUDA's; it provides the CUDA keywords and built-ins, the 16-bit and fp8 types, and the
-// primitives of csrc/device.cuh (block_sync, warp_shfl_xor, atomic_add, shared_array, wmma,
+// primitives of csrc/device.cuh (block_sync, warp_shfl_xor, atomic_add, thread_fence,
+// load_coherent, shared_array, the host's multiprocessor_count and stream queries, wmma,
 // mma_m16n8k16, ldmatrix_x4, cp_async_*, launch) with their documented semantics, lane layouts and
 // alignment rules (docs/design.md §6).
 //
@@ -120,6 +121,20 @@ struct __nv_fp8_e4m3 {
       magnitude = std::ldexp(static_cast<float>(8 + mantissa), exponent - 10);
     }
     return (__x & 0x80) ? -magnitude : magnitude;
+  }
+};
+
+struct float2 {
+  float x, y;
+};
+
+// Two fp8 e4m3 values, the first in the low byte.
+using __nv_fp8x2_storage_t = uint16_t;
+struct __nv_fp8x2_e4m3 {
+  __nv_fp8x2_storage_t __x;
+  explicit operator float2() const {
+    return {static_cast<float>(__nv_fp8_e4m3{static_cast<uint8_t>(__x & 0xFF)}),
+            static_cast<float>(__nv_fp8_e4m3{static_cast<uint8_t>(__x >> 8)})};
   }
 };
 
@@ -427,14 +442,36 @@ inline void atomic_add(float* address, float value) {
   std::atomic_ref<float>(*address).fetch_add(value);
 }
 
+inline int atomic_add(int* address, int value) {
+  if (reinterpret_cast<uintptr_t>(address) % alignof(int) != 0) emulation::block().fail("atomic_add: misaligned");
+  return std::atomic_ref<int>(*address).fetch_add(value);
+}
+
+// Blocks run one after another, each to its end: every write is seen by the blocks after it.
+inline void thread_fence() {}
+inline float load_coherent(const float* address) { return *address; }
+
+// A GPU of 4 SMs: the launchers' grids split work as on a small GPU, so that ragged test shapes
+// take their multi-block paths.
+inline int multiprocessor_count() { return 4; }
+inline bool stream_capturing() { return false; }
+inline int64_t current_stream_id() { return 0; }
+
 template <typename T, int Tag>
 T& shared_array() {
   static const char key = 0;  // one per instantiation: per declaration
   return *static_cast<T*>(emulation::block().shared(&key, sizeof(T), 32));
 }
 
+// Kernel launches since the process started (the harness reports a call's).
+inline int64_t& launches() {
+  static int64_t count = 0;
+  return count;
+}
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
+  ++launches();
   std::tuple<std::decay_t<Params>...> bound(std::forward<Args>(args)...);
   emulation::run_grid(grid, block, [&] { std::apply(kernel, bound); });
 }

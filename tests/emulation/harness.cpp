@@ -2,6 +2,7 @@
 // (csrc/lora_ops.cpp) and kernels (csrc/*.cu, emulated by emulated_device.h) on CPU tensors.
 //   fusedlora_emulated::forward / backward: the schemas of fusedlora::cuda_lora_fwd / cuda_lora_bwd
 //   fusedlora_emulated::set_schedule(order, seed): "forward", "reverse" or "shuffled"
+//   fusedlora_emulated::last_forward_cost(): [kernel launches, allocations] of the last forward call
 //   fusedlora_emulated::convert(values, type): the emulated fp16 / bf16 rounding and fp8 decoding
 //   fusedlora_emulated::mma_tile(a, bt, c, lane_shift, skip_wait): primitives_kernel.cuh's tile
 // During a call every CPU allocation (the inputs' copies, which keep their strides, the outputs,
@@ -29,9 +30,16 @@ namespace {
 
 using at::Tensor;
 
+// Guarded allocations since the process started.
+int64_t& allocations() {
+  static int64_t count = 0;
+  return count;
+}
+
 class GuardedAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
+    ++allocations();
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     const size_t rounded = (bytes + 15) / 16 * 16;
     const size_t body = (rounded + page - 1) / page * page;
@@ -87,15 +95,28 @@ std::vector<Tensor> copied(at::TensorList tensors) {
   return copies;
 }
 
+// (kernel launches, allocations) of the last forward call, its inputs' copies left out.
+std::vector<int64_t>& forward_cost() {
+  static std::vector<int64_t> cost{0, 0};
+  return cost;
+}
+
 std::tuple<Tensor, Tensor> forward(const Tensor& x, at::TensorList w_tensors, c10::string_view w_format,
                                    at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
                                    const Tensor& lora_b, double scaling, const std::optional<Tensor>& bias,
                                    double dropout_p, const Tensor& seed) {
   Guarded guarded;
   const std::optional<Tensor> bias_copy = bias.has_value() ? std::optional<Tensor>(copied(*bias)) : std::nullopt;
-  return lora_forward(copied(x), copied(w_tensors), w_format, w_shape, w_blocksize, copied(lora_a), copied(lora_b),
-                      scaling, bias_copy, dropout_p, seed);
+  const Tensor x_copy = copied(x), a_copy = copied(lora_a), b_copy = copied(lora_b);
+  const std::vector<Tensor> w_copy = copied(w_tensors);
+  const int64_t launches_before = launches(), allocations_before = allocations();
+  auto outputs = lora_forward(x_copy, w_copy, w_format, w_shape, w_blocksize, a_copy, b_copy, scaling, bias_copy,
+                              dropout_p, seed);
+  forward_cost() = {launches() - launches_before, allocations() - allocations_before};
+  return outputs;
 }
+
+std::vector<int64_t> last_forward_cost() { return forward_cost(); }
 
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor& u,
                                             at::TensorList w_tensors, c10::string_view w_format,
@@ -168,6 +189,7 @@ TORCH_LIBRARY(fusedlora_emulated, m) {
         "int w_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
+  m.def("last_forward_cost() -> int[]", &last_forward_cost);
   m.def("convert(Tensor values, str type) -> Tensor");
   m.def("mma_tile(Tensor a, Tensor bt, Tensor c, int lane_shift, bool skip_wait) -> Tensor");
 }
