@@ -65,16 +65,16 @@ __device__ __forceinline__ void decode_chunk(const uint4& packed, const float (&
       weights[2 * h] = values.x;
       weights[2 * h + 1] = values.y;
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int b = 0; b < 16; ++b) {
-    const uint32_t byte = byte_of(packed, b);
-    if constexpr (FMT == kNf4 || FMT == kFp4) {
-      weights[2 * b] = pairs[byte][0];
-      weights[2 * b + 1] = pairs[byte][1];
-    } else {
-      weights[b] = static_cast<float>(static_cast<int8_t>(byte));
+    for (int b = 0; b < 16; ++b) {
+      const uint32_t byte = byte_of(packed, b);
+      if constexpr (FMT == kNf4 || FMT == kFp4) {
+        weights[2 * b] = pairs[byte][0];
+        weights[2 * b + 1] = pairs[byte][1];
+      } else {
+        weights[b] = static_cast<float>(static_cast<int8_t>(byte));
+      }
     }
   }
 }
@@ -124,11 +124,10 @@ __device__ __forceinline__ float transposed_sum(float (&v)[COUNT], int part) {
 // keeps its x chunk in registers and does not issue the other rows' predicated-off work.
 // VECTORIZED: W is read in 16-byte chunks (the launcher checked the layout), else weight by weight.
 // lora_a.data null: no LoRA term (u is written as zeros). Grid: (groups, slices).
-template <typename T, int FMT, int ROWS, bool VECTORIZED>
+template <int FMT, int ROWS, bool VECTORIZED>
 __global__ void __launch_bounds__(kThreads)
-    small_m_kernel(const T* __restrict__ x, int64_t ld_x, WeightView w, Operand lora_a,
-                   Operand lora_b, Operand bias, float scaling, Dropout dropout, T* __restrict__ y, int64_t ld_y,
-                   Operand u, float* __restrict__ partial, float* __restrict__ u_partial, int* __restrict__ counters,
+    small_m_kernel(Operand x, WeightView w, Operand lora_a, Operand lora_b, Operand bias, float scaling,
+                   Dropout dropout, Operand y, Operand u, float* __restrict__ partial, float* __restrict__ u_partial, int* __restrict__ counters,
                    int rows, int64_t columns, int64_t k, int rank, int slice_steps) {
   constexpr int kChunk = chunk_elements<FMT>();
   constexpr int kStep = kLanesPerColumn * kChunk;
@@ -142,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
   const int length = static_cast<int>(min(static_cast<int64_t>(slice_steps) * kStep, k - k_begin));
   for (int i = threadIdx.x; i < rows * length; i += kThreads) {
     const int m = i / length, column = i % length;
-    xs[m][column] = to_float(x[m * ld_x + k_begin + column]);
+    xs[m][column] = load_float(x, m, k_begin + column);
   }
   if constexpr (FMT == kNf4 || FMT == kFp4) {
     const float* table = FMT == kNf4 ? kNf4Code : kFp4Code;
@@ -200,18 +199,24 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-  } else {  // any layout: each weight dequantized on its own
+  } else {  // any layout: each weight dequantized on its own, the columns not unrolled (code size)
     for (int step = 0; step < slice_steps; ++step) {
       const int offset = step * kStep + part * kChunk;
-#pragma unroll
+#pragma unroll 1
       for (int c = 0; c < kColumnsPerLane; ++c) {
         const int64_t n = first + c * kColumnStride;
+        float sums[ROWS] = {};
         for (int i = offset; n < columns && i < min(offset + kChunk, length); ++i) {
           const float weight = weight_value<FMT>(w, n, k_begin + i);
 #pragma unroll
           for (int m = 0; m < ROWS; ++m)
-            if (m < rows) acc[m][c] = fmaf(weight, xs[m][i], acc[m][c]);
+            if (m < rows) sums[m] = fmaf(weight, xs[m][i], sums[m]);
         }
+#pragma unroll
+        for (int slot = 0; slot < kColumnsPerLane; ++slot)  // constant indices keep acc in registers
+#pragma unroll
+          for (int m = 0; m < ROWS; ++m)
+            if (slot == c) acc[m][slot] += sums[m];
       }
     }
   }
@@ -280,7 +285,7 @@ __global__ void __launch_bounds__(kThreads)
     const float scale = row_scale<FMT>(w, n), shift = bias.data ? load_float(bias, 0, n) : 0.0f;
 #pragma unroll
     for (int m = 0; m < ROWS; ++m)
-      if (m < rows) y[m * ld_y + n] = from_float<T>(fmaf(value[m], scale, shift) + scaling * lora[m]);
+      if (m < rows) store_float(y, m, n, fmaf(value[m], scale, shift) + scaling * lora[m]);
   }
   for (int i = threadIdx.x; group == 0 && i < rows * rank; i += kThreads)
     store_float(u, i / rank, i % rank, has_lora ? u_sums[i / rank][i % rank] : 0.0f);
@@ -359,20 +364,18 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   if (slices > 1) scratch = split_k_scratch(x, slices * rows * (columns + groups * rank), groups);
   float* u_partial = scratch.first ? scratch.first + slices * rows * columns : nullptr;
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices));
-  FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_small_m", [&] {
-    using T = typename CudaType<scalar_t>::type;
-    dispatch_format(w.fmt, [&](auto fmt) {
-      constexpr int kFmt = decltype(fmt)::value;
-      auto kernel = rows == 1 ? small_m_kernel<T, kFmt, 1, false> : small_m_kernel<T, kFmt, kSmallMMaxRows, false>;
-      if constexpr (kFmt != kDense) {
-        if (vectorized) kernel = rows == 1 ? small_m_kernel<T, kFmt, 1, true> : small_m_kernel<T, kFmt, kSmallMMaxRows, true>;
-      }
-      launch(kernel, grid, dim3(kThreads), reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), w,
-             a_operand, b_operand, bias_operand, static_cast<float>(scaling), dropout,
-             reinterpret_cast<T*>(y.data_ptr<scalar_t>()), y.stride(0), u_operand, scratch.first, u_partial,
-             scratch.second, static_cast<int>(rows), columns, k, static_cast<int>(rank),
-             static_cast<int>(slice_steps));
-    });
+  at::Tensor x_kept = x, y_view = y;
+  const Operand x_operand = operand(x, x_kept), y_operand = operand(y, y_view);
+  TORCH_CHECK(y_view.data_ptr() == y.data_ptr(), "fusedlora: y must be fp32, fp16 or bf16 with unit column stride");
+  dispatch_format(w.fmt, [&](auto fmt) {
+    constexpr int kFmt = decltype(fmt)::value;
+    auto kernel = rows == 1 ? small_m_kernel<kFmt, 1, false> : small_m_kernel<kFmt, kSmallMMaxRows, false>;
+    if constexpr (kFmt != kDense) {
+      if (vectorized) kernel = rows == 1 ? small_m_kernel<kFmt, 1, true> : small_m_kernel<kFmt, kSmallMMaxRows, true>;
+    }
+    launch(kernel, grid, dim3(kThreads), x_operand, w, a_operand, b_operand, bias_operand, static_cast<float>(scaling),
+           dropout, y_operand, u_operand, scratch.first, u_partial, scratch.second, static_cast<int>(rows), columns,
+           k, static_cast<int>(rank), static_cast<int>(slice_steps));
   });
 }
 

@@ -7,7 +7,7 @@ SASS, and a MODEL of the CUDA backend's time in the headline cases.
 The .cu files are compiled to cubins with nvcc, the extension's flags (fusedlora/toolkit.py) and
 torch's (its half/bfloat16 macros and headers), once per source content, command, toolchain and
 arch (cached under ~/.cache/fusedlora/sass; a snapshot of csrc/ is what is hashed and compiled).
-The bf16 instantiations are the headline cases'.
+The bf16 instantiations are the headline cases' (the small-M kernel takes any activation dtype at run time).
 
 The kernels' tiles are read from csrc/ (their `constexpr` constants), so the work model follows
 the source. Main loops: the GEMMs' is the loop of their WMMA (HMMA) instructions, the small-M
@@ -60,7 +60,7 @@ def constant(source: str, name: str) -> int:
 
 def _demangle(mangled: str):
     """(kernel, template arguments) of a mangled kernel name: ("gemm_kernel", ("bf16", 3, 0)),
-    ("small_m_kernel", ("bf16", 3, 1, True))."""
+    ("small_m_kernel", (3, 1, True))."""
     match = _MANGLED.search(mangled)
     if not match:
         return None
@@ -234,7 +234,7 @@ def _launches(case: Case) -> list:
     fmt = FORMAT_IDS[case.fmt]
     most = constant("kernels.h", "kSmallMMaxRows")
     if case.m <= most:  # one launch, unrolled for one row or for the most; 16-byte chunks but for dense W
-        launches = [(("small_m_kernel", ("bf16", fmt, 1 if case.m == 1 else most, case.fmt != "dense")), None)]
+        launches = [(("small_m_kernel", (fmt, 1 if case.m == 1 else most, case.fmt != "dense")), None)]
     else:
         launches = [(("shrink_kernel", ("bf16",)), None), (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
     if not case.decode:
