@@ -36,6 +36,7 @@ constexpr int kColumnsPerLane = 8;  // one per lane of its column, for the trans
 constexpr int kMaxSliceSteps = 4;
 constexpr int kMaxRank = 256;
 constexpr int kChunkBytes = 16;
+constexpr int kSkew = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kColumnStride = 32 / kLanesPerColumn;                // a lane's columns are this far apart
 constexpr int kColumns = kWarps * kColumnStride * kColumnsPerLane;  // 256 per block
@@ -45,6 +46,12 @@ static_assert(kColumnsPerLane == kLanesPerColumn, "the transposed sum leaves eac
 template <int FMT>
 constexpr int chunk_elements() {  // weights per 16 bytes
   return FMT == kNf4 || FMT == kFp4 ? 32 : 16;
+}
+
+// Where x's slice element i lives in shared memory: kSkew floats after each chunk.
+template <int CHUNK>
+__device__ __forceinline__ int skewed(int i) {
+  return i / CHUNK * (CHUNK + kSkew) + i % CHUNK;
 }
 
 __device__ __forceinline__ uint32_t byte_of(const uint4& packed, int b) {
@@ -131,7 +138,10 @@ __global__ void __launch_bounds__(kThreads)
                    int rows, int64_t columns, int64_t k, int rank, int slice_steps) {
   constexpr int kChunk = chunk_elements<FMT>();
   constexpr int kStep = kLanesPerColumn * kChunk;
-  auto& xs = shared_array<float[ROWS][kMaxSliceSteps * kMaxStep], __LINE__>();
+  // x's slice, each chunk followed by 4 unused floats: the 8 lanes of a column read chunks that
+  // are then 16 bytes apart in the banks, not 128 (one bank group, 8 ways conflicted).
+  constexpr int kSkewedLength = kMaxSliceSteps * kStep / kChunk * (kChunk + kSkew);
+  auto& xs = shared_array<float[ROWS][kSkewedLength], __LINE__>();
   auto& u_sums = shared_array<float[ROWS][kMaxRank], __LINE__>();
   auto& pairs = shared_array<float[256][2], __LINE__>();  // each byte's two 4-bit codes: one 8-byte lookup
   auto& last_block = shared_array<int[1], __LINE__>();
@@ -141,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
   const int length = static_cast<int>(min(static_cast<int64_t>(slice_steps) * kStep, k - k_begin));
   for (int i = threadIdx.x; i < rows * length; i += kThreads) {
     const int m = i / length, column = i % length;
-    xs[m][column] = load_float(x, m, k_begin + column);
+    xs[m][skewed<kChunk>(column)] = load_float(x, m, k_begin + column);
   }
   if constexpr (FMT == kNf4 || FMT == kFp4) {
     const float* table = FMT == kNf4 ? kNf4Code : kFp4Code;
@@ -173,6 +183,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int step = 0; step < slice_steps; ++step) {
       const int offset = step * kStep + part * kChunk;  // in the slice
       if (offset >= length) break;                      // K is a multiple of the chunk: a chunk is whole or absent
+      const int x_at = (step * kLanesPerColumn + part) * (kChunk + kSkew);  // skewed(offset), visibly 16-byte aligned
       uint4 packed[kColumnsPerLane];
       float factor[kColumnsPerLane];
 #pragma unroll
@@ -184,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
       float x_chunk[ROWS == 1 ? kChunk : 1];
       if constexpr (ROWS == 1) {
 #pragma unroll
-        for (int i = 0; i < kChunk; ++i) x_chunk[i] = xs[0][offset + i];
+        for (int i = 0; i < kChunk; ++i) x_chunk[i] = xs[0][x_at + i];
       }
 #pragma unroll
       for (int c = 0; c < kColumnsPerLane; ++c) {
@@ -195,7 +206,7 @@ __global__ void __launch_bounds__(kThreads)
         } else {
 #pragma unroll
           for (int m = 0; m < ROWS; ++m)
-            if (m < rows) acc[m][c] = fmaf(dot(weights, &xs[m][offset]), factor[c], acc[m][c]);
+            if (m < rows) acc[m][c] = fmaf(dot(weights, &xs[m][x_at]), factor[c], acc[m][c]);
         }
       }
     }
@@ -210,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
           const float weight = weight_value<FMT>(w, n, k_begin + i);
 #pragma unroll
           for (int m = 0; m < ROWS; ++m)
-            if (m < rows) sums[m] = fmaf(weight, xs[m][i], sums[m]);
+            if (m < rows) sums[m] = fmaf(weight, xs[m][skewed<kChunk>(i)], sums[m]);
         }
 #pragma unroll
         for (int slot = 0; slot < kColumnsPerLane; ++slot)  // constant indices keep acc in registers
@@ -233,7 +244,7 @@ __global__ void __launch_bounds__(kThreads)
         const float a = load_float(lora_a, j, k_begin + i);
 #pragma unroll
         for (int m = 0; m < ROWS; ++m)
-          if (m < rows) sums[m] = fmaf(dropped(dropout, xs[m][i], m, k_begin + i, k), a, sums[m]);
+          if (m < rows) sums[m] = fmaf(dropped(dropout, xs[m][skewed<kChunk>(i)], m, k_begin + i, k), a, sums[m]);
       }
 #pragma unroll
       for (int m = 0; m < ROWS; ++m) {
@@ -304,15 +315,16 @@ Operand operand(const at::Tensor& t, at::Tensor& keep) {
                  keep.dim() == 2 ? keep.stride(0) : 0};
 }
 
+struct Scratch {
+  at::Tensor partials, counters;
+};
+
 // fp32 scratch for the partial sums (no initial values needed) and int32 counters (zero, and left
 // zero by the kernel): one set per device and stream, grown on demand, so that a warm call
 // allocates only its outputs (launches on one stream run in order). A call captured into a CUDA
 // graph gets its own, zeroed inside the graph and kept for the life of the process: the graph's
 // replays use them whatever eager calls do to the shared set.
-std::pair<float*, int*> split_k_scratch(const at::Tensor& like, int64_t floats, int64_t counters) {
-  struct Scratch {
-    at::Tensor partials, counters;
-  };
+Scratch split_k_scratch(const at::Tensor& like, int64_t floats, int64_t counters) {
   static std::mutex mutex;
   static std::map<std::pair<int64_t, int64_t>, Scratch> shared;
   static std::vector<Scratch> captured;
@@ -325,7 +337,7 @@ std::pair<float*, int*> split_k_scratch(const at::Tensor& like, int64_t floats, 
   if (!scratch.counters.defined() || scratch.counters.numel() < counters)
     scratch.counters = at::zeros({counters}, like.options().dtype(at::kInt));
   if (capturing) captured.push_back(scratch);
-  return {scratch.partials.data_ptr<float>(), scratch.counters.data_ptr<int>()};
+  return scratch;  // the caller's references keep these alive until its launch, whatever another thread grows
 }
 
 }  // namespace
@@ -346,7 +358,7 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   // eight-bit ones), 4-bit rows holding whole absmax blocks; otherwise the any-layout path.
   const bool four_bit = w.fmt == kNf4 || w.fmt == kFp4;
   const int64_t chunk = four_bit ? 32 : 16;
-  const bool vectorized = w.fmt != kDense && aligned16(w.data) && k % chunk == 0 &&
+  const bool vectorized = w.fmt != kDense && columns > 0 && aligned16(w.data) && k % chunk == 0 &&
                           (four_bit ? w.blocksize % 32 == 0 && k % w.blocksize == 0 &&
                                           columns * k / w.blocksize <= std::numeric_limits<uint32_t>::max()
                                     : w.stride_n % 16 == 0);
@@ -356,13 +368,16 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   const Operand b_operand = has_lora ? operand(lora_b, b_kept) : Operand{};
   const Operand bias_operand = bias.defined() ? operand(bias, bias_kept) : Operand{};
   const Operand u_operand = operand(u, u_view);  // written: it must be used as it is
-  TORCH_CHECK(u_view.data_ptr() == u.data_ptr(), "fusedlora: u must be fp32, fp16 or bf16 with unit column stride");
+  TORCH_CHECK(u_view.data_ptr() == u.data_ptr(), "fusedlora: the CUDA small-M path takes fp32, fp16 or bf16 LoRA "
+              "factors (u is written in their dtype, with unit column stride), got u of dtype ", u.scalar_type());
   const int64_t groups = std::max<int64_t>(1, cdiv(columns, kColumns)), steps = std::max<int64_t>(1, cdiv(k, chunk * kLanesPerColumn));
   const int64_t slice_steps = small_m_slice_steps(columns, steps, multiprocessor_count());
   const int64_t slices = cdiv(steps, slice_steps);
-  std::pair<float*, int*> scratch{nullptr, nullptr};
-  if (slices > 1) scratch = split_k_scratch(x, slices * rows * (columns + groups * rank), groups);
-  float* u_partial = scratch.first ? scratch.first + slices * rows * columns : nullptr;
+  TORCH_CHECK(slices <= 65535, "fusedlora: K = ", k, " is too long for the CUDA small-M kernel (", slices, " slices)");
+  const Scratch scratch = slices > 1 ? split_k_scratch(x, slices * rows * (columns + groups * rank), groups) : Scratch{};
+  float* partial = scratch.partials.defined() ? scratch.partials.data_ptr<float>() : nullptr;
+  int* counters = scratch.counters.defined() ? scratch.counters.data_ptr<int>() : nullptr;
+  float* u_partial = partial ? partial + slices * rows * columns : nullptr;
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices));
   at::Tensor x_kept = x, y_view = y;
   const Operand x_operand = operand(x, x_kept), y_operand = operand(y, y_view);
@@ -374,7 +389,7 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
       if (vectorized) kernel = rows == 1 ? small_m_kernel<kFmt, 1, true> : small_m_kernel<kFmt, kSmallMMaxRows, true>;
     }
     launch(kernel, grid, dim3(kThreads), x_operand, w, a_operand, b_operand, bias_operand, static_cast<float>(scaling),
-           dropout, y_operand, u_operand, scratch.first, u_partial, scratch.second, static_cast<int>(rows), columns,
+           dropout, y_operand, u_operand, partial, u_partial, counters, static_cast<int>(rows), columns,
            k, static_cast<int>(rank), static_cast<int>(slice_steps));
   });
 }

@@ -76,7 +76,7 @@ class Case:
 
 
 def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
-    """Run the emulated forward and backward of `case` under `schedule` and compare y, dx, dA and
+    """Run the emulated forward and backward of `case` under `schedule` and compare y, u, dx, dA and
     dB with the float64 oracle (the shared tolerance table); raises AssertionError."""
     from fusedlora import quantize
     from fusedlora.dropout import keep_mask
@@ -108,9 +108,12 @@ def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
     keep = keep_mask((case.m, case.k), case.p, 1234) if case.p > 0 else None
     y_ref, (dx_ref, dA_ref, dB_ref, _) = float64_oracle(x, weight.dequantize(torch.float64), lora_A, lora_B, scaling,
                                                         bias, keep, case.p, grad_y)
+    dropped = x.double() if keep is None else torch.where(keep, x.double() / (1 - case.p), 0.0)
+    u_ref = dropped @ lora_A.double().t()
     where = f"{case.label} ({schedule} schedule)"
     assert y.dtype == case.dtype and dA.dtype == dB.dtype == case.dtype, where
     assert_close(y, y_ref, case.dtype, f"y of {where}")
+    assert_close(u, u_ref, u.dtype, f"u of {where}")
     if case.need_dx:
         assert_close(dx, dx_ref, case.dtype, f"dx of {where}")
     else:

@@ -62,7 +62,8 @@ def _matrix() -> list[Case]:
         Case(36, 48, 70, 4, "int8", torch.bfloat16, deterministic=True, need_dx=False),
         # Small M split over K (the harness's GPU has 4 SMs): slices summed by the last block of a group
         Case(1, 1024, 300, 8, "nf4", torch.bfloat16),  # two groups, the second ragged; four slices
-        Case(3, 640, 40, 16, "int8", torch.float16, p=0.1),  # five slices, the last one step short
+        Case(3, 640, 40, 16, "int8", torch.float16, p=0.1),  # five slices of one step
+        Case(3, 2304, 600, 8, "nf4", torch.bfloat16),  # three groups; three slices, the last one step short
         Case(2, 2048, 1100, 4, "fp8", torch.bfloat16, bias=False, need_dx=False),  # four steps per slice
         Case(1, 512, 40, 4, "nf4", torch.float32, blocksize=512),  # an absmax block longer than a step
         Case(1, 600, 70, 4, "dense", torch.bfloat16, weight_dtype=torch.float16),  # any-layout path, ragged K
