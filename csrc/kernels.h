@@ -1,6 +1,7 @@
 // The CUDA backend's host functions (lora_ops.cpp), and the launchers of its kernels that they call.
 // Every tensor is on the current CUDA device, row-major with unit stride along its last dimension;
-// the LoRA tensors (u, du, A, B, bias) are fp32 unless a launcher says otherwise. Each launcher checks its launch (device.cuh).
+// the LoRA tensors (u, du, A, B, bias) are fp32 unless a launcher says otherwise. Each launcher
+// checks its launch (device.cuh).
 #pragma once
 
 #include <ATen/core/Tensor.h>

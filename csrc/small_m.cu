@@ -40,7 +40,6 @@ constexpr int kSkew = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kColumnStride = 32 / kLanesPerColumn;                // a lane's columns are this far apart
 constexpr int kColumns = kWarps * kColumnStride * kColumnsPerLane;  // 256 per block
-constexpr int kMaxStep = kLanesPerColumn * 32;                     // K per step: 32 four-bit weights a chunk
 static_assert(kColumnsPerLane == kLanesPerColumn, "the transposed sum leaves each lane of a column one column");
 
 template <int FMT>
@@ -134,8 +133,8 @@ __device__ __forceinline__ float transposed_sum(float (&v)[COUNT], int part) {
 template <int FMT, int ROWS, bool VECTORIZED>
 __global__ void __launch_bounds__(kThreads)
     small_m_kernel(Operand x, WeightView w, Operand lora_a, Operand lora_b, Operand bias, float scaling,
-                   Dropout dropout, Operand y, Operand u, float* __restrict__ partial, float* __restrict__ u_partial, int* __restrict__ counters,
-                   int rows, int64_t columns, int64_t k, int rank, int slice_steps) {
+                   Dropout dropout, Operand y, Operand u, float* __restrict__ partial, float* __restrict__ u_partial,
+                   int* __restrict__ counters, int rows, int64_t columns, int64_t k, int rank, int slice_steps) {
   constexpr int kChunk = chunk_elements<FMT>();
   constexpr int kStep = kLanesPerColumn * kChunk;
   // x's slice, each chunk followed by 4 unused floats: the 8 lanes of a column read chunks that
@@ -351,7 +350,8 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
                             const at::Tensor& lora_b, const at::Tensor& bias, double scaling, const Dropout& dropout,
                             at::Tensor& y, at::Tensor& u) {
   const int64_t rows = x.size(0), k = x.size(1), columns = y.size(1), rank = u.size(1);
-  TORCH_CHECK(rows <= kSmallMMaxRows, "fusedlora: the small-M kernel takes at most ", kSmallMMaxRows, " rows, got ", rows);
+  TORCH_CHECK(rows <= kSmallMMaxRows, "fusedlora: the small-M kernel takes at most ", kSmallMMaxRows, " rows, got ",
+              rows);
   TORCH_CHECK(rank <= kMaxRank, "fusedlora: the CUDA backend takes a LoRA rank of at most ", kMaxRank, ", got ", rank);
   if (rows == 0) return;
   // The chunked paths read 16 bytes of W at a time from a multiple of 16 (32 four-bit weights, 16
@@ -370,11 +370,13 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   const Operand u_operand = operand(u, u_view);  // written: it must be used as it is
   TORCH_CHECK(u_view.data_ptr() == u.data_ptr(), "fusedlora: the CUDA small-M path takes fp32, fp16 or bf16 LoRA "
               "factors (u is written in their dtype, with unit column stride), got u of dtype ", u.scalar_type());
-  const int64_t groups = std::max<int64_t>(1, cdiv(columns, kColumns)), steps = std::max<int64_t>(1, cdiv(k, chunk * kLanesPerColumn));
+  const int64_t groups = std::max<int64_t>(1, cdiv(columns, kColumns));
+  const int64_t steps = std::max<int64_t>(1, cdiv(k, chunk * kLanesPerColumn));
   const int64_t slice_steps = small_m_slice_steps(columns, steps, multiprocessor_count());
   const int64_t slices = cdiv(steps, slice_steps);
   TORCH_CHECK(slices <= 65535, "fusedlora: K = ", k, " is too long for the CUDA small-M kernel (", slices, " slices)");
-  const Scratch scratch = slices > 1 ? split_k_scratch(x, slices * rows * (columns + groups * rank), groups) : Scratch{};
+  const Scratch scratch =
+      slices > 1 ? split_k_scratch(x, slices * rows * (columns + groups * rank), groups) : Scratch{};
   float* partial = scratch.partials.defined() ? scratch.partials.data_ptr<float>() : nullptr;
   int* counters = scratch.counters.defined() ? scratch.counters.data_ptr<int>() : nullptr;
   float* u_partial = partial ? partial + slices * rows * columns : nullptr;
