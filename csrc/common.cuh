@@ -77,9 +77,7 @@ __device__ __forceinline__ float weight_value(const WeightView& w, int64_t n, in
   } else if constexpr (FMT == kFp8) {
     return static_cast<float>(static_cast<const __nv_fp8_e4m3*>(w.data)[n * w.stride_n + k]);
   } else {
-    if (w.dense_type == kFloat16) return __half2float(static_cast<const __half*>(w.data)[n * w.stride_n + k]);
-    if (w.dense_type == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(w.data)[n * w.stride_n + k]);
-    return static_cast<const float*>(w.data)[n * w.stride_n + k];
+    return load_float(Operand{w.data, w.dense_type, w.stride_n}, n, k);
   }
 }
 
