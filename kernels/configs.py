@@ -142,10 +142,12 @@ def shrink_config(m: int, block_r: int) -> SkinnyConfig:
     return SkinnyConfig({"BLOCK_M": 64 if m >= 4096 else 32, "BLOCK_K": 64}, num_warps=4)
 
 
-def small_m_config(n: int, k: int, sm_count: int) -> tuple[SkinnyConfig, int]:
+def small_m_config(n: int, k: int, sm_count: int, fmt_id: int) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the small-M kernel: enough programs to keep every SM streaming W.
-    BLOCK_K = 64 keeps a 4-bit tile within one absmax block per row (blocksize >= 64)."""
-    block_n = 64
+    BLOCK_K = 64 keeps a 4-bit tile within one absmax block per row (blocksize >= 64). A quantized
+    W takes 128 rows a program, which halves the per-step cost of x and the LoRA product per
+    weight element; a dense W, which needs no decoding, keeps 64 and more programs per SM."""
+    block_n = 64 if fmt_id == FORMAT_IDS["dense"] else 128
     tiles = triton.cdiv(n, block_n)
     split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
     return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k

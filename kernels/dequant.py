@@ -46,7 +46,10 @@ def four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_pt
     n = offs_n.to(tl.int64)[:, None]
     n_mask = (offs_n < N)[:, None]
     offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    byte_mask = n_mask & (offs_byte < K // 2)[None, :]
+    if K_ALIGNED and BLOCK_K <= BLOCKSIZE:  # BLOCK_K divides K: no tile crosses it
+        byte_mask = n_mask & (offs_byte >= 0)[None, :]
+    else:
+        byte_mask = n_mask & (offs_byte < K // 2)[None, :]
     byte = tl.load(w_ptr + n * stride_wn + offs_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
     if K_ALIGNED and BLOCK_K <= BLOCKSIZE:
         absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
@@ -58,6 +61,55 @@ def four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_pt
     even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
     odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     return even, odd, absmax
+
+
+@triton.jit
+def _columns_of_bytes(x_half):
+    """The (BLOCK_K/8, 4) columns of x that meet bytes 0..3 of each 32-bit word, as a tuple of four
+    (BLOCK_K/8,) tensors (byte j of word w holds elements 8w + 2j and 8w + 2j + 1)."""
+    x02, x13 = tl.split(tl.reshape(x_half, (x_half.shape[0], 2, 2)))
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def four_bit_tile_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                          x, offs_n, k0, N, K, stride_wn,
+                          NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k W[offs_n, k]·x[k] over k0 <= k < k0 + BLOCK_K, as (len(offs_n), 1) fp32, for a 4-bit W whose
+    step lies in one absmax block per row (K a multiple of BLOCKSIZE >= BLOCK_K) and whose storage
+    is 4-byte aligned; x is the step's (BLOCK_K,) fp32 values.
+
+    W is read as 32-bit words; byte j of every word is looked up in the 256-entry pair table,
+    gathered from shared memory (32-bit addresses; a global table costs a 64-bit address per
+    byte), and its two codes meet x's matching columns in one chain of FMAs per word (a
+    reduction tree would spend a multiply and an add per element); one absmax per row scales
+    the row's sum. docs/design.md §9 counts the instructions."""
+    n = offs_n.to(tl.int64)[:, None]
+    n_mask = (offs_n < N)[:, None]
+    offs_word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + n * (stride_wn // 4) + offs_word[None, :],
+                    mask=n_mask & (offs_word >= 0)[None, :], other=0)  # mask constant along K: 16-byte loads
+    absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
+                           nested_code_ptr, nested_offset_ptr, NESTED)
+    table = tl.load((code_ptr + 16).to(tl.pointer_type(tl.int64), bitcast=True) + tl.arange(0, 256))
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 8, 4, 2)))
+    x_high = _columns_of_bytes(x_even)
+    x_low = _columns_of_bytes(x_odd)
+    bytes4 = tl.join(tl.join(words & 0xFF, (words >> 16) & 0xFF), tl.join((words >> 8) & 0xFF, (words >> 24) & 0xFF))
+    pairs = tl.reshape(tl.gather(table, tl.reshape(bytes4, (offs_n.shape[0] * (BLOCK_K // 8) * 4,)), 0),
+                       (offs_n.shape[0], BLOCK_K // 8, 2, 2))
+    p02, p13 = tl.split(pairs)
+    p0, p2 = tl.split(p02)
+    p1, p3 = tl.split(p13)
+    ps = (p0, p1, p2, p3)
+    sums = tl.zeros(words.shape, dtype=tl.float32)
+    for j in tl.static_range(4):
+        pair = ps[j]
+        sums += (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * x_high[j][None, :]
+        sums += (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_low[j][None, :]
+    return tl.sum(sums, axis=1, keep_dims=True) * absmax
 
 
 @triton.jit

@@ -14,7 +14,7 @@ dtype. The LoRA term and the bias are added in the epilogue, so y is written exa
 import triton
 import triton.language as tl
 
-from .dequant import FP4, FP8, INT8, NF4, four_bit_pairs, load_weight, row_scale
+from .dequant import FP4, FP8, INT8, NF4, four_bit_pairs, four_bit_tile_times_x, load_weight, row_scale
 from .dropout import RUNTIME_INTS, dropped
 from .tiling import grouped_tile
 
@@ -63,6 +63,14 @@ def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, 
     is masked at K, and x's zeros cover the rest."""
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    if W_ROWS_FIRST and (FMT == NF4 or FMT == FP4) and PAIRED and K_ALIGNED and BLOCK_K <= BLOCKSIZE:
+        # One absmax per row: it scales the step's (BLOCK_N, BLOCK_M) product, not each code.
+        even, odd, absmax = four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                           nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE,
+                                           K_ALIGNED, BLOCK_K)
+        codes = tl.reshape(tl.join(even, odd), (offs_n.shape[0], BLOCK_K))
+        acc += tl.dot(codes.to(X_DOT), tl.trans(x.to(X_DOT)), input_precision=X_PRECISION) * absmax
+        return acc, x
     w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                     offs_n, k0, N, K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED, BLOCK_K)
     if W_ROWS_FIRST:
@@ -232,15 +240,19 @@ def lora_small_m_kernel(
 def _row_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, x_ptr,
                  offs_n, k0, k_end, N, K, stride_wn, stride_xk,
                  FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-                 PAIRED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PAIRED: tl.constexpr, WORD_ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """Σ_k W[offs_n, k]·x[k] over k0 <= k < min(k0 + BLOCK_K, k_end), as (len(offs_n), 1) fp32, and
-    the x tile (BLOCK_K,) fp32. A PAIRED 4-bit tile multiplies its even and odd codes by x's even
+    the x tile (BLOCK_K,) fp32. A 4-bit step in one absmax block per row, from word-aligned
+    storage, is `four_bit_tile_times_x`; another PAIRED 4-bit tile multiplies its even and odd codes by x's even
     and odd columns (no interleave), and one absmax per row scales the row's sum, not each code."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     if EVEN_K:  # no tile crosses K or a slice's end
         x = tl.load(x_ptr + offs_k * stride_xk).to(tl.float32)
     else:
         x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < k_end, other=0.0).to(tl.float32)
+    if (FMT == NF4 or FMT == FP4) and PAIRED and K_ALIGNED and BLOCK_K <= BLOCKSIZE and WORD_ALIGNED:
+        return four_bit_tile_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                                     x, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE, BLOCK_K), x
     if (FMT == NF4 or FMT == FP4) and PAIRED:
         x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
         even, odd, absmax = four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
@@ -261,8 +273,8 @@ def lora_gemv_kernel(
     a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, partial_ptr, u_partial_ptr, counter_ptr,
     N, K, R, scaling, seed, threshold, keep_scale, stride_xk, stride_wn, stride_ar, stride_bn,
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-    PAIRED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PAIRED: tl.constexpr, WORD_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One row of x (M = 1, decode): y = x·deq(W)ᵀ [·row_scale] + bias + s·u·Bᵀ and u = drop(x)·Aᵀ
     in one launch, with fp32 FMAs (no MMA has a dimension of 1), the weight read once.
@@ -271,7 +283,8 @@ def lora_gemv_kernel(
     sums its W tile times x along K per row, and adds x times A's tile into u's partial products.
     The slices meet in each column's last program (`_sum_of_slices`; partial_ptr (SPLIT_K, N),
     u_partial_ptr (cdiv(N, BLOCK_N), SPLIT_K, R), counter_ptr as there), which adds the epilogue.
-    EVEN_K says BLOCK_K divides K. Grid: (cdiv(N, BLOCK_N), SPLIT_K). Needs R <= BLOCK_R.
+    EVEN_K says BLOCK_K divides K; WORD_ALIGNED that W's storage starts on 4 bytes (a 4-bit W is
+    then read as words, `four_bit_tile_times_x`). Grid: (cdiv(N, BLOCK_N), SPLIT_K). Needs R <= BLOCK_R.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -288,7 +301,7 @@ def lora_gemv_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         partial, x = _row_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                                   x_ptr, offs_n, k0, k_end, N, K, stride_wn, stride_xk, FMT, NESTED, BLOCKSIZE,
-                                  K_ALIGNED, PAIRED, EVEN_K, BLOCK_K)
+                                  K_ALIGNED, PAIRED, WORD_ALIGNED, EVEN_K, BLOCK_K)
         acc += partial
         if HAS_LORA:
             offs_k = k0 + tl.arange(0, BLOCK_K)

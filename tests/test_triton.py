@@ -25,7 +25,7 @@ configs = pytest.importorskip("fusedlora.kernels.configs")
 
 FORMATS = ["nf4", "fp4", "int8", "fp8", "dense"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 64, 80), (7, 96, 136), (33, 192, 80)]  # (M, K, N): both forward paths, ragged tiles
+SHAPES = [(1, 64, 80), (7, 96, 136), (5, 128, 72), (33, 192, 80)]  # (M, K, N): every forward path, ragged tiles
 RANKS = [1, 8, 12, 16]
 
 
@@ -138,6 +138,32 @@ def test_small_m_is_one_launch_that_allocates_only_its_outputs(monkeypatch, m, k
     assert all(not counter.any() for _, counter in launch._SCRATCH.values())
     torch.testing.assert_close(y, y_one, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(u, u_one, rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_4bit_reads_words_only_from_word_aligned_storage(monkeypatch):
+    """The one-row kernel reads a 4-bit W as 32-bit words only where its storage starts on 4 bytes;
+    packed codes at an odd byte offset (a view into a larger buffer) take the byte path, and both
+    give the same y and u."""
+    weight = quantize(random_weight(80, 192, generator=torch.Generator().manual_seed(3)), "nf4")
+    buffer = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8)
+    shifted = formats.FourBitWeight("nf4", buffer[1:].view_as(weight.packed), weight.absmax, weight.shape,
+                                    weight.dtype, weight.blocksize, weight.nested_absmax, weight.nested_code,
+                                    weight.nested_offset)
+    shifted.packed.copy_(weight.packed)
+    g = torch.Generator().manual_seed(4)
+    x, lora_A, lora_B = torch.randn(1, 192, generator=g), torch.randn(8, 192, generator=g) / 14, \
+        torch.randn(80, 8, generator=g)
+    word_aligned, run = [], launch._run
+    monkeypatch.setattr(launch, "_run", lambda kernel, *a, **kw: (word_aligned.append(kw["WORD_ALIGNED"]),
+                                                                  run(kernel, *a, **kw)))
+    y, u = launch.forward(x, weight, lora_A, lora_B, 1.5, None, 0.0, 3)
+    y_shifted, u_shifted = launch.forward(x, shifted, lora_A, lora_B, 1.5, None, 0.0, 3)
+    assert word_aligned == [True, False]
+    y_ref = x.double() @ weight.dequantize(torch.float64).t() + 1.5 * (x.double() @ lora_A.double().t()) \
+        @ lora_B.double().t()
+    assert_close(y, y_ref, torch.float32, "y")
+    torch.testing.assert_close(y_shifted, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u_shifted, u, rtol=1e-5, atol=1e-5)
 
 
 def test_nd_and_non_contiguous_inputs():

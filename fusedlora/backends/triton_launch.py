@@ -320,7 +320,7 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     if gemv:
         heuristic, split_k = configs.gemv_config(n, k, _sm_count(x.device), w.fmt, w.blocksize, constexprs["BLOCK_R"])
     else:
-        heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device))
+        heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), w.fmt)
     meta, options = _skinny("gemv" if gemv else "small_m", heuristic)
     if INTERPRETING:
         split_k = configs.INTERPRETER["small_m_split_k"]
@@ -333,7 +333,8 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
                   SPLIT_K=split_k, **meta, **options)
     if gemv:
         _run(lora_gemv_kernel, (columns, split_k), *tensors, n, k, r, float(scaling), stride_xk=x.stride(1),
-             EVEN_K=k % meta["BLOCK_K"] == 0, **_gemv_constexprs(constexprs), **common)
+             EVEN_K=k % meta["BLOCK_K"] == 0, WORD_ALIGNED=w.data.data_ptr() % 4 == 0,
+             **_gemv_constexprs(constexprs), **common)
     else:
         _run(lora_small_m_kernel, (columns, split_k), *tensors, m, n, k, r, float(scaling),
              stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ym=y.stride(0), stride_um=u.stride(0),
