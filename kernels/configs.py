@@ -133,8 +133,9 @@ INTERPRETER = {
 }
 
 
-# The skinny configs below compile without register spills on sm_90 and sm_80
-# (`python -m fusedlora inspect --check`; tests/test_inspection.py keeps it so).
+# The skinny configs below compile without register spills on sm_90 and sm_80 up to r = 64
+# (`python -m fusedlora inspect --check`; tests/test_inspection.py keeps it so); the small-M
+# kernel still spills at r >= 128 (docs/design.md §9).
 
 
 def shrink_config(m: int, block_r: int) -> SkinnyConfig:
@@ -142,12 +143,18 @@ def shrink_config(m: int, block_r: int) -> SkinnyConfig:
     return SkinnyConfig({"BLOCK_M": 64 if m >= 4096 else 32, "BLOCK_K": 64}, num_warps=4)
 
 
-def small_m_config(n: int, k: int, sm_count: int, fmt_id: int) -> tuple[SkinnyConfig, int]:
+def small_m_config(n: int, k: int, sm_count: int, fmt_id: int, blocksize: int, block_r: int,
+                   sixteen_bit_x: bool) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the small-M kernel: enough programs to keep every SM streaming W.
     BLOCK_K = 64 keeps a 4-bit tile within one absmax block per row (blocksize >= 64). A quantized
     W takes 128 rows a program, which halves the per-step cost of x and the LoRA product per
-    weight element; a dense W, which needs no decoding, keeps 64 and more programs per SM."""
-    block_n = 64 if fmt_id == FORMAT_IDS["dense"] else 128
+    weight element, where a step needs one absmax per row (as for the one-row kernel), K is a
+    multiple of 64, r <= 16 and x is 16-bit; otherwise 64 rows, which those shapes need not to
+    spill (tests/test_inspection.py compiles them). A dense W, which needs no decoding, keeps 64
+    rows and more programs per SM."""
+    one_absmax_per_row = not is_four_bit(fmt_id) or (k % blocksize == 0 and blocksize >= 64)
+    wide = fmt_id != FORMAT_IDS["dense"] and one_absmax_per_row and k % 64 == 0 and block_r <= 16 and sixteen_bit_x
+    block_n = 128 if wide else 64
     tiles = triton.cdiv(n, block_n)
     split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), triton.cdiv(k, 512)))
     return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k

@@ -15,12 +15,16 @@ import triton
 import triton.language as tl
 
 from fusedlora.contract import FORMAT_IDS
+from fusedlora.formats import codebooks
 
 DENSE = tl.constexpr(FORMAT_IDS["dense"])
 INT8 = tl.constexpr(FORMAT_IDS["int8"])
 FP8 = tl.constexpr(FORMAT_IDS["fp8"])
 NF4 = tl.constexpr(FORMAT_IDS["nf4"])
 FP4 = tl.constexpr(FORMAT_IDS["fp4"])
+PAIRS_FP32 = tl.constexpr(codebooks.PAIRS_FP32)  # where the code table's byte pairs start, in words
+PAIRS_BF16 = tl.constexpr(codebooks.PAIRS_BF16)
+PAIRS_FP16 = tl.constexpr(codebooks.PAIRS_FP16)
 
 
 @triton.jit
@@ -57,7 +61,7 @@ def four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_pt
     else:  # both nibbles of a byte lie in one block (BLOCKSIZE is even)
         absmax = _block_absmax((n * K + 2 * offs_byte[None, :]) // BLOCKSIZE, byte_mask, scale_ptr,
                                nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
-    pair = tl.load((code_ptr + 16).to(tl.pointer_type(tl.int64), bitcast=True) + byte)
+    pair = tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + byte)
     even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
     odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     return even, odd, absmax
@@ -74,42 +78,82 @@ def _columns_of_bytes(x_half):
 
 
 @triton.jit
-def four_bit_tile_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                          x, offs_n, k0, N, K, stride_wn,
-                          NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Σ_k W[offs_n, k]·x[k] over k0 <= k < k0 + BLOCK_K, as (len(offs_n), 1) fp32, for a 4-bit W whose
-    step lies in one absmax block per row (K a multiple of BLOCKSIZE >= BLOCK_K) and whose storage
-    is 4-byte aligned; x is the step's (BLOCK_K,) fp32 values.
-
-    W is read as 32-bit words; byte j of every word is looked up in the 256-entry pair table,
-    gathered from shared memory (32-bit addresses; a global table costs a 64-bit address per
-    byte), and its two codes meet x's matching columns in one chain of FMAs per word (a
-    reduction tree would spend a multiply and an add per element); one absmax per row scales
-    the row's sum. docs/design.md §9 counts the instructions."""
+def _four_bit_words(w_ptr, scale_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, offs_n, k0, N, K,
+                    stride_wn, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A 4-bit step W[offs_n, k0 : k0 + BLOCK_K] that lies in one absmax block per row, from 4-byte
+    aligned storage: its codes as (len(offs_n), BLOCK_K/8) int32 words (16-byte loads: the mask
+    is constant along K) and its (len(offs_n), 1) absmax."""
+    tl.static_assert(BLOCK_K % 8 == 0, "a step of whole 32-bit words")
     n = offs_n.to(tl.int64)[:, None]
     n_mask = (offs_n < N)[:, None]
     offs_word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + n * (stride_wn // 4) + offs_word[None, :],
-                    mask=n_mask & (offs_word >= 0)[None, :], other=0)  # mask constant along K: 16-byte loads
+                    mask=n_mask & (offs_word >= 0)[None, :], other=0)
     absmax = _block_absmax(n * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, scale_ptr, nested_absmax_ptr,
                            nested_code_ptr, nested_offset_ptr, NESTED)
-    table = tl.load((code_ptr + 16).to(tl.pointer_type(tl.int64), bitcast=True) + tl.arange(0, 256))
+    return words, absmax
+
+
+@triton.jit
+def _looked_up_bytes(table, words, BLOCK_K: tl.constexpr):
+    """table[byte] for the four bytes of every word (ROWS, BLOCK_K/8), as (ROWS, BLOCK_K/8, 2, 2):
+    [..., i, j] holds byte 2i + j. One gather: the table sits in shared memory, so each lookup
+    is a 32-bit address folded into the load (a global table costs a 64-bit one per byte)."""
+    rows: tl.constexpr = words.shape[0]
+    bytes4 = tl.join(tl.join(words & 0xFF, (words >> 16) & 0xFF), tl.join((words >> 8) & 0xFF, (words >> 24) & 0xFF))
+    return tl.reshape(tl.gather(table, tl.reshape(bytes4, (rows * (BLOCK_K // 8) * 4,)), 0),
+                      (rows, BLOCK_K // 8, 2, 2))
+
+
+@triton.jit
+def four_bit_tile_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                          x, offs_n, k0, N, K, stride_wn,
+                          NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k W[offs_n, k]·x[k] over k0 <= k < k0 + BLOCK_K, as (len(offs_n), 1) fp32, for a 4-bit step
+    as `_four_bit_words` takes it; x is the step's (BLOCK_K,) fp32 values.
+
+    Each byte's fp32 pair meets x's matching columns in one chain of FMAs per word (a reduction
+    tree would spend a multiply and an add per element); one absmax per row scales the row's
+    sum. docs/design.md §4 counts the instructions."""
+    words, absmax = _four_bit_words(w_ptr, scale_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                                    offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE, BLOCK_K)
+    table = tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + tl.arange(0, 256))
+    pairs02, pairs13 = tl.split(_looked_up_bytes(table, words, BLOCK_K))
+    pair0, pair2 = tl.split(pairs02)
+    pair1, pair3 = tl.split(pairs13)
+    pairs = (pair0, pair1, pair2, pair3)
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 8, 4, 2)))
     x_high = _columns_of_bytes(x_even)
     x_low = _columns_of_bytes(x_odd)
-    bytes4 = tl.join(tl.join(words & 0xFF, (words >> 16) & 0xFF), tl.join((words >> 8) & 0xFF, (words >> 24) & 0xFF))
-    pairs = tl.reshape(tl.gather(table, tl.reshape(bytes4, (offs_n.shape[0] * (BLOCK_K // 8) * 4,)), 0),
-                       (offs_n.shape[0], BLOCK_K // 8, 2, 2))
-    p02, p13 = tl.split(pairs)
-    p0, p2 = tl.split(p02)
-    p1, p3 = tl.split(p13)
-    ps = (p0, p1, p2, p3)
     sums = tl.zeros(words.shape, dtype=tl.float32)
     for j in tl.static_range(4):
-        pair = ps[j]
-        sums += (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * x_high[j][None, :]
-        sums += (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_low[j][None, :]
+        sums += (pairs[j] & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * x_high[j][None, :]
+        sums += (pairs[j] >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_low[j][None, :]
     return tl.sum(sums, axis=1, keep_dims=True) * absmax
+
+
+@triton.jit
+def four_bit_codes(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                   offs_n, k0, N, K, stride_wn,
+                   NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    """A 4-bit step as `_four_bit_words` takes it, as (codes, absmax): the unscaled codes
+    (len(offs_n), BLOCK_K) in the MMA's dtype DOT and the (len(offs_n), 1) fp32 absmax that scales
+    the step's product. A 16-bit DOT looks each byte up in the table's pairs of that dtype: one
+    32-bit word, the MMA operand's two values k and k + 1, with no conversion."""
+    words, absmax = _four_bit_words(w_ptr, scale_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                                    offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE, BLOCK_K)
+    if DOT == tl.float32:
+        table = tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + tl.arange(0, 256))
+        pairs = _looked_up_bytes(table, words, BLOCK_K)
+        high = (pairs & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        low = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        start: tl.constexpr = PAIRS_BF16 if DOT == tl.bfloat16 else PAIRS_FP16
+        table = tl.load((code_ptr + start).to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, 256))
+        pairs = _looked_up_bytes(table, words, BLOCK_K)
+        high = (pairs & 0xFFFF).to(tl.int16).to(DOT, bitcast=True)
+        low = (pairs >> 16).to(tl.int16).to(DOT, bitcast=True)
+    return tl.reshape(tl.join(high, low), (offs_n.shape[0], BLOCK_K)), absmax
 
 
 @triton.jit

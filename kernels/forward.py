@@ -5,7 +5,8 @@
     both at once, split over K, for M <= 16             `lora_small_m_kernel`
     both at once, split over K, for M = 1, with FMAs    `lora_gemv_kernel`
 
-All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32); the LoRA products
+All accumulate in fp32. x·deq(W)ᵀ runs in x's dtype (fp32: IEEE, not TF32; the small-M kernel's
+4-bit word path multiplies the codes in x's dtype and scales the product by the absmax); the LoRA products
 run in `LORA_DOT` (x's dtype for 16-bit x, see `fusedlora.backends.triton_launch._dot_args`),
 except in the one-row kernel, whose FMAs take every operand in fp32; u is stored in the LoRA
 dtype. The LoRA term and the bias are added in the epilogue, so y is written exactly once.
@@ -14,7 +15,7 @@ dtype. The LoRA term and the bias are added in the epilogue, so y is written exa
 import triton
 import triton.language as tl
 
-from .dequant import FP4, FP8, INT8, NF4, four_bit_pairs, four_bit_tile_times_x, load_weight, row_scale
+from .dequant import FP4, FP8, INT8, NF4, four_bit_codes, four_bit_pairs, four_bit_tile_times_x, load_weight, row_scale
 from .dropout import RUNTIME_INTS, dropped
 from .tiling import grouped_tile
 
@@ -56,20 +57,20 @@ def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, 
                      offs_m, m_mask, offs_n, offs_k, k0, k_mask, N, K, stride_xm, stride_xk, stride_wn,
                      FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
                      PAIRED: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT: tl.constexpr, X_PRECISION: tl.constexpr,
-                     W_ROWS_FIRST: tl.constexpr):
+                     W_ROWS_FIRST: tl.constexpr, WORD_ALIGNED: tl.constexpr):
     """One K step of x·deq(W)ᵀ: acc += x[offs_m, offs_k]·W[offs_n, offs_k]ᵀ, or with W_ROWS_FIRST
     its transpose, acc (BLOCK_N, BLOCK_M) += W·xᵀ (W's rows span the MMA's M dimension: what a few
     rows of x need). Returns (acc, the x tile). k_mask may end before K (a split-K slice); W's tile
     is masked at K, and x's zeros cover the rest."""
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    if W_ROWS_FIRST and (FMT == NF4 or FMT == FP4) and PAIRED and K_ALIGNED and BLOCK_K <= BLOCKSIZE:
+    if W_ROWS_FIRST and (FMT == NF4 or FMT == FP4) and PAIRED and K_ALIGNED and BLOCK_K <= BLOCKSIZE \
+            and WORD_ALIGNED:
         # One absmax per row: it scales the step's (BLOCK_N, BLOCK_M) product, not each code.
-        even, odd, absmax = four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                           nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE,
-                                           K_ALIGNED, BLOCK_K)
-        codes = tl.reshape(tl.join(even, odd), (offs_n.shape[0], BLOCK_K))
-        acc += tl.dot(codes.to(X_DOT), tl.trans(x.to(X_DOT)), input_precision=X_PRECISION) * absmax
+        codes, absmax = four_bit_codes(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                       nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE, BLOCK_K,
+                                       X_DOT)
+        acc += tl.dot(codes, tl.trans(x.to(X_DOT)), input_precision=X_PRECISION) * absmax
         return acc, x
     w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                     offs_n, k0, N, K, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED, BLOCK_K)
@@ -132,7 +133,7 @@ def lora_forward_kernel(
         acc, x = _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                                   nested_offset_ptr, offs_m, m_mask, offs_n, offs_k, k0, offs_k < K, N, K,
                                   stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED,
-                                  BLOCK_K, X_DOT, X_PRECISION, False)
+                                  BLOCK_K, X_DOT, X_PRECISION, False, False)
 
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if HAS_LORA:
@@ -178,7 +179,7 @@ def lora_small_m_kernel(
     M, N, K, R, scaling, seed, threshold, keep_scale,
     stride_xm, stride_xk, stride_wn, stride_ar, stride_bn, stride_ym, stride_um,
     FMT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
-    PAIRED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PAIRED: tl.constexpr, WORD_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     X_DOT: tl.constexpr, X_PRECISION: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -212,7 +213,7 @@ def lora_small_m_kernel(
         acc_t, x = _accumulate_x_wt(acc_t, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                                     nested_offset_ptr, offs_m, m_mask, offs_n, offs_k, k0, k_mask, N, K,
                                     stride_xm, stride_xk, stride_wn, FMT, NESTED, BLOCKSIZE, K_ALIGNED, PAIRED,
-                                    BLOCK_K, X_DOT, X_PRECISION, True)
+                                    BLOCK_K, X_DOT, X_PRECISION, True, WORD_ALIGNED)
         if HAS_LORA:
             x_dropped = dropped(x.to(tl.float32), offs_m, offs_k, K, seed, threshold, keep_scale, HAS_DROPOUT)
             a = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],

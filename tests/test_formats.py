@@ -173,8 +173,12 @@ def test_the_kernels_code_table_is_the_codes_then_each_bytes_two_values(fmt):
 
     table = device_code_table(fmt, torch.device("cpu"))
     codes = code_table(fmt)
-    assert table.dtype == torch.float32 and table.shape == (16 + 2 * 256,)
+    assert table.dtype == torch.float32 and table.shape == (16 + 2 * 256 + 256 + 256,)
     assert torch.equal(table[:16], codes)
     packed = torch.arange(256, dtype=torch.int64)
-    pairs = table[16:].view(256, 2)
+    pairs = table[16:528].view(256, 2)
     assert torch.equal(pairs[:, 0], codes[packed // 16]) and torch.equal(pairs[:, 1], codes[packed % 16])
+    for start, dtype in ((528, torch.bfloat16), (784, torch.float16)):  # one 32-bit word per byte
+        halves = table[start:start + 256].view(dtype).view(256, 2)
+        assert torch.equal(halves[:, 0], codes[packed // 16].to(dtype)), dtype
+        assert torch.equal(halves[:, 1], codes[packed % 16].to(dtype)), dtype

@@ -145,3 +145,30 @@ def test_small_m_forwards_are_one_launch_that_cuda_graphs_replay(monkeypatch, ba
                 assert torch.equal(outputs[m], expected), m
     counters = [c for _, c in launch._SCRATCH.values()] + [c for _, c in launch._CAPTURED_SCRATCH]
     assert all(not c.any() for c in counters) and (counters or backend == "cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [1, 5])
+def test_4bit_codes_at_an_odd_byte_offset(backend, m, monkeypatch):
+    """Packed codes that start at an odd byte (a view into a larger buffer) are read without a
+    misaligned access (the Triton small-M kernels read aligned codes as 32-bit words) and give
+    what the aligned copy gives."""
+    from fusedlora.formats import FourBitWeight
+
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    weight = quantize(torch.randn(4096, 4096, device="cuda", generator=g) * 0.05, "nf4")
+    buffer = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted = FourBitWeight("nf4", buffer[1:].view_as(weight.packed), weight.absmax, weight.shape, weight.dtype,
+                            weight.blocksize, weight.nested_absmax, weight.nested_code, weight.nested_offset)
+    shifted.packed.copy_(weight.packed)
+    x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    lora_A = (torch.randn(16, 4096, device="cuda", generator=g) / 64).to(torch.bfloat16)
+    lora_B = (torch.randn(4096, 16, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    with torch.no_grad():
+        y, y_shifted = (fused_lora_linear(x, w, lora_A, lora_B, 2.0) for w in (weight, shifted))
+        expected = x.float() @ weight.dequantize(torch.float32).t() + 2.0 * (x.float() @ lora_A.float().t()) @ \
+            lora_B.float().t()
+    torch.cuda.synchronize()
+    assert_close(y_shifted, expected, torch.bfloat16, "y")
+    torch.testing.assert_close(y_shifted, y, rtol=1e-2, atol=1e-2)

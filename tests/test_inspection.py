@@ -182,7 +182,7 @@ def test_todays_kernels_compile_without_spills_and_within_their_budgets(inspecte
         assert (f"{family}: not the compiler" not in result.stdout) == (family in families), result.stdout[-2000:]
 
 
-_ONE_ROW_SHAPES = """
+_SMALL_M_SHAPES = """
 import torch
 from fusedlora.backends import triton_launch
 from fusedlora.formats import quantize
@@ -190,28 +190,33 @@ from fusedlora.inspection import sass
 from fusedlora.inspection.compile import compile_launch
 
 meta = torch.device("meta")
-for fmt, k, blocksize, r in [("nf4", 4097, 64, 16), ("nf4", 4096, 32, 16), ("nf4", 4096, 64, 200), ("int8", 4097, 64, 16)]:
-    weight = quantize(torch.empty((4096, k), device=meta, dtype=torch.bfloat16), fmt, blocksize)
-    x = torch.empty((1, k), device=meta, dtype=torch.bfloat16)
-    lora_a = torch.empty((r, k), device=meta, dtype=torch.bfloat16)
-    lora_b = torch.empty((4096, r), device=meta, dtype=torch.bfloat16)
+shapes = [(1, "nf4", 4097, 64, 16, torch.bfloat16), (1, "nf4", 4096, 32, 16, torch.bfloat16),
+          (1, "nf4", 4096, 64, 200, torch.bfloat16), (1, "int8", 4097, 64, 16, torch.bfloat16),
+          (5, "nf4", 4097, 64, 16, torch.bfloat16), (5, "nf4", 4096, 64, 64, torch.bfloat16),
+          (5, "nf4", 4096, 64, 16, torch.float32)]
+for m, fmt, k, blocksize, r, dtype in shapes:
+    weight = quantize(torch.empty((4096, k), device=meta, dtype=dtype), fmt, blocksize)
+    x = torch.empty((m, k), device=meta, dtype=dtype)
+    lora_a = torch.empty((r, k), device=meta, dtype=dtype)
+    lora_b = torch.empty((4096, r), device=meta, dtype=dtype)
     with triton_launch.recording((ARCH // 10, ARCH % 10), 132) as record:
         triton_launch.forward(x, weight, lora_a, lora_b, 2.0, None, 0.1, 1)
     (launch,) = record.launches
     _, usage = sass.disassemble(compile_launch(launch, ARCH).asm["cubin"])
-    print(launch.kernel.fn.__name__, fmt, k, blocksize, r, sass.resource_usage(usage)["local_bytes"])
+    print(launch.kernel.fn.__name__, m, fmt, k, blocksize, r, sass.resource_usage(usage)["local_bytes"])
 """
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-def test_the_one_row_kernel_compiles_without_spills_off_the_headline_shapes(arch):
-    """The shapes that take fewer rows per program (odd K, a per-byte absmax, a large rank): the
-    headline inspection never compiles them."""
-    script = _ONE_ROW_SHAPES.replace("ARCH", str(arch))
+def test_the_small_m_kernels_compile_without_spills_off_the_headline_shapes(arch):
+    """The shapes that take fewer rows per program (odd K, a per-byte absmax, a large rank, fp32 x)
+    in the one-row (M = 1) and small-M (M = 5) kernels: the headline inspection never compiles them."""
+    script = _SMALL_M_SHAPES.replace("ARCH", str(arch))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [line.split() for line in result.stdout.splitlines()]
-    assert len(rows) == 4 and all(row[0] == "lora_gemv_kernel" and row[-1] == "0" for row in rows), result.stdout
+    kernels = ["lora_gemv_kernel"] * 4 + ["lora_small_m_kernel"] * 3
+    assert [row[0] for row in rows] == kernels and all(row[-1] == "0" for row in rows), result.stdout
 
 
 def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspected):

@@ -72,7 +72,8 @@ MATRIX = [(fmt, dtype, shape) for fmt in FORMATS for dtype in DTYPES for shape i
                          ids=[f"{f}-{str(d)[6:]}-{'x'.join(map(str, s))}" for f, d, s in MATRIX])
 def test_parity_every_format_dtype_and_path(case):
     fmt, dtype, (m, k, n) = MATRIX[case]
-    _check(m, k, n, RANKS[case % 4], fmt, dtype, bias=case % 2 == 0, p=0.1 if (case // 2) % 2 else 0.0)
+    variant = case // len(SHAPES)  # so that every shape meets every rank, bias and dropout
+    _check(m, k, n, RANKS[variant % 4], fmt, dtype, bias=variant % 2 == 0, p=0.1 if (variant // 2) % 2 else 0.0)
 
 
 @pytest.mark.parametrize("r", RANKS)
@@ -140,30 +141,32 @@ def test_small_m_is_one_launch_that_allocates_only_its_outputs(monkeypatch, m, k
     torch.testing.assert_close(u, u_one, rtol=1e-5, atol=1e-5)
 
 
-def test_one_row_4bit_reads_words_only_from_word_aligned_storage(monkeypatch):
-    """The one-row kernel reads a 4-bit W as 32-bit words only where its storage starts on 4 bytes;
-    packed codes at an odd byte offset (a view into a larger buffer) take the byte path, and both
-    give the same y and u."""
-    weight = quantize(random_weight(80, 192, generator=torch.Generator().manual_seed(3)), "nf4")
+@pytest.mark.parametrize("m,dtype,double_quant", [(1, torch.float32, True), (1, torch.bfloat16, False),
+                                                  (5, torch.float16, True), (5, torch.float32, False)])
+def test_small_m_4bit_reads_words_only_from_word_aligned_storage(monkeypatch, m, dtype, double_quant):
+    """The one-row and small-M kernels read a 4-bit W as 32-bit words only where its storage starts
+    on 4 bytes; packed codes at an odd byte offset (a view into a larger buffer) take the byte
+    path, and both give y and u within the tolerances of a float64 oracle."""
+    weight = quantize(random_weight(80, 192, generator=torch.Generator().manual_seed(3)), "nf4",
+                      double_quant=double_quant)
     buffer = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8)
+    nested = (weight.nested_absmax, weight.nested_code, weight.nested_offset) if double_quant else ()
     shifted = formats.FourBitWeight("nf4", buffer[1:].view_as(weight.packed), weight.absmax, weight.shape,
-                                    weight.dtype, weight.blocksize, weight.nested_absmax, weight.nested_code,
-                                    weight.nested_offset)
+                                    weight.dtype, weight.blocksize, *nested)
     shifted.packed.copy_(weight.packed)
     g = torch.Generator().manual_seed(4)
-    x, lora_A, lora_B = torch.randn(1, 192, generator=g), torch.randn(8, 192, generator=g) / 14, \
-        torch.randn(80, 8, generator=g)
+    x, lora_A, lora_B = torch.randn(m, 192, generator=g).to(dtype), (torch.randn(8, 192, generator=g) / 14).to(dtype), \
+        torch.randn(80, 8, generator=g).to(dtype)
     word_aligned, run = [], launch._run
     monkeypatch.setattr(launch, "_run", lambda kernel, *a, **kw: (word_aligned.append(kw["WORD_ALIGNED"]),
                                                                   run(kernel, *a, **kw)))
-    y, u = launch.forward(x, weight, lora_A, lora_B, 1.5, None, 0.0, 3)
-    y_shifted, u_shifted = launch.forward(x, shifted, lora_A, lora_B, 1.5, None, 0.0, 3)
+    outputs = [launch.forward(x, w, lora_A, lora_B, 1.5, None, 0.0, 3) for w in (weight, shifted)]
     assert word_aligned == [True, False]
-    y_ref = x.double() @ weight.dequantize(torch.float64).t() + 1.5 * (x.double() @ lora_A.double().t()) \
-        @ lora_B.double().t()
-    assert_close(y, y_ref, torch.float32, "y")
-    torch.testing.assert_close(y_shifted, y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(u_shifted, u, rtol=1e-5, atol=1e-5)
+    u_ref = x.double() @ lora_A.double().t()
+    y_ref = x.double() @ weight.dequantize(torch.float64).t() + 1.5 * u_ref.to(dtype).double() @ lora_B.double().t()
+    for y, u in outputs:
+        assert_close(y, y_ref, dtype, "y")
+        assert_close(u, u_ref, dtype, "u")
 
 
 def test_nd_and_non_contiguous_inputs():

@@ -320,7 +320,8 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     if gemv:
         heuristic, split_k = configs.gemv_config(n, k, _sm_count(x.device), w.fmt, w.blocksize, constexprs["BLOCK_R"])
     else:
-        heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), w.fmt)
+        heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), w.fmt, w.blocksize,
+                                                    constexprs["BLOCK_R"], x.dtype != torch.float32)
     meta, options = _skinny("gemv" if gemv else "small_m", heuristic)
     if INTERPRETING:
         split_k = configs.INTERPRETER["small_m_split_k"]
@@ -330,11 +331,10 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     tensors = (x, *w.pointers, lora_A, lora_B, bias, y, u, partial, u_partial, counter)
     common = dict(**_dropout_args(seed=seed, dropout_p=dropout_p), stride_wn=_stride_wn(w, k),
                   stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), HAS_DROPOUT=dropout_p > 0.0,
-                  SPLIT_K=split_k, **meta, **options)
+                  SPLIT_K=split_k, WORD_ALIGNED=w.data.data_ptr() % 4 == 0, **meta, **options)
     if gemv:
         _run(lora_gemv_kernel, (columns, split_k), *tensors, n, k, r, float(scaling), stride_xk=x.stride(1),
-             EVEN_K=k % meta["BLOCK_K"] == 0, WORD_ALIGNED=w.data.data_ptr() % 4 == 0,
-             **_gemv_constexprs(constexprs), **common)
+             EVEN_K=k % meta["BLOCK_K"] == 0, **_gemv_constexprs(constexprs), **common)
     else:
         _run(lora_small_m_kernel, (columns, split_k), *tensors, m, n, k, r, float(scaling),
              stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ym=y.stride(0), stride_um=u.stride(0),

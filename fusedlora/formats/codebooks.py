@@ -50,15 +50,29 @@ def code_table(fmt: str, device=None) -> torch.Tensor:
     return _code_cpu(fmt).to(device, copy=True)
 
 
+# Where each part of `device_code_table` starts, in 32-bit words (csrc/ keeps its own 16 codes).
+PAIRS_FP32, PAIRS_BF16, PAIRS_FP16, CODE_TABLE_WORDS = 16, 16 + 512, 16 + 768, 16 + 1024
+
+
+def _sixteen_bit_pairs(pair_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 2) fp32 pairs rounded to `dtype`, each pair packed into one 32-bit word (the first
+    value in the low half, as a little-endian load of two 16-bit values reads it), as fp32 bits."""
+    halves = pair_values.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    return (halves[:, 0] | (halves[:, 1] << 16)).view(torch.float32)
+
+
 @lru_cache(maxsize=None)
 def device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
-    """The 4-bit table the kernels read, 528 fp32 on `device` (one shared copy per device): the 16
-    values of `code_table(fmt)`, then for each byte value b = 0..255 the pair (code[b >> 4],
-    code[b & 15]), its high and its low nibble's values, so that one 8-byte load decodes a byte."""
+    """The 4-bit table the kernels read, CODE_TABLE_WORDS 32-bit words on `device` as fp32 (one
+    shared copy per device): the 16 values of `code_table(fmt)`; then for each byte value
+    b = 0..255 the pair (code[b >> 4], code[b & 15]), its high and its low nibble's values, as two
+    fp32 (one 8-byte load decodes a byte); then the same pairs rounded to bf16, and to fp16, one
+    32-bit word each (a 4-byte load gives a 16-bit MMA operand's two values, k and k + 1)."""
     code = _code_cpu(fmt)
     byte = torch.arange(256)
-    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).reshape(-1)
-    return torch.cat([code, pairs]).to(device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+    parts = [code, pairs.reshape(-1), _sixteen_bit_pairs(pairs, torch.bfloat16), _sixteen_bit_pairs(pairs, torch.float16)]
+    return torch.cat(parts).to(device)
 
 
 @lru_cache(maxsize=None)
