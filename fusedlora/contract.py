@@ -30,8 +30,9 @@ class WeightArgs(NamedTuple):
     `data`: the dense values, the int8 / fp8 values, or the packed 4-bit codes, unit stride along
     K; `scale`: SCB (int8), the row scale (fp8) or the block absmax (4-bit: fp32, or uint8 codes
     into `nested_code` when nested); `code`: the 16 values of the 4-bit codes, then their 256 byte
-    pairs (`formats.codebooks.device_code_table`; csrc/ keeps its own copy of the 16). A field a
-    format does not have is None (the Triton kernels see None as a compile-time constant).
+    pairs in fp32, bf16 and fp16 (`formats.codebooks.device_code_table`; csrc/ keeps its own copy
+    of the 16). A field a format does not have is None (the Triton kernels see None as a
+    compile-time constant).
     """
 
     fmt: int
