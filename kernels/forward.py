@@ -64,12 +64,17 @@ def _accumulate_x_wt(acc, x_ptr, w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, 
     is masked at K, and x's zeros cover the rest."""
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    if W_ROWS_FIRST and (FMT == NF4 or FMT == FP4) and PAIRED and K_ALIGNED and BLOCK_K <= BLOCKSIZE \
-            and WORD_ALIGNED:
+    if W_ROWS_FIRST and (FMT == NF4 or FMT == FP4) and PAIRED and K_ALIGNED and BLOCK_K <= BLOCKSIZE:
         # One absmax per row: it scales the step's (BLOCK_N, BLOCK_M) product, not each code.
-        codes, absmax = four_bit_codes(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                       nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE, BLOCK_K,
-                                       X_DOT)
+        if WORD_ALIGNED:
+            codes, absmax = four_bit_codes(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                           nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE,
+                                           BLOCK_K, X_DOT)
+        else:
+            even, odd, absmax = four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                               nested_offset_ptr, offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE,
+                                               K_ALIGNED, BLOCK_K)
+            codes = tl.reshape(tl.join(even, odd), (offs_n.shape[0], BLOCK_K)).to(X_DOT)
         acc += tl.dot(codes, tl.trans(x.to(X_DOT)), input_precision=X_PRECISION) * absmax
         return acc, x
     w = load_weight(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter suite: conftest sets TRITON_INTERPRET=1 where there is no GPU")
 launch = pytest.importorskip("fusedlora.backends.triton_launch")
 configs = pytest.importorskip("fusedlora.kernels.configs")
+dequant = pytest.importorskip("fusedlora.kernels.dequant")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 FORMATS = ["nf4", "fp4", "int8", "fp8", "dense"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -72,8 +75,8 @@ MATRIX = [(fmt, dtype, shape) for fmt in FORMATS for dtype in DTYPES for shape i
                          ids=[f"{f}-{str(d)[6:]}-{'x'.join(map(str, s))}" for f, d, s in MATRIX])
 def test_parity_every_format_dtype_and_path(case):
     fmt, dtype, (m, k, n) = MATRIX[case]
-    variant = case // len(SHAPES)  # so that every shape meets every rank, bias and dropout
-    _check(m, k, n, RANKS[variant % 4], fmt, dtype, bias=variant % 2 == 0, p=0.1 if (variant // 2) % 2 else 0.0)
+    variant = case // len(SHAPES)  # so that every shape meets every rank with and without bias and dropout
+    _check(m, k, n, RANKS[variant % 4], fmt, dtype, bias=(variant // 4) % 2 == 0, p=0.1 if (variant // 8) % 2 else 0.0)
 
 
 @pytest.mark.parametrize("r", RANKS)
@@ -142,7 +145,8 @@ def test_small_m_is_one_launch_that_allocates_only_its_outputs(monkeypatch, m, k
 
 
 @pytest.mark.parametrize("m,dtype,double_quant", [(1, torch.float32, True), (1, torch.bfloat16, False),
-                                                  (5, torch.float16, True), (5, torch.float32, False)])
+                                                  (5, torch.float16, True), (5, torch.bfloat16, True),
+                                                  (5, torch.float32, False)])
 def test_small_m_4bit_reads_words_only_from_word_aligned_storage(monkeypatch, m, dtype, double_quant):
     """The one-row and small-M kernels read a 4-bit W as 32-bit words only where its storage starts
     on 4 bytes; packed codes at an odd byte offset (a view into a larger buffer) take the byte
@@ -167,6 +171,37 @@ def test_small_m_4bit_reads_words_only_from_word_aligned_storage(monkeypatch, m,
     for y, u in outputs:
         assert_close(y, y_ref, dtype, "y")
         assert_close(u, u_ref, dtype, "u")
+
+
+@triton.jit
+def _codes_of_one_step(w_ptr, scale_ptr, code_ptr, codes_ptr, absmax_ptr, N, K, stride_wn, K0: tl.constexpr,
+                       BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    codes, absmax = dequant.four_bit_codes(w_ptr, scale_ptr, code_ptr, None, None, None, offs_n, K0, N, K, stride_wn,
+                                           False, BLOCKSIZE, BLOCK_K, DOT)
+    tl.store(codes_ptr + offs_n[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], codes.to(tl.float32))
+    tl.store(absmax_ptr + offs_n[:, None], absmax)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_word_step_puts_every_code_in_its_place(fmt, dtype):
+    """`four_bit_codes` (the small-M kernel's 4-bit step from 32-bit words) gives code[W[n, k]] in
+    the MMA's dtype at (n, k - k0), bit for bit, and each row's absmax."""
+    from fusedlora.formats.codebooks import code_table
+    from fusedlora.formats.fourbit import unpack_codes
+
+    n, k, blocksize, k0, block_k = 16, 256, 64, 128, 64
+    weight = quantize(random_weight(n, k, generator=torch.Generator().manual_seed(9)), fmt, blocksize,
+                      double_quant=False)
+    args = weight.kernel_args()
+    codes, absmax = torch.full((n, block_k), float("nan")), torch.full((n, 1), float("nan"))
+    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+    _codes_of_one_step[(1,)](args.data, args.scale, args.code, codes, absmax, n, k, k // 2, k0, blocksize, n, block_k,
+                             dot)
+    index = unpack_codes(weight.packed, n * k).view(n, k)[:, k0:k0 + block_k]
+    assert torch.equal(codes, code_table(fmt)[index].to(dtype).float())
+    assert torch.equal(absmax[:, 0], weight.absmax.view(n, -1)[:, k0 // blocksize])
 
 
 def test_nd_and_non_contiguous_inputs():

@@ -67,7 +67,8 @@ def device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
     shared copy per device): the 16 values of `code_table(fmt)`; then for each byte value
     b = 0..255 the pair (code[b >> 4], code[b & 15]), its high and its low nibble's values, as two
     fp32 (one 8-byte load decodes a byte); then the same pairs rounded to bf16, and to fp16, one
-    32-bit word each (a 4-byte load gives a 16-bit MMA operand's two values, k and k + 1)."""
+    32-bit word each (a 4-byte load gives a 16-bit MMA operand's two values, k and k + 1). The
+    16-bit pairs are bit patterns, some fp32 denormals as fp32: copy the table, never cast it."""
     code = _code_cpu(fmt)
     byte = torch.arange(256)
     pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
