@@ -160,19 +160,17 @@ def small_m_config(n: int, k: int, sm_count: int, fmt_id: int, blocksize: int, b
     return SkinnyConfig({"BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=4, num_stages=3), split_k
 
 
-def gemv_config(n: int, k: int, sm_count: int, fmt_id: int, blocksize: int, block_r: int,
-                word_aligned: bool) -> tuple[SkinnyConfig, int]:
+def gemv_config(n: int, k: int, sm_count: int, fmt_id: int, blocksize: int, block_r: int) -> tuple[SkinnyConfig, int]:
     """(config, split_k) for the one-row FMA kernel: 256 rows by 64-column steps when K is a
     multiple of 64, a step needs one absmax per row (4-bit with K a multiple of a blocksize >= 64,
-    or int8/fp8) and r <= 32, and 512 rows when such a 4-bit W is read as words (`word_aligned`
-    storage: x's conversion and split then serve twice the rows); otherwise fewer rows, which
-    ragged steps, a per-byte absmax, odd K or a large rank need not to spill (`python -m fusedlora
-    inspect` and tests/test_inspection.py check both); and enough K slices for about four
-    programs per SM (W's reads in flight), each at least 256 columns long."""
+    or int8/fp8) and r <= 32; otherwise fewer rows, which ragged steps, a per-byte absmax, odd K
+    or a large rank need not to spill (`python -m fusedlora inspect` and tests/test_inspection.py
+    check both); and enough K slices for about four programs per SM (W's reads in flight), each
+    at least 256 columns long."""
     block_k = 64
     one_absmax_per_row = not is_four_bit(fmt_id) or (k % blocksize == 0 and block_k <= blocksize)
     if k % block_k == 0 and one_absmax_per_row and block_r <= 32:
-        block_n = 512 if is_four_bit(fmt_id) and word_aligned else 256
+        block_n = 256
     else:
         block_n = 32 if k % 2 else 64
     split_k = max(1, min(triton.cdiv(4 * sm_count, triton.cdiv(n, block_n)), triton.cdiv(k, 256)))

@@ -317,10 +317,8 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     `_split_k_scratch` keeps across calls."""
     (m, k), n, r = x.shape, y.shape[1], u.shape[1]
     gemv = m == 1 and w.fmt != FORMAT_IDS["dense"]  # a dense row is read at bandwidth by the MMA kernel already
-    word_aligned = configs.is_four_bit(w.fmt) and w.data.data_ptr() % 4 == 0
     if gemv:
-        heuristic, split_k = configs.gemv_config(n, k, _sm_count(x.device), w.fmt, w.blocksize, constexprs["BLOCK_R"],
-                                                 word_aligned)
+        heuristic, split_k = configs.gemv_config(n, k, _sm_count(x.device), w.fmt, w.blocksize, constexprs["BLOCK_R"])
     else:
         heuristic, split_k = configs.small_m_config(n, k, _sm_count(x.device), w.fmt, w.blocksize,
                                                     constexprs["BLOCK_R"], x.dtype != torch.float32)
@@ -333,7 +331,8 @@ def _forward_small_m(x, w: WeightArgs, lora_A, lora_B, bias, y, u, scaling, drop
     tensors = (x, *w.pointers, lora_A, lora_B, bias, y, u, partial, u_partial, counter)
     common = dict(**_dropout_args(seed=seed, dropout_p=dropout_p), stride_wn=_stride_wn(w, k),
                   stride_ar=lora_A.stride(0), stride_bn=lora_B.stride(0), HAS_DROPOUT=dropout_p > 0.0,
-                  SPLIT_K=split_k, WORD_ALIGNED=word_aligned, **meta, **options)
+                  SPLIT_K=split_k, **meta, **options,
+                  WORD_ALIGNED=configs.is_four_bit(w.fmt) and w.data.data_ptr() % 4 == 0)
     if gemv:
         _run(lora_gemv_kernel, (columns, split_k), *tensors, n, k, r, float(scaling), stride_xk=x.stride(1),
              EVEN_K=k % meta["BLOCK_K"] == 0, **_gemv_constexprs(constexprs), **common)
