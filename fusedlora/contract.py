@@ -14,6 +14,9 @@ import torch
 
 # The `FMT` constexpr of the Triton kernels and `WeightView::fmt` of the CUDA kernels.
 FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}
+# Where each part of the 4-bit code table (`formats.codebooks.device_code_table`) starts, in
+# 32-bit words: the 16 codes, then the 256 byte pairs in fp32 (two words each), bf16 and fp16.
+PAIRS_FP32, PAIRS_BF16, PAIRS_FP16, CODE_TABLE_WORDS = 16, 16 + 512, 16 + 768, 16 + 1024
 
 # The kernels keep a LoRA row of this many values per thread block; the reference takes any rank.
 MAX_RANK = 256

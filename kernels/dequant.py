@@ -14,17 +14,17 @@ Indices are int64, so weights past 2^31 elements work.
 import triton
 import triton.language as tl
 
-from fusedlora.contract import FORMAT_IDS
-from fusedlora.formats import codebooks
+from fusedlora.contract import FORMAT_IDS, PAIRS_BF16 as _PAIRS_BF16, PAIRS_FP16 as _PAIRS_FP16, \
+    PAIRS_FP32 as _PAIRS_FP32
 
 DENSE = tl.constexpr(FORMAT_IDS["dense"])
 INT8 = tl.constexpr(FORMAT_IDS["int8"])
 FP8 = tl.constexpr(FORMAT_IDS["fp8"])
 NF4 = tl.constexpr(FORMAT_IDS["nf4"])
 FP4 = tl.constexpr(FORMAT_IDS["fp4"])
-PAIRS_FP32 = tl.constexpr(codebooks.PAIRS_FP32)  # where the code table's byte pairs start, in words
-PAIRS_BF16 = tl.constexpr(codebooks.PAIRS_BF16)
-PAIRS_FP16 = tl.constexpr(codebooks.PAIRS_FP16)
+PAIRS_FP32 = tl.constexpr(_PAIRS_FP32)  # where the code table's byte pairs start, in words
+PAIRS_BF16 = tl.constexpr(_PAIRS_BF16)
+PAIRS_FP16 = tl.constexpr(_PAIRS_FP16)
 
 
 @triton.jit

@@ -10,6 +10,8 @@ from functools import lru_cache
 
 import torch
 
+from ..contract import CODE_TABLE_WORDS, PAIRS_BF16, PAIRS_FP16
+
 NF4_VALUES = (
     -1.0,
     -0.6961928009986877,
@@ -50,8 +52,6 @@ def code_table(fmt: str, device=None) -> torch.Tensor:
     return _code_cpu(fmt).to(device, copy=True)
 
 
-# Where each part of `device_code_table` starts, in 32-bit words (csrc/ keeps its own 16 codes).
-PAIRS_FP32, PAIRS_BF16, PAIRS_FP16, CODE_TABLE_WORDS = 16, 16 + 512, 16 + 768, 16 + 1024
 
 
 def _sixteen_bit_pairs(pair_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,8 +72,10 @@ def device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
     code = _code_cpu(fmt)
     byte = torch.arange(256)
     pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
-    parts = [code, pairs.reshape(-1), _sixteen_bit_pairs(pairs, torch.bfloat16), _sixteen_bit_pairs(pairs, torch.float16)]
-    return torch.cat(parts).to(device)
+    table = torch.cat([code, pairs.reshape(-1), _sixteen_bit_pairs(pairs, torch.bfloat16),
+                       _sixteen_bit_pairs(pairs, torch.float16)])
+    assert table.numel() == CODE_TABLE_WORDS and table[PAIRS_BF16:PAIRS_FP16].numel() == 256
+    return table.to(device)
 
 
 @lru_cache(maxsize=None)
