@@ -39,6 +39,19 @@ def _block_absmax(block, mask, scale_ptr, nested_absmax_ptr, nested_code_ptr, ne
 
 
 @triton.jit
+def _fp32_pair_table(code_ptr):
+    """The 256 fp32 byte pairs of the code table, one int64 each (the high nibble's value low)."""
+    return tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + tl.arange(0, 256))
+
+
+@triton.jit
+def _fp32_pair_values(pair):
+    """An int64 fp32 pair split into (the high nibble's value, the low nibble's), fp32."""
+    return (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), \
+        (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                    offs_n, k0, N, K, stride_wn,
                    NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -61,9 +74,7 @@ def four_bit_pairs(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_pt
     else:  # both nibbles of a byte lie in one block (BLOCKSIZE is even)
         absmax = _block_absmax((n * K + 2 * offs_byte[None, :]) // BLOCKSIZE, byte_mask, scale_ptr,
                                nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
-    pair = tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + byte)
-    even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-    odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    even, odd = _fp32_pair_values(tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + byte))
     return even, odd, absmax
 
 
@@ -117,8 +128,7 @@ def four_bit_tile_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_
     sum. docs/design.md §4 counts the instructions."""
     words, absmax = _four_bit_words(w_ptr, scale_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                                     offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE, BLOCK_K)
-    table = tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + tl.arange(0, 256))
-    pairs02, pairs13 = tl.split(_looked_up_bytes(table, words, BLOCK_K))
+    pairs02, pairs13 = tl.split(_looked_up_bytes(_fp32_pair_table(code_ptr), words, BLOCK_K))
     pair0, pair2 = tl.split(pairs02)
     pair1, pair3 = tl.split(pairs13)
     pairs = (pair0, pair1, pair2, pair3)
@@ -127,8 +137,9 @@ def four_bit_tile_times_x(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_
     x_low = _columns_of_bytes(x_odd)
     sums = tl.zeros(words.shape, dtype=tl.float32)
     for j in tl.static_range(4):
-        sums += (pairs[j] & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * x_high[j][None, :]
-        sums += (pairs[j] >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_low[j][None, :]
+        high, low = _fp32_pair_values(pairs[j])
+        sums += high * x_high[j][None, :]
+        sums += low * x_low[j][None, :]
     return tl.sum(sums, axis=1, keep_dims=True) * absmax
 
 
@@ -143,10 +154,7 @@ def four_bit_codes(w_ptr, scale_ptr, code_ptr, nested_absmax_ptr, nested_code_pt
     words, absmax = _four_bit_words(w_ptr, scale_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                                     offs_n, k0, N, K, stride_wn, NESTED, BLOCKSIZE, BLOCK_K)
     if DOT == tl.float32:
-        table = tl.load((code_ptr + PAIRS_FP32).to(tl.pointer_type(tl.int64), bitcast=True) + tl.arange(0, 256))
-        pairs = _looked_up_bytes(table, words, BLOCK_K)
-        high = (pairs & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-        low = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        high, low = _fp32_pair_values(_looked_up_bytes(_fp32_pair_table(code_ptr), words, BLOCK_K))
     else:
         start: tl.constexpr = PAIRS_BF16 if DOT == tl.bfloat16 else PAIRS_FP16
         table = tl.load((code_ptr + start).to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, 256))

@@ -53,7 +53,6 @@ def code_table(fmt: str, device=None) -> torch.Tensor:
 
 
 
-
 def _sixteen_bit_pairs(pair_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(256, 2) fp32 pairs rounded to `dtype`, each pair packed into one 32-bit word (the first
     value in the low half, as a little-endian load of two 16-bit values reads it), as fp32 bits."""
