@@ -55,12 +55,19 @@ __device__ __forceinline__ int64_t block_of(const WeightView& w, int64_t index) 
   return index >> (__ffsll(w.blocksize) - 1);
 }
 
+// The absmax of a block, stored as fp32 or NESTED (a uint8 code into nested_code per block, scaled
+// per 256 blocks and offset).
+template <bool NESTED>
 __device__ __forceinline__ float block_absmax(const WeightView& w, int64_t block) {
-  if (w.nested) {
+  if constexpr (NESTED) {
     const uint8_t code = static_cast<const uint8_t*>(w.scale)[block];
     return w.nested_code[code] * w.nested_absmax[block / 256] + *w.nested_offset;
   }
   return static_cast<const float*>(w.scale)[block];
+}
+
+__device__ __forceinline__ float block_absmax(const WeightView& w, int64_t block) {
+  return w.nested ? block_absmax<true>(w, block) : block_absmax<false>(w, block);
 }
 
 // W[n, k] as fp32 for weight format FMT; for int8 / fp8 without the per-row scale (see row_scale).
@@ -99,12 +106,17 @@ __device__ __forceinline__ uint32_t fmix32(uint32_t h) {
   return h;
 }
 
-__device__ __forceinline__ float dropped(const Dropout& d, float value, int64_t row, int64_t col, int64_t cols) {
-  if (!d.active) return value;
+__device__ __forceinline__ bool kept(const Dropout& d, int64_t row, int64_t col, int64_t cols) {
+  if (!d.active) return true;
   const uint64_t index = static_cast<uint64_t>(row * cols + col);
   const uint32_t h = fmix32((static_cast<uint32_t>(index) * 0x9E3779B1u) ^
                             (static_cast<uint32_t>(index >> 32) * 0x85EBCA77u) ^ d.seed);
-  return static_cast<uint64_t>(h) >= d.threshold ? value * d.keep_scale : 0.0f;
+  return static_cast<uint64_t>(h) >= d.threshold;
+}
+
+__device__ __forceinline__ float dropped(const Dropout& d, float value, int64_t row, int64_t col, int64_t cols) {
+  if (!d.active) return value;
+  return kept(d, row, col, cols) ? value * d.keep_scale : 0.0f;
 }
 
 }  // namespace fusedlora

@@ -52,6 +52,21 @@ __device__ __forceinline__ T& shared_array() {
   return storage;
 }
 
+// Two floats as one 32-bit pair of T (__half or __nv_bfloat16), each rounded to nearest even,
+// `low` in the low half: the register layout of mma.sync's 16-bit operands (F2FP.PACK_AB).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  uint32_t bits;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    memcpy(&bits, &pair, sizeof(bits));
+  } else {
+    const __half2 pair = __floats2half2_rn(low, high);
+    memcpy(&bits, &pair, sizeof(bits));
+  }
+  return bits;
+}
+
 // ---- The primitives of the coming tensor-core GEMM (PTX, sm_80+), in PTX's documented layouts ----
 
 // mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32, T = __nv_bfloat16 or __half: d = a·b + c for the

@@ -43,6 +43,16 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
                             at::Tensor& y, at::Tensor& u);
 int64_t small_m_slice_steps(int64_t columns, int64_t steps, int64_t sm_count);
 
+// The same on tensor cores for M <= kTensorSmallMMaxRows (csrc/small_m_mma.cu), where
+// small_m_on_tensor_cores holds: fp16 or bf16 x, K a multiple of 256, r <= 128, and W read in
+// aligned chunks (4-bit: blocksize a multiple of 64; int8 / fp8: rows 16-byte aligned; dense: x's
+// dtype, rows 16-byte aligned).
+constexpr int64_t kTensorSmallMMaxRows = 16;
+bool small_m_on_tensor_cores(const at::Tensor& x, const WeightView& w, int64_t columns, int64_t rank);
+void launch_forward_small_m_mma(const at::Tensor& x, const WeightView& w, const at::Tensor& lora_a,
+                                const at::Tensor& lora_b, const at::Tensor& bias, double scaling,
+                                const Dropout& dropout, at::Tensor& y, at::Tensor& u);
+
 // du (M, r) = scaling · g · B and dB = scaling · gᵀ · u, one pass over g; dB as per-block
 // partials (grad_u_blocks(M), N, r) to be summed (deterministic), or one (1, N, r) buffer that
 // the blocks add into with atomics. The partials must start zeroed.

@@ -95,10 +95,12 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_ten
   const int64_t rows = x.size(0), columns = w_shape[0], rank = lora_a.size(0);
   Tensor y = at::empty({rows, columns}, x.options());
   const bool has_lora = scaling != 0.0;
-  if (rows <= kSmallMMaxRows) {  // one launch, nothing allocated but y and u
+  const bool tensor_cores = small_m_on_tensor_cores(x, weight, columns, rank);
+  if (rows <= kSmallMMaxRows || tensor_cores) {  // one launch, nothing allocated but y and u
     Tensor u = at::empty({rows, rank}, x.options().dtype(lora_dtype(x, lora_a, lora_b)));
-    launch_forward_small_m(x, weight, has_lora ? lora_a : Tensor(), lora_b, bias.value_or(Tensor()), scaling,
-                           dropout_of(dropout_p, seed), y, u);
+    (tensor_cores ? launch_forward_small_m_mma : launch_forward_small_m)(
+        x, weight, has_lora ? lora_a : Tensor(), lora_b, bias.value_or(Tensor()), scaling, dropout_of(dropout_p, seed),
+        y, u);
     return {y, u};
   }
   // The shrink writes every element of u; without the LoRA term u is returned as zeros.

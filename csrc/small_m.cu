@@ -26,6 +26,7 @@
 #include "common.cuh"
 #include "dispatch.cuh"
 #include "kernels.h"
+#include "small_m.cuh"
 
 namespace fusedlora {
 namespace {
@@ -260,16 +261,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int m = 0; m < ROWS; ++m)
       if (m < rows && n < columns) partial[(slice * rows + m) * columns + n] = value[m];
     for (int i = threadIdx.x; has_lora && i < rows * rank; i += kThreads) u_part[i] = u_sums[i / rank][i % rank];
-    thread_fence();
-    block_sync();
-    if (threadIdx.x == 0) {
-      const bool last = atomic_add(&counters[group], 1) == slices - 1;
-      if (last) counters[group] = 0;  // for the next launch
-      last_block[0] = last;
-    }
-    block_sync();
-    if (!last_block[0]) return;
-    thread_fence();
+    if (!arrived_last(counters, group, slices, last_block[0])) return;
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) {
       value[m] = 0.0f;
@@ -301,11 +293,8 @@ __global__ void __launch_bounds__(kThreads)
     store_float(u, i / rank, i % rank, has_lora ? u_sums[i / rank][i % rank] : 0.0f);
 }
 
-bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+}  // namespace
 
-int64_t cdiv(int64_t p, int64_t q) { return (p + q - 1) / q; }
-
-// `t` as an Operand: fp32, fp16 or bf16 with unit stride along its last dimension (else a copy).
 Operand operand(const at::Tensor& t, at::Tensor& keep) {
   const auto type = t.scalar_type();
   keep = type == at::kFloat || type == at::kHalf || type == at::kBFloat16 ? t : t.to(at::kFloat);
@@ -313,10 +302,6 @@ Operand operand(const at::Tensor& t, at::Tensor& keep) {
   return Operand{keep.data_ptr(), type == at::kHalf ? kFloat16 : type == at::kBFloat16 ? kBFloat16 : kFloat32,
                  keep.dim() == 2 ? keep.stride(0) : 0};
 }
-
-struct Scratch {
-  at::Tensor partials, counters;
-};
 
 // fp32 scratch for the partial sums (no initial values needed) and int32 counters (zero, and left
 // zero by the kernel): one set per device and stream, grown on demand, so that a warm call
@@ -339,8 +324,6 @@ Scratch split_k_scratch(const at::Tensor& like, int64_t floats, int64_t counters
   return scratch;  // the caller's references keep these alive until its launch, whatever another thread grows
 }
 
-}  // namespace
-
 int64_t small_m_slice_steps(int64_t columns, int64_t steps, int64_t sm_count) {
   const int64_t wanted_slices = cdiv(4 * sm_count, std::max<int64_t>(1, cdiv(columns, kColumns)));
   return std::clamp<int64_t>(cdiv(steps, wanted_slices), 1, kMaxSliceSteps);
@@ -358,7 +341,7 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   // eight-bit ones), 4-bit rows holding whole absmax blocks; otherwise the any-layout path.
   const bool four_bit = w.fmt == kNf4 || w.fmt == kFp4;
   const int64_t chunk = four_bit ? 32 : 16;
-  const bool vectorized = w.fmt != kDense && columns > 0 && aligned16(w.data) && k % chunk == 0 &&
+  const bool vectorized = w.fmt != kDense && columns > 0 && aligned_to(w.data, 16) && k % chunk == 0 &&
                           (four_bit ? w.blocksize % 32 == 0 && k % w.blocksize == 0 &&
                                           columns * k / w.blocksize <= std::numeric_limits<uint32_t>::max()
                                     : w.stride_n % 16 == 0);

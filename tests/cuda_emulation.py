@@ -24,7 +24,7 @@ CSRC = ROOT / "csrc"
 EMULATION = TESTS / "emulation"
 NAME = "fusedlora_emulated"
 BUILD_FAILED = 2  # main's exit code when the harness does not build (1: a case failed)
-WRAPPERS = {stem: EMULATION / f"{stem}.cpp" for stem in ("gemm", "small_m", "lora")}
+WRAPPERS = {stem: EMULATION / f"{stem}.cpp" for stem in ("gemm", "small_m", "small_m_mma", "lora")}
 
 sys.path.insert(0, str(TESTS))
 from helpers import assert_close, float64_oracle, random_weight  # noqa: E402
@@ -122,9 +122,9 @@ def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
     assert_close(dB, dB_ref, case.dtype, f"dB of {where}")
 
 
-# Every launcher once or more, on ragged shapes: the small-M kernel (M <= 4, in one slice of K and
-# in several) and the GEMM (M > 4, a 64-row tile and a partial one), dB by atomics and by partials,
-# dropout on both LoRA kernels.
+# Every launcher once or more, on ragged shapes: the small-M kernels (FMAs for M <= 4, tensor cores
+# for M <= 16; in one slice of K and in several) and the GEMM (a 64-row tile and a partial one), dB
+# by atomics and by partials, dropout on both LoRA kernels.
 SMOKE = [
     Case(3, 72, 80, 8, "nf4", torch.bfloat16, p=0.1),
     Case(70, 72, 136, 16, "nf4", torch.bfloat16, p=0.1),
@@ -132,7 +132,8 @@ SMOKE = [
     Case(2, 64, 40, 4, "int8", torch.float16),
     Case(40, 80, 40, 8, "fp8", torch.float32, p=0.1, deterministic=True),
     Case(20, 64, 72, 4, "nf4", torch.float16, x_padding=8),  # x a view with row stride 72
-    Case(2, 768, 300, 8, "nf4", torch.bfloat16, p=0.1),  # small M in three slices of K, two column groups
+    Case(2, 832, 300, 8, "nf4", torch.bfloat16, p=0.1),  # FMA small M (K not a multiple of 256), four slices
+    Case(12, 512, 136, 8, "nf4", torch.bfloat16, p=0.1),  # small M on tensor cores, in two slices
 ]
 
 

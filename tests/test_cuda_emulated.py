@@ -63,10 +63,20 @@ def _matrix() -> list[Case]:
         # Small M split over K (the harness's GPU has 4 SMs): slices summed by the last block of a group
         Case(1, 1024, 300, 8, "nf4", torch.bfloat16),  # two groups, the second ragged; four slices
         Case(3, 640, 40, 16, "int8", torch.float16, p=0.1),  # five slices of one step
-        Case(3, 2304, 600, 8, "nf4", torch.bfloat16),  # three groups; three slices, the last one step short
+        Case(3, 1280, 600, 8, "nf4", torch.bfloat16),  # five groups; two slices, the last one step short
         Case(2, 2048, 1100, 4, "fp8", torch.bfloat16, bias=False, need_dx=False),  # four steps per slice
         Case(1, 512, 40, 4, "nf4", torch.float32, blocksize=512),  # an absmax block longer than a step
         Case(1, 600, 70, 4, "dense", torch.bfloat16, weight_dtype=torch.float16),  # any-layout path, ragged K
+        # Small M on tensor cores (16-bit x, K a multiple of 256): 8 rows of x per instruction, or 16
+        Case(16, 512, 150, 24, "nf4", torch.bfloat16, p=0.1, x_padding=8),  # two rank tiles, the second ragged
+        Case(9, 256, 72, 8, "fp4", torch.float16, blocksize=128, double_quant=False),
+        Case(12, 768, 136, 16, "int8", torch.bfloat16, deterministic=True),  # three slices of one step
+        Case(7, 256, 40, 4, "fp8", torch.float16, bias=False),
+        Case(5, 512, 64, 8, "dense", torch.bfloat16, weight_dtype=torch.bfloat16),
+        Case(6, 256, 40, 4, "nf4", torch.bfloat16, blocksize=1024),  # an absmax block longer than the step
+        # ... and where they do not apply, at 4 < M <= 16: the GEMM
+        Case(16, 256, 24, 130, "nf4", torch.bfloat16),  # r > 128
+        Case(8, 256, 40, 4, "dense", torch.float16, weight_dtype=torch.float32),  # W not in x's dtype
     ]
 
 
@@ -80,15 +90,16 @@ def test_every_launcher_format_and_dtype_matches_float64(harness, case):
 
 
 def test_small_m_forward_is_one_launch_that_allocates_only_its_outputs(harness):
-    """M <= 4: one kernel launch per call, in one slice of K or several, with the LoRA term or
-    without; a warm call allocates y and u alone (the split-K scratch persists, its counters left
-    zero: a second call gives the first's y); u comes in the LoRA dtype, zeros without the term."""
+    """M <= 4 (the FMA kernel) and M <= 16 on tensor cores: one kernel launch per call, in one
+    slice of K or several, with the LoRA term or without; a warm call allocates y and u alone (the
+    split-K scratch persists, its counters left zero: a second call gives the first's y); u comes in
+    the LoRA dtype, zeros without the term."""
     from fusedlora import quantize
 
     ops = torch.ops.fusedlora_emulated
     ops.set_schedule("shuffled", 5)
     g = torch.Generator().manual_seed(3)
-    for m, k, scaling in ((1, 1024, 1.5), (3, 64, 1.5), (2, 1024, 0.0)):
+    for m, k, scaling in ((1, 1024, 1.5), (3, 64, 1.5), (2, 1024, 0.0), (16, 1024, 1.5), (9, 512, 0.0)):
         weight = quantize(torch.randn(300, k, generator=g) * 0.05, "nf4")
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         lora_A, lora_B = torch.randn(8, k, generator=g) / k**0.5, torch.randn(300, 8, generator=g)  # fp32
@@ -165,6 +176,10 @@ MUTANTS = {
     "last block sums its own slice": ("small_m.cu", "load_coherent(&partial[(s * rows + m) * columns + n])",
                                       "load_coherent(&partial[(slice * rows + m) * columns + n])"),
     "transposed sum's halves": ("small_m.cu", "const bool upper = part & half;", "const bool upper = !(part & half);"),
+    "mma fragment rows": ("small_m_mma.cu", "{upper[2 * j], lower[2 * j], upper[2 * j + 1], lower[2 * j + 1]}",
+                          "{upper[2 * j], upper[2 * j + 1], lower[2 * j], lower[2 * j + 1]}"),
+    "chunk factor's lane": ("small_m_mma.cu", "warp_shfl_xor(chunk_t_factor[h], t ^ c)",
+                            "warp_shfl_xor(chunk_t_factor[h], c)"),
 }
 
 

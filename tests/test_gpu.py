@@ -109,10 +109,10 @@ def test_autotuner_picks_a_config(monkeypatch):
         assert launch._autotuned(kernel, capability, True).best_config is not None
 
 
-@pytest.mark.parametrize("backend,rows", [("triton", (1, 16)), ("cuda", (1, 4))])
+@pytest.mark.parametrize("backend,rows", [("triton", (1, 16)), ("cuda", (1, 16))])
 def test_small_m_forwards_are_one_launch_that_cuda_graphs_replay(monkeypatch, backend, rows):
     """The small-M forwards, split over K (Triton: the one-row kernel and the MMA kernel; CUDA C++:
-    its one-row and four-row kernels): each call can be captured; two graphs captured one after
+    its tensor-core kernel for 8 rows and for 16): each call can be captured; two graphs captured one after
     the other, then eager calls that grow the shared scratch, leave both graphs' replays on new
     inputs equal to eager calls bit for bit (the split-K sums run in slice order; a counter left
     non-zero would leave y unwritten), and every Triton counter zero."""

@@ -109,6 +109,16 @@ def test_cuda_kernel_names_and_work_follow_csrc():
         "shrink_kernel", "gemm_kernel", "grad_u_kernel", "grad_a_kernel", "gemm_kernel"]
     assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"))] == ["small_m_kernel"]
     assert cuda._host_launches(Case("t", 4, 64, 64, 8, "nf4")) == 0  # M <= 16: a decode case, forward only
+    # small M on tensor cores (K a multiple of 256): 128 columns a block, 256 of K a step, about 2 blocks per SM
+    mma = "_ZN9fusedlora12_GLOBAL__N_118small_m_mma_kernelILi3E13__nv_bfloat16Li2ELb1EEEvNS_7OperandENS_10WeightViewE"
+    assert cuda._demangle(mma) == ("small_m_mma_kernel", (3, "bf16", 2, True))
+    decode = Case("t", 16, 4096, 14336, 16, "nf4")
+    assert [key for key, _ in cuda._launches(decode)] == [("small_m_mma_kernel", (3, "bf16", 2, True))]
+    tensor = cuda._weight_work("small_m_mma_kernel", None, decode, 132)
+    assert (tensor.programs, tensor.trips, tensor.weight_elements) == (112 * 4, 4, 128 * 256)
+    assert cuda._launches(Case("t", 1, 4096, 64, 8, "int8"))[0][0] == ("small_m_mma_kernel", (1, "bf16", 1, False))
+    assert cuda._launches(Case("t", 16, 64, 64, 8, "nf4"))[0][0][0] == "shrink_kernel"  # K = 64: the GEMM path
+    assert cuda._host_launches(decode) == 0 and cuda._host_launches(Case("t", 16, 64, 64, 8, "nf4")) == 3
     assert cuda._grad_a_slices(8192) == 16 and cuda._grad_a_slices(300) == 2
     assert cuda._staging_trips() == 64 * 32 // 128 // 4
 

@@ -7,12 +7,12 @@ SASS, and a MODEL of the CUDA backend's time in the headline cases.
 The .cu files are compiled to cubins with nvcc, the extension's flags (fusedlora/toolkit.py) and
 torch's (its half/bfloat16 macros and headers), once per source content, command, toolchain and
 arch (cached under ~/.cache/fusedlora/sass; a snapshot of csrc/ is what is hashed and compiled).
-The bf16 instantiations are the headline cases' (the small-M kernel takes any activation dtype at run time).
+The bf16 instantiations are the headline cases' (the FMA small-M kernel takes any activation dtype at run time).
 
 The kernels' tiles are read from csrc/ (their `constexpr` constants), so the work model follows
-the source. Main loops: the GEMMs' is the loop of their WMMA (HMMA) instructions, the small-M
-kernel's the loop of its 16-byte weight loads (see `sass.main_loop`); the dense small-M kernel
-(one loop per dense dtype, chosen at run time) and the LoRA kernels (nested loops) have none that
+the source. Main loops: the GEMMs' and the tensor-core small-M kernel's are the loops of their
+HMMA instructions, the FMA small-M kernel's the loop of its 16-byte weight loads (see
+`sass.main_loop`); the dense FMA small-M kernel (one loop per dense dtype, chosen at run time) and the LoRA kernels (nested loops) have none that
 counts per element, so the MODEL times them by their bytes and FMAs alone (a lower bound) and the
 budgets hold their resources only. The torch operations of csrc/lora_ops.cpp around the kernels
 (fills, dtype copies, the partials' sums) count as launches (`HOST_LAUNCHES`), their bytes not.
@@ -45,7 +45,8 @@ FORWARD, GRAD_X = 0, 1  # csrc/gemm.cu's Mode
 # backward: dA's and dB's zero fills, the dB partials' fill, A, u and B to fp32, the two partial
 # sums, dA and dB back to bf16.
 HOST_LAUNCHES = {"small_m": 0, "forward": 3, "backward": 10}
-_MANGLED = re.compile(r"\d+(gemm_kernel|small_m_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)I(.*?)EEv")
+_MANGLED = re.compile(r"\d+(gemm_kernel|small_m_kernel|small_m_mma_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)"
+                      r"I(.*?)EEv")
 _TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E|Lb([01])E")
 _TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
@@ -147,8 +148,8 @@ def _cdiv(p: int, q: int) -> int:
 def _threads(kernel: str) -> int:
     if kernel == "gemm_kernel":
         return constant("gemm.cu", "kThreads")
-    if kernel == "small_m_kernel":
-        return constant("small_m.cu", "kWarps") * 32
+    if kernel in ("small_m_kernel", "small_m_mma_kernel"):
+        return constant(f"{kernel[:-7]}.cu", "kWarps") * 32
     return constant("lora.cu", "kThreads")
 
 
@@ -168,15 +169,32 @@ def _small_m_grid(case: Case, sm_count: int) -> tuple:
     return groups, _cdiv(steps, slice_steps), slice_steps, step
 
 
+def _mma_grid(case: Case, sm_count: int) -> tuple:
+    """(columns per block, groups, slices, steps per slice, K per step) of csrc/small_m_mma.cu's
+    launch on `case` (its launcher's `slice_steps_of`)."""
+    columns = constant("small_m_mma.cu", "kWarps") * constant("small_m_mma.cu", "kTile")
+    step = constant("small_m_mma.cu", "kChunksPerStep") * 4 * constant("small_m_mma.cu", "kLaneElements")
+    groups, steps = _cdiv(case.n, columns), _cdiv(case.k, step)
+    slice_steps = min(max(_cdiv(steps, _cdiv(2 * sm_count, groups)), 1), constant("small_m_mma.cu", "kMaxSliceSteps"))
+    return columns, groups, _cdiv(steps, slice_steps), slice_steps, step
+
+
 def _weight_work(kernel: str, mode: int, case: Case, sm_count: int) -> Work:
     """What one launch of a weight-reading kernel does on `case` (bf16, the LoRA term at rank r): the
-    small-M kernel also reads A once per column group and B once."""
+    small-M kernels also read A once per column group and B once, and write and read back their
+    slices' fp32 partial sums."""
     m, n, k, r = case.m, case.n, case.k, case.rank
     activations = 2 * m * (k + n)  # bf16 in and out
+    if kernel == "small_m_mma_kernel":
+        columns, groups, slices, slice_steps, step = _mma_grid(case, sm_count)
+        partials = 8 * slices * m * (n + groups * r) if slices > 1 else 0
+        return Work(groups * slices, slice_steps, columns * step, 2.0 * m * n * (k + r),
+                    activations + weight_bytes(case) + 2 * r * (k * groups + n) + partials)
     if kernel == "small_m_kernel":
         groups, slices, slice_steps, step = _small_m_grid(case, sm_count)
+        partials = 8 * slices * m * (n + groups * r) if slices > 1 else 0
         return Work(groups * slices, slice_steps, _small_m_columns() * step, 2.0 * m * n * (k + r),
-                    activations + weight_bytes(case) + 2 * r * (k * groups + n))
+                    activations + weight_bytes(case) + 2 * r * (k * groups + n) + partials)
     tile, step = constant("gemm.cu", "kTile"), constant("gemm.cu", "kStep")
     reduce, outs = (k, n) if mode == FORWARD else (n, k)
     return Work(_cdiv(m, tile) * _cdiv(outs, tile), _cdiv(reduce, step), tile * step, 2.0 * m * outs * (reduce + r),
@@ -214,7 +232,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
     loop = sass.count(sass.main_loop(instructions), inner_trips)
     warps = _threads(kernel) // 32
     ctas = ctas_per_sm(gpu, resources["registers"], warps, resources["static_shared"])
-    if kernel in ("gemm_kernel", "small_m_kernel"):
+    if kernel in ("gemm_kernel", "small_m_kernel", "small_m_mma_kernel"):
         work = _weight_work(kernel, mode, case, gpu.sm_count)
         if loop.instructions:
             rest = len(instructions) - loop.static_instructions
@@ -229,11 +247,21 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
                         resources["static_shared"], ctas, len(instructions), loop, work, time)
 
 
+def _on_tensor_cores(case: Case) -> bool:
+    """csrc/small_m_mma.cu's small_m_on_tensor_cores for `case` (bf16 x, W as `weight_bytes` builds it)."""
+    step = constant("small_m_mma.cu", "kChunksPerStep") * 4 * constant("small_m_mma.cu", "kLaneElements")
+    return (case.m <= constant("kernels.h", "kTensorSmallMMaxRows") and case.k % step == 0
+            and case.rank <= constant("small_m_mma.cu", "kMaxRank"))
+
+
 def _launches(case: Case) -> list:
     """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/lora_ops.cpp's order)."""
     fmt = FORMAT_IDS[case.fmt]
     most = constant("kernels.h", "kSmallMMaxRows")
-    if case.m <= most:  # one launch, unrolled for one row or for the most; 16-byte chunks but for dense W
+    if _on_tensor_cores(case):  # one launch: one instruction per 8 rows of x, 4-bit absmax nested (the default)
+        key = (fmt, "bf16", 1 if case.m <= 8 else 2, case.fmt in ("nf4", "fp4"))
+        launches = [(("small_m_mma_kernel", key), None)]
+    elif case.m <= most:  # one launch, unrolled for one row or for the most; 16-byte chunks but for dense W
         launches = [(("small_m_kernel", (fmt, 1 if case.m == 1 else most, case.fmt != "dense")), None)]
     else:
         launches = [(("shrink_kernel", ("bf16",)), None), (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
@@ -245,7 +273,8 @@ def _launches(case: Case) -> list:
 
 def _host_launches(case: Case) -> int:
     """The torch operations around the kernels of `case` (`HOST_LAUNCHES`)."""
-    forward = HOST_LAUNCHES["small_m" if case.m <= constant("kernels.h", "kSmallMMaxRows") else "forward"]
+    small_m = _on_tensor_cores(case) or case.m <= constant("kernels.h", "kSmallMMaxRows")
+    forward = HOST_LAUNCHES["small_m" if small_m else "forward"]
     return forward + (0 if case.decode else HOST_LAUNCHES["backward"])
 
 
@@ -254,6 +283,8 @@ def row_key(key: tuple, fmt: str) -> str:
     kernel, arguments = key
     if kernel == "gemm_kernel":
         return f"cuda/{kernel}/{'forward' if arguments[2] == FORWARD else 'grad_x'}/{fmt}"
+    if kernel == "small_m_mma_kernel":  # one budget per instruction count per chunk: M <= 8 or M <= 16
+        return f"cuda/{kernel}/m{8 * arguments[2]}/{fmt}"
     return f"cuda/{kernel}/{fmt}" if kernel == "small_m_kernel" else f"cuda/{kernel}"
 
 

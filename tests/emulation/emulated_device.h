@@ -3,7 +3,7 @@
 // CUDA's; it provides the CUDA keywords and built-ins, the 16-bit and fp8 types, and the
 // primitives of csrc/device.cuh (block_sync, warp_shfl_xor, atomic_add, thread_fence,
 // load_coherent, shared_array, the host's multiprocessor_count and stream queries, wmma,
-// mma_m16n8k16, ldmatrix_x4, cp_async_*, launch) with their documented semantics, lane layouts and
+// pack_pair, mma_m16n8k16, ldmatrix_x4, cp_async_*, launch) with their documented semantics, lane layouts and
 // alignment rules (docs/design.md §6).
 //
 // Execution: one fiber (ucontext) per CUDA thread, a block run by one OS thread. The scheduler
@@ -52,6 +52,9 @@ struct dim3 {
 };
 struct alignas(16) uint4 {  // CUDA's: a misaligned 16-byte load is then UBSan's error here
   uint32_t x, y, z, w;
+};
+struct alignas(8) uint2 {
+  uint32_t x, y;
 };
 
 inline int __ffsll(long long value) { return __builtin_ffsll(value); }
@@ -530,6 +533,21 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
     d[i] = sum;
   }
   emulation::warp_barrier("mma_m16n8k16");
+}
+
+template <typename T>
+uint32_t pack_pair(float low, float high) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "pack_pair takes bf16 or fp16");
+  uint16_t bits[2];
+  for (int i = 0; i < 2; ++i) {
+    const float value = i ? high : low;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      bits[i] = __float2bfloat16_rn(value).__x;
+    } else {
+      bits[i] = __float2half_rn(value).__x;
+    }
+  }
+  return static_cast<uint32_t>(bits[0]) | (static_cast<uint32_t>(bits[1]) << 16);
 }
 
 template <bool Trans>

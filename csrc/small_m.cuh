@@ -1,0 +1,47 @@
+// What the two small-M forwards share (csrc/small_m.cu: fp32 FMAs, any layout; csrc/small_m_mma.cu:
+// tensor cores): their operands, their split over K and the last block's turn to add the slices up.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "device.cuh"
+#include "types.h"
+
+namespace fusedlora {
+
+inline int64_t cdiv(int64_t p, int64_t q) { return (p + q - 1) / q; }
+
+__host__ __device__ inline bool aligned_to(const void* pointer, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
+
+// `t` as an Operand: fp32, fp16 or bf16 with unit stride along its last dimension (else a copy kept in `keep`).
+Operand operand(const at::Tensor& t, at::Tensor& keep);
+
+// The split over K's scratch: fp32 partial sums (no initial values needed) and int32 counters
+// (zero, and left zero by the kernels). See split_k_scratch in csrc/small_m.cu.
+struct Scratch {
+  at::Tensor partials, counters;
+};
+Scratch split_k_scratch(const at::Tensor& like, int64_t floats, int64_t counters);
+
+// Called by every thread of a block after it wrote its slice's partial sums: whether this block is
+// the last of its group's `slices` to arrive (it then resets the group's counter for the next
+// launch and may read every slice's partials). `flag`: one int of shared memory.
+__device__ __forceinline__ bool arrived_last(int* counters, int64_t group, int slices, int& flag) {
+  thread_fence();
+  block_sync();
+  if (threadIdx.x == 0) {
+    const bool last = atomic_add(&counters[group], 1) == slices - 1;
+    if (last) counters[group] = 0;
+    flag = last;
+  }
+  block_sync();
+  const bool last = flag;
+  if (last) thread_fence();
+  return last;
+}
+
+}  // namespace fusedlora
