@@ -9,13 +9,15 @@
 // lanes of a row span 64 consecutive weights, within one absmax block (4-bit blocksize a multiple
 // of 64), so the block's absmax scales the sum of the chunk's 4 instructions instead of each
 // weight; 4-bit bytes become pairs of 16-bit values through a 256-entry table in shared memory.
-// u's rank tiles are computed the same way, A in place of W, split into a 16-bit value and its
-// remainder (two instructions) so that fp32 factors keep their precision. Split over K as the
-// FMA kernel is (csrc/small_m.cu): the last block of a column group adds up the slices.
+// u's rank tiles are computed the same way, A in place of W (an A of another dtype split into a
+// 16-bit value and its remainder, two instructions, so that fp32 factors keep their precision).
+// Split over K as the FMA kernel is (csrc/small_m.cu): the last block of a column group adds up
+// the slices.
 
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "dispatch.cuh"
@@ -129,7 +131,7 @@ __device__ __forceinline__ void x_pairs(const T (&row)[ROW_LENGTH], int column, 
 // lora_a.data null: no LoRA term (u written as zeros). Grid: (column groups, slices of K), slices
 // of slice_steps steps; K a multiple of kStep.
 template <int FMT, typename T, int HALVES, bool NESTED>
-__global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: at most 128 registers
+__global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks per SM, at most 128 registers
     small_m_mma_kernel(Operand x, WeightView w, Operand lora_a, Operand lora_b, Operand bias, float scaling,
                        Dropout dropout, Operand y, Operand u, float* __restrict__ partial,
                        float* __restrict__ u_partial, int* __restrict__ counters, int rows, int64_t columns, int64_t k,
@@ -231,18 +233,35 @@ __global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: at most 12
         if (!kept(dropout, m, k_begin + column, k)) xs[m][column] = from_float<T>(0.0f);
     block_sync();
   }
+  // A in x's dtype with 16-byte aligned rows (the usual case) is loaded as it is, 16 bytes at a
+  // time, with no remainder.
+  const bool a_as_is = has_lora && lora_a.type == (std::is_same<T, __half>::value ? kFloat16 : kBFloat16) &&
+                       aligned_to(lora_a.data, 16) && lora_a.stride % 8 == 0;
   for (int tile = warp; has_lora && tile * kTile < rank; tile += kWarps) {
     float sums[HALVES][4] = {};
+#pragma unroll 1  // off the weight's path: kept rolled, so that the main loop is the one with the most HMMAs
     for (int offset = 0; offset < length; offset += kChunk) {
+      const int64_t column = k_begin + offset + t * kLaneElements;
       uint32_t values[2][8], remainders[2][8];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int j = tile * kTile + g + 8 * h;
+        if (a_as_is) {
+          const auto* row = reinterpret_cast<const uint4*>(static_cast<const T*>(lora_a.data) + j * lora_a.stride + column);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const uint4 packed = j < rank ? row[i] : uint4{0u, 0u, 0u, 0u};
+            values[h][4 * i] = packed.x;
+            values[h][4 * i + 1] = packed.y;
+            values[h][4 * i + 2] = packed.z;
+            values[h][4 * i + 3] = packed.w;
+          }
+          continue;
+        }
 #pragma unroll
         for (int p = 0; p < 8; ++p) {
-          const int64_t column = k_begin + offset + t * kLaneElements + 2 * p;
-          const float a0 = j < rank ? load_float(lora_a, j, column) : 0.0f;
-          const float a1 = j < rank ? load_float(lora_a, j, column + 1) : 0.0f;
+          const float a0 = j < rank ? load_float(lora_a, j, column + 2 * p) : 0.0f;
+          const float a1 = j < rank ? load_float(lora_a, j, column + 2 * p + 1) : 0.0f;
           const float r0 = to_float(from_float<T>(a0)), r1 = to_float(from_float<T>(a1));
           values[h][p] = pack_pair<T>(r0, r1);
           remainders[h][p] = pack_pair<T>(a0 - r0, a1 - r1);
@@ -253,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: at most 12
         uint32_t x_chunk[8];
         x_pairs(xs[8 * half + g], offset + t * kLaneElements, x_chunk);
         chunk_mma<T>(sums[half], values[0], values[1], x_chunk);
-        chunk_mma<T>(sums[half], remainders[0], remainders[1], x_chunk);
+        if (!a_as_is) chunk_mma<T>(sums[half], remainders[0], remainders[1], x_chunk);
       }
     }
     const float keep_scale = dropout.active ? dropout.keep_scale : 1.0f;
@@ -336,7 +355,8 @@ bool small_m_on_tensor_cores(const at::Tensor& x, const WeightView& w, int64_t c
   const int64_t rows = x.size(0), k = x.size(1);
   const auto type = x.scalar_type();
   if (type != at::kHalf && type != at::kBFloat16) return false;
-  if (rows < 1 || rows > kTensorSmallMMaxRows || columns < 1 || rank > kMaxRank || k % kStep != 0) return false;
+  if (rows < 1 || rows > kTensorSmallMMaxRows || columns < 1 || rank > kMaxRank || k < kStep || k % kStep != 0)
+    return false;
   switch (w.fmt) {
     case kNf4:
     case kFp4:

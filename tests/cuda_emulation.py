@@ -67,12 +67,14 @@ class Case:
     deterministic: bool = False  # dB through per-block partials instead of atomics
     weight_dtype: torch.dtype = torch.float32  # the dense format's stored dtype
     need_dx: bool = True
+    lora_dtype: Optional[torch.dtype] = None  # A, B and the bias; None: x's dtype
 
     @property
     def label(self) -> str:
         return (f"{self.fmt}-{str(self.dtype)[6:]}-{self.m}x{self.k}x{self.n}-r{self.r}"
                 f"{'-bias' if self.bias else ''}{f'-p{self.p}' if self.p else ''}"
-                f"{'-strided' if self.x_padding else ''}{'-deterministic' if self.deterministic else ''}")
+                f"{'-strided' if self.x_padding else ''}{'-deterministic' if self.deterministic else ''}"
+                f"{f'-lora-{str(self.lora_dtype)[6:]}' if self.lora_dtype else ''}")
 
 
 def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
@@ -89,9 +91,10 @@ def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
     weight = quantize(weight_values, case.fmt, case.blocksize, case.double_quant)
     wide = torch.randn(case.m, case.k + case.x_padding, generator=g).to(case.dtype)
     x = wide[:, :case.k]
-    lora_A = (torch.randn(case.r, case.k, generator=g) / case.k**0.5).to(case.dtype)
-    lora_B = torch.randn(case.n, case.r, generator=g).to(case.dtype)
-    bias = torch.randn(case.n, generator=g).to(case.dtype) if case.bias else None
+    lora_dtype = case.lora_dtype or case.dtype
+    lora_A = (torch.randn(case.r, case.k, generator=g) / case.k**0.5).to(lora_dtype)
+    lora_B = torch.randn(case.n, case.r, generator=g).to(lora_dtype)
+    bias = torch.randn(case.n, generator=g).to(lora_dtype) if case.bias else None
     grad_y = torch.randn(case.m, case.n, generator=g).to(case.dtype)
     seed_tensor, scaling = torch.tensor(1234), 1.5
     shape = [case.n, case.k]
@@ -111,7 +114,7 @@ def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
     dropped = x.double() if keep is None else torch.where(keep, x.double() / (1 - case.p), 0.0)
     u_ref = dropped @ lora_A.double().t()
     where = f"{case.label} ({schedule} schedule)"
-    assert y.dtype == case.dtype and dA.dtype == dB.dtype == case.dtype, where
+    assert y.dtype == case.dtype and dA.dtype == dB.dtype == lora_dtype, where
     assert_close(y, y_ref, case.dtype, f"y of {where}")
     assert_close(u, u_ref, u.dtype, f"u of {where}")
     if case.need_dx:

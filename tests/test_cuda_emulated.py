@@ -53,15 +53,17 @@ def _matrix() -> list[Case]:
         Case(5, 64, 96, 256, "nf4", torch.bfloat16, p=0.1),  # the largest rank, the GEMM at small M
         Case(40, 65, 48, 8, "nf4", torch.float16, blocksize=32, double_quant=False),  # odd K: blocks span rows
         Case(4, 130, 24, 8, "fp4", torch.bfloat16, blocksize=128),  # small-M, unaligned rows: the scalar path
-        Case(2, 256, 40, 4, "nf4", torch.bfloat16, blocksize=256, x_padding=16),  # small-M, 16-byte loads
-        Case(1, 256, 40, 8, "nf4", torch.bfloat16, p=0.1),  # one row (its own unrolling), 16-byte x loads
+        Case(2, 256, 40, 4, "nf4", torch.bfloat16, blocksize=256, x_padding=16),  # tensor cores, x staged 16 bytes a time
+        Case(1, 256, 40, 8, "nf4", torch.bfloat16, p=0.1),  # tensor cores, one row
+        Case(3, 320, 40, 4, "nf4", torch.bfloat16),  # FMA small M (K not a multiple of 256), 16-byte loads
+        Case(1, 320, 40, 8, "nf4", torch.float16, p=0.1),  # FMA small M, one row (its own unrolling)
         Case(1, 64, 40, 4, "int8", torch.float32),  # one row, fp32 x: four values per 16-byte load
         Case(1, 128, 40, 4, "fp4", torch.float32, bias=True),
         Case(3, 64, 40, 4, "fp8", torch.float16),  # 16-byte chunks of fp8 for three rows
         Case(2, 96, 24, 4, "int8", torch.float16, x_padding=4),  # x's rows not 16-byte aligned: any-layout path
         Case(36, 48, 70, 4, "int8", torch.bfloat16, deterministic=True, need_dx=False),
         # Small M split over K (the harness's GPU has 4 SMs): slices summed by the last block of a group
-        Case(1, 1024, 300, 8, "nf4", torch.bfloat16),  # two groups, the second ragged; four slices
+        Case(1, 1024, 300, 8, "nf4", torch.bfloat16),  # tensor cores: three groups, the last ragged; two slices
         Case(3, 640, 40, 16, "int8", torch.float16, p=0.1),  # five slices of one step
         Case(3, 1280, 600, 8, "nf4", torch.bfloat16),  # five groups; two slices, the last one step short
         Case(2, 2048, 1100, 4, "fp8", torch.bfloat16, bias=False, need_dx=False),  # four steps per slice
@@ -71,9 +73,12 @@ def _matrix() -> list[Case]:
         Case(16, 512, 150, 24, "nf4", torch.bfloat16, p=0.1, x_padding=8),  # two rank tiles, the second ragged
         Case(9, 256, 72, 8, "fp4", torch.float16, blocksize=128, double_quant=False),
         Case(12, 768, 136, 16, "int8", torch.bfloat16, deterministic=True),  # three slices of one step
-        Case(7, 256, 40, 4, "fp8", torch.float16, bias=False),
+        Case(7, 256, 40, 4, "fp8", torch.float16, bias=False, x_padding=4),  # x staged value by value
         Case(5, 512, 64, 8, "dense", torch.bfloat16, weight_dtype=torch.bfloat16),
         Case(6, 256, 40, 4, "nf4", torch.bfloat16, blocksize=1024),  # an absmax block longer than the step
+        # fp32 LoRA factors: A split into a 16-bit value and its remainder
+        Case(4, 256, 72, 20, "nf4", torch.bfloat16, p=0.1, lora_dtype=torch.float32),
+        Case(11, 512, 40, 8, "int8", torch.float16, x_padding=8, lora_dtype=torch.float32),
         # ... and where they do not apply, at 4 < M <= 16: the GEMM
         Case(16, 256, 24, 130, "nf4", torch.bfloat16),  # r > 128
         Case(8, 256, 40, 4, "dense", torch.float16, weight_dtype=torch.float32),  # W not in x's dtype

@@ -250,7 +250,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
 def _on_tensor_cores(case: Case) -> bool:
     """csrc/small_m_mma.cu's small_m_on_tensor_cores for `case` (bf16 x, W as `weight_bytes` builds it)."""
     step = constant("small_m_mma.cu", "kChunksPerStep") * 4 * constant("small_m_mma.cu", "kLaneElements")
-    return (case.m <= constant("kernels.h", "kTensorSmallMMaxRows") and case.k % step == 0
+    return (case.m <= constant("kernels.h", "kTensorSmallMMaxRows") and case.k >= step and case.k % step == 0
             and case.rank <= constant("small_m_mma.cu", "kMaxRank"))
 
 
