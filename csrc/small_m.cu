@@ -324,6 +324,20 @@ Scratch split_k_scratch(const at::Tensor& like, int64_t floats, int64_t counters
   return scratch;  // the caller's references keep these alive until its launch, whatever another thread grows
 }
 
+SplitK split_k(const at::Tensor& like, int64_t steps, int64_t slice_steps, int64_t rows, int64_t columns,
+               int64_t groups, int64_t rank) {
+  SplitK split{cdiv(steps, slice_steps), Scratch{}, nullptr, nullptr, nullptr};
+  TORCH_CHECK(split.slices <= 65535, "fusedlora: K is too long for the CUDA small-M kernels (", split.slices,
+              " slices)");
+  if (split.slices > 1) {
+    split.scratch = split_k_scratch(like, split.slices * rows * (columns + groups * rank), groups);
+    split.partial = split.scratch.partials.data_ptr<float>();
+    split.u_partial = split.partial + split.slices * rows * columns;
+    split.counters = split.scratch.counters.data_ptr<int>();
+  }
+  return split;
+}
+
 int64_t small_m_slice_steps(int64_t columns, int64_t steps, int64_t sm_count) {
   const int64_t wanted_slices = cdiv(4 * sm_count, std::max<int64_t>(1, cdiv(columns, kColumns)));
   return std::clamp<int64_t>(cdiv(steps, wanted_slices), 1, kMaxSliceSteps);
@@ -356,14 +370,8 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
   const int64_t groups = std::max<int64_t>(1, cdiv(columns, kColumns));
   const int64_t steps = std::max<int64_t>(1, cdiv(k, chunk * kLanesPerColumn));
   const int64_t slice_steps = small_m_slice_steps(columns, steps, multiprocessor_count());
-  const int64_t slices = cdiv(steps, slice_steps);
-  TORCH_CHECK(slices <= 65535, "fusedlora: K = ", k, " is too long for the CUDA small-M kernel (", slices, " slices)");
-  const Scratch scratch =
-      slices > 1 ? split_k_scratch(x, slices * rows * (columns + groups * rank), groups) : Scratch{};
-  float* partial = scratch.partials.defined() ? scratch.partials.data_ptr<float>() : nullptr;
-  int* counters = scratch.counters.defined() ? scratch.counters.data_ptr<int>() : nullptr;
-  float* u_partial = partial ? partial + slices * rows * columns : nullptr;
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices));
+  const SplitK split = split_k(x, steps, slice_steps, rows, columns, groups, rank);
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(split.slices));
   at::Tensor x_kept = x, y_view = y;
   const Operand x_operand = operand(x, x_kept), y_operand = operand(y, y_view);
   TORCH_CHECK(y_view.data_ptr() == y.data_ptr(), "fusedlora: y must be fp32, fp16 or bf16 with unit column stride");
@@ -374,8 +382,8 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
       if (vectorized) kernel = rows == 1 ? small_m_kernel<kFmt, 1, true> : small_m_kernel<kFmt, kSmallMMaxRows, true>;
     }
     launch(kernel, grid, dim3(kThreads), x_operand, w, a_operand, b_operand, bias_operand, static_cast<float>(scaling),
-           dropout, y_operand, u_operand, partial, u_partial, counters, static_cast<int>(rows), columns,
-           k, static_cast<int>(rank), static_cast<int>(slice_steps));
+           dropout, y_operand, u_operand, split.partial, split.u_partial, split.counters, static_cast<int>(rows),
+           columns, k, static_cast<int>(rank), static_cast<int>(slice_steps));
   });
 }
 

@@ -27,6 +27,18 @@ struct Scratch {
 };
 Scratch split_k_scratch(const at::Tensor& like, int64_t floats, int64_t counters);
 
+// A launch's split over K into `slices` of slice_steps steps each, and where its slices write their
+// partial sums of y (slices, M, N) and of u (groups, slices, M, r); null pointers with one slice.
+struct SplitK {
+  int64_t slices;
+  Scratch scratch;  // keeps the pointers' storage alive until the launch
+  float* partial;
+  float* u_partial;
+  int* counters;
+};
+SplitK split_k(const at::Tensor& like, int64_t steps, int64_t slice_steps, int64_t rows, int64_t columns,
+               int64_t groups, int64_t rank);
+
 // Called by every thread of a block after it wrote its slice's partial sums: whether this block is
 // the last of its group's `slices` to arrive (it then resets the group's counter for the next
 // launch and may read every slice's partials). `flag`: one int of shared memory.

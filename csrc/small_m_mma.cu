@@ -35,9 +35,10 @@ constexpr int kLaneElements = 16;            // consecutive weights of a row per
 constexpr int kChunk = 4 * kLaneElements;    // 64: the 4 lanes of a row
 constexpr int kChunksPerStep = 4;            // loaded before any is decoded
 constexpr int kStep = kChunksPerStep * kChunk;
-constexpr int kMaxSliceSteps = 4;
-constexpr int kMaxSlice = kMaxSliceSteps * kStep;
+constexpr int kMaxSliceSteps = 8;  // for 8 rows of x; 4 for 16 (x's slice in shared memory, 33 KB)
 constexpr int kMaxRank = 128;
+constexpr int kURowsAtATime = kThreads / kMaxRank;  // u's rows a block copies at a time
+static_assert(kThreads % kMaxRank == 0, "each thread copies one rank of u's rows");
 constexpr int kRowPad = 8;  // 16 bytes after each row of x: rows g and g + 1 fall in other banks
 
 template <int FMT>
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
                        float* __restrict__ u_partial, int* __restrict__ counters, int rows, int64_t columns, int64_t k,
                        int rank, int slice_steps) {
   constexpr int kRows = 8 * HALVES;
-  auto& xs = shared_array<T[kRows][kMaxSlice + kRowPad], __LINE__>();  // rows past M are zeros
+  auto& xs = shared_array<T[kRows][kMaxSliceSteps / HALVES * kStep + kRowPad], __LINE__>();  // rows past M: zeros
   auto& u_sums = shared_array<float[kRows][kMaxRank], __LINE__>();
   auto& table = shared_array<uint32_t[256], __LINE__>();  // each byte's two 4-bit codes as a pair of T
   auto& last_block = shared_array<int[1], __LINE__>();
@@ -160,7 +161,8 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
   }
   if constexpr (four_bit<FMT>()) {
     const float* code = FMT == kNf4 ? kNf4Code : kFp4Code;
-    for (int byte = threadIdx.x; byte < 256; byte += kThreads) table[byte] = pack_pair<T>(code[byte >> 4], code[byte & 0xF]);
+    for (int byte = threadIdx.x; byte < 256; byte += kThreads)
+      table[byte] = pack_pair<T>(code[byte >> 4], code[byte & 0xF]);
   }
   block_sync();
 
@@ -247,7 +249,8 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
       for (int h = 0; h < 2; ++h) {
         const int j = tile * kTile + g + 8 * h;
         if (a_as_is) {
-          const auto* row = reinterpret_cast<const uint4*>(static_cast<const T*>(lora_a.data) + j * lora_a.stride + column);
+          const T* a_row = static_cast<const T*>(lora_a.data) + j * lora_a.stride;
+          const auto* row = reinterpret_cast<const uint4*>(a_row + column);
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const uint4 packed = j < rank ? row[i] : uint4{0u, 0u, 0u, 0u};
@@ -287,6 +290,8 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
   }
   block_sync();
 
+  // u's elements (m, u_rank) for m = u_first_row, + kURowsAtATime, ...: this thread's to copy and sum.
+  const int u_rank = threadIdx.x % kMaxRank, u_first_row = threadIdx.x / kMaxRank;
   // This lane's outputs: acc[half][i] is y's (row 8·half + 2t + i % 2, column tile_first + g + 8·(i / 2)).
   auto row_of = [&](int half, int i) { return 8 * half + 2 * t + i % 2; };
   auto column_of = [&](int i) { return tile_first + g + 8 * (i / 2); };
@@ -298,7 +303,8 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
         if (row_of(half, i) < rows && column_of(i) < columns)
           partial[(slice * rows + row_of(half, i)) * columns + column_of(i)] = acc[half][i];
     float* u_part = u_partial + (group * slices + slice) * rows * rank;
-    for (int i = threadIdx.x; has_lora && i < rows * rank; i += kThreads) u_part[i] = u_sums[i / rank][i % rank];
+    for (int m = u_first_row; has_lora && u_rank < rank && m < rows; m += kURowsAtATime)
+      u_part[m * rank + u_rank] = u_sums[m][u_rank];
     if (!arrived_last(counters, group, slices, last_block[0])) return;
 #pragma unroll
     for (int half = 0; half < HALVES; ++half)
@@ -309,10 +315,11 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
         for (int s = 0; row_of(half, i) < rows && column_of(i) < columns && s < slices; ++s)
           acc[half][i] += load_coherent(&partial[(s * rows + row_of(half, i)) * columns + column_of(i)]);
       }
-    for (int i = threadIdx.x; has_lora && i < rows * rank; i += kThreads) {
+    for (int m = u_first_row; has_lora && u_rank < rank && m < rows; m += kURowsAtATime) {
       float sum = 0.0f;
-      for (int s = 0; s < slices; ++s) sum += load_coherent(&u_partial[(group * slices + s) * rows * rank + i]);
-      u_sums[i / rank][i % rank] = sum;
+      for (int s = 0; s < slices; ++s)
+        sum += load_coherent(&u_partial[(group * slices + s) * rows * rank + m * rank + u_rank]);
+      u_sums[m][u_rank] = sum;
     }
     block_sync();
   }
@@ -337,16 +344,17 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
 #pragma unroll
       for (int e = 0; e < 2; ++e)
         if (row_of(half, e) < rows)
-          store_float(y, row_of(half, e), n, fmaf(acc[half][2 * h + e], scale, shift_by) + scaling * lora[half][e]);
+          static_cast<T*>(const_cast<void*>(y.data))[row_of(half, e) * y.stride + n] =  // y has x's dtype
+              from_float<T>(fmaf(acc[half][2 * h + e], scale, shift_by) + scaling * lora[half][e]);
   }
-  for (int i = threadIdx.x; group == 0 && i < rows * rank; i += kThreads)
-    store_float(u, i / rank, i % rank, has_lora ? u_sums[i / rank][i % rank] : 0.0f);
+  for (int m = u_first_row; group == 0 && u_rank < rank && m < rows; m += kURowsAtATime)
+    store_float(u, m, u_rank, has_lora ? u_sums[m][u_rank] : 0.0f);
 }
 
-// Steps per slice: enough slices for two blocks per SM, at most kMaxSliceSteps steps each (x's
+// Steps per slice: enough slices for two blocks per SM, at most kMaxSliceSteps / halves steps each (x's
 // slice in shared memory). More blocks would hide more latency but write more partial sums.
-int64_t slice_steps_of(int64_t groups, int64_t steps, int64_t sm_count) {
-  return std::clamp<int64_t>(cdiv(steps, cdiv(2 * sm_count, groups)), 1, kMaxSliceSteps);
+int64_t slice_steps_of(int64_t groups, int64_t steps, int64_t sm_count, int halves) {
+  return std::clamp<int64_t>(cdiv(steps, cdiv(2 * sm_count, groups)), 1, kMaxSliceSteps / halves);
 }
 
 }  // namespace
@@ -365,7 +373,8 @@ bool small_m_on_tensor_cores(const at::Tensor& x, const WeightView& w, int64_t c
     case kFp8:
       return aligned_to(w.data, 16) && w.stride_n % 16 == 0;
     default:
-      return w.dense_type == (type == at::kHalf ? kFloat16 : kBFloat16) && aligned_to(w.data, 16) && w.stride_n % 8 == 0;
+      return w.dense_type == (type == at::kHalf ? kFloat16 : kBFloat16) && aligned_to(w.data, 16) &&
+             w.stride_n % 8 == 0;
   }
 }
 
@@ -381,18 +390,13 @@ void launch_forward_small_m_mma(const at::Tensor& x, const WeightView& w, const 
   const Operand b_operand = has_lora ? operand(lora_b, b_kept) : Operand{};
   const Operand bias_operand = bias.defined() ? operand(bias, bias_kept) : Operand{};
   const Operand u_operand = operand(u, u_view), x_operand = operand(x, x_kept), y_operand = operand(y, y_view);
-  TORCH_CHECK(u_view.data_ptr() == u.data_ptr() && y_view.data_ptr() == y.data_ptr(),
-              "fusedlora: u and y must be fp32, fp16 or bf16 with unit column stride");
+  TORCH_CHECK(u_view.data_ptr() == u.data_ptr() && y_view.data_ptr() == y.data_ptr() &&
+                  y.scalar_type() == x.scalar_type(),
+              "fusedlora: u must be fp32, fp16 or bf16 and y of x's dtype, both with unit column stride");
   const int64_t groups = cdiv(columns, kColumns), steps = cdiv(k, kStep);
-  const int64_t slice_steps = slice_steps_of(groups, steps, multiprocessor_count());
-  const int64_t slices = cdiv(steps, slice_steps);
-  TORCH_CHECK(slices <= 65535, "fusedlora: K = ", k, " is too long for the CUDA small-M kernel (", slices, " slices)");
-  const Scratch scratch =
-      slices > 1 ? split_k_scratch(x, slices * rows * (columns + groups * rank), groups) : Scratch{};
-  float* partial = scratch.partials.defined() ? scratch.partials.data_ptr<float>() : nullptr;
-  int* counters = scratch.counters.defined() ? scratch.counters.data_ptr<int>() : nullptr;
-  float* u_partial = partial ? partial + slices * rows * columns : nullptr;
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices));
+  const int64_t slice_steps = slice_steps_of(groups, steps, multiprocessor_count(), rows <= 8 ? 1 : 2);
+  const SplitK split = split_k(x, steps, slice_steps, rows, columns, groups, rank);
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(split.slices));
   auto launch_for = [&](auto fmt, auto type) {
     constexpr int kFmt = decltype(fmt)::value;
     using T = decltype(type);
@@ -401,8 +405,8 @@ void launch_forward_small_m_mma(const at::Tensor& x, const WeightView& w, const 
       if (w.nested) kernel = rows <= 8 ? small_m_mma_kernel<kFmt, T, 1, true> : small_m_mma_kernel<kFmt, T, 2, true>;
     }
     launch(kernel, grid, dim3(kThreads), x_operand, w, a_operand, b_operand, bias_operand, static_cast<float>(scaling),
-           dropout, y_operand, u_operand, partial, u_partial, counters, static_cast<int>(rows), columns, k,
-           static_cast<int>(rank), static_cast<int>(slice_steps));
+           dropout, y_operand, u_operand, split.partial, split.u_partial, split.counters, static_cast<int>(rows),
+           columns, k, static_cast<int>(rank), static_cast<int>(slice_steps));
   };
   dispatch_format(w.fmt, [&](auto fmt) {
     if (x.scalar_type() == at::kHalf) {

@@ -243,13 +243,15 @@ def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspect
                for f in ("nf4", "dense"))
     assert by_key["lora_forward_kernel/nf4"]["instructions_per_element"] > by_key["lora_forward_kernel/dense"][
         "instructions_per_element"]
-    # The CUDA C++ kernels, counted from nvcc's SASS: WMMA (HMMA) GEMMs per format, the small-M
-    # kernel's loop of 16-byte weight loads, the LoRA kernels' resources.
+    # The CUDA C++ kernels, counted from nvcc's SASS: WMMA (HMMA) GEMMs per format, the tensor-core
+    # small-M kernel's loop of HMMA and W's 8-byte loads (2 rows x 4 chunks a step), the LoRA kernels' resources.
     for mode in ("forward", "grad_x"):
         gemm = by_key[f"cuda/gemm_kernel/{mode}/nf4"]
         assert "HMMA" in "".join(gemm["tensor_ops"])
         assert gemm["instructions_per_element"] > by_key[f"cuda/gemm_kernel/{mode}/dense"]["instructions_per_element"]
-    assert by_key["cuda/small_m_kernel/nf4"]["global_loads_by_width"].get("16", 0) >= 1
+    for rows in ("m8", "m16"):
+        small = by_key[f"cuda/small_m_mma_kernel/{rows}/nf4"]
+        assert "HMMA" in "".join(small["tensor_ops"]) and small["global_loads_by_width"].get("8", 0) == 8, small
     assert {"cuda/shrink_kernel", "cuda/grad_u_kernel", "cuda/grad_a_kernel"} <= set(by_key)
     backends = {(c["backend"], c["case"]) for c in report["archs"][str(arch)]["cases"]}
     assert {backend for backend, _ in backends} == {"triton", "triton-fused", "triton-workspace", "cuda"}

@@ -174,8 +174,9 @@ def _mma_grid(case: Case, sm_count: int) -> tuple:
     launch on `case` (its launcher's `slice_steps_of`)."""
     columns = constant("small_m_mma.cu", "kWarps") * constant("small_m_mma.cu", "kTile")
     step = constant("small_m_mma.cu", "kChunksPerStep") * 4 * constant("small_m_mma.cu", "kLaneElements")
-    groups, steps = _cdiv(case.n, columns), _cdiv(case.k, step)
-    slice_steps = min(max(_cdiv(steps, _cdiv(2 * sm_count, groups)), 1), constant("small_m_mma.cu", "kMaxSliceSteps"))
+    groups, steps, halves = _cdiv(case.n, columns), _cdiv(case.k, step), 1 if case.m <= 8 else 2
+    most = constant("small_m_mma.cu", "kMaxSliceSteps") // halves
+    slice_steps = min(max(_cdiv(steps, _cdiv(2 * sm_count, groups)), 1), most)
     return columns, groups, _cdiv(steps, slice_steps), slice_steps, step
 
 
