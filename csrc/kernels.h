@@ -46,7 +46,7 @@ int64_t small_m_slice_steps(int64_t columns, int64_t steps, int64_t sm_count);
 // The same on tensor cores for M <= kTensorSmallMMaxRows (csrc/small_m_mma.cu), where
 // small_m_on_tensor_cores holds: fp16 or bf16 x, K a positive multiple of 256, r <= 128, and W
 // read in aligned chunks (4-bit: 8-byte aligned codes, blocksize a multiple of 64; int8 / fp8:
-// rows 16-byte aligned; dense: x's dtype, rows 16-byte aligned).
+// rows 16-byte aligned; dense: x's dtype, rows 16-byte aligned); y in x's dtype.
 constexpr int64_t kTensorSmallMMaxRows = 16;
 bool small_m_on_tensor_cores(const at::Tensor& x, const WeightView& w, int64_t columns, int64_t rank);
 void launch_forward_small_m_mma(const at::Tensor& x, const WeightView& w, const at::Tensor& lora_a,

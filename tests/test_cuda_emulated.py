@@ -66,7 +66,8 @@ def _matrix() -> list[Case]:
         Case(1, 1024, 300, 8, "nf4", torch.bfloat16),  # tensor cores: three groups, the last ragged; two slices
         Case(3, 640, 40, 16, "int8", torch.float16, p=0.1),  # five slices of one step
         Case(3, 1280, 600, 8, "nf4", torch.bfloat16),  # five groups; two slices, the last one step short
-        Case(2, 2048, 1100, 4, "fp8", torch.bfloat16, bias=False, need_dx=False),  # four steps per slice
+        Case(2, 2048, 1100, 4, "fp8", torch.bfloat16, bias=False, need_dx=False),  # one slice: x's whole slice at M <= 8
+        Case(12, 2048, 520, 8, "nf4", torch.bfloat16),  # tensor cores, M <= 16: two slices of 4 steps (the most)
         Case(1, 512, 40, 4, "nf4", torch.float32, blocksize=512),  # an absmax block longer than a step
         Case(1, 600, 70, 4, "dense", torch.bfloat16, weight_dtype=torch.float16),  # any-layout path, ragged K
         # Small M on tensor cores (16-bit x, K a multiple of 256): 8 rows of x per instruction, or 16

@@ -116,6 +116,8 @@ def test_cuda_kernel_names_and_work_follow_csrc():
     assert [key for key, _ in cuda._launches(decode)] == [("small_m_mma_kernel", (3, "bf16", 2, True))]
     tensor = cuda._weight_work("small_m_mma_kernel", None, decode, 132)
     assert (tensor.programs, tensor.trips, tensor.weight_elements) == (112 * 4, 4, 128 * 256)
+    long_k = [Case("t", m, 65536, 14336, 16, "nf4") for m in (1, 16)]  # x's slice holds 8 steps of 8 rows, 4 of 16
+    assert [cuda._mma_grid(case, 132)[2:4] for case in long_k] == [(32, 8), (64, 4)]
     assert cuda._launches(Case("t", 1, 4096, 64, 8, "int8"))[0][0] == ("small_m_mma_kernel", (1, "bf16", 1, False))
     assert cuda._launches(Case("t", 16, 64, 64, 8, "nf4"))[0][0][0] == "shrink_kernel"  # K = 64: the GEMM path
     assert cuda._host_launches(decode) == 0 and cuda._host_launches(Case("t", 16, 64, 64, 8, "nf4")) == 3
