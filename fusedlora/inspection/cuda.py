@@ -12,10 +12,11 @@ The bf16 instantiations are the headline cases' (the FMA small-M kernel takes an
 The kernels' tiles are read from csrc/ (their `constexpr` constants), so the work model follows
 the source. Main loops: the GEMMs' and the tensor-core small-M kernel's are the loops of their
 HMMA instructions, the FMA small-M kernel's the loop of its 16-byte weight loads (see
-`sass.main_loop`); the dense FMA small-M kernel (one loop per dense dtype, chosen at run time) and the LoRA kernels (nested loops) have none that
-counts per element, so the MODEL times them by their bytes and FMAs alone (a lower bound) and the
-budgets hold their resources only. The torch operations of csrc/lora_ops.cpp around the kernels
-(fills, dtype copies, the partials' sums) count as launches (`HOST_LAUNCHES`), their bytes not.
+`sass.main_loop`); the dense FMA small-M kernel (one loop per dense dtype, chosen at run time)
+and the LoRA kernels (nested loops) have none that counts per element, so the MODEL times them by
+their bytes and FMAs alone (a lower bound) and the budgets hold their resources only. The torch
+operations of csrc/lora_ops.cpp around the kernels (fills, dtype copies, the partials' sums)
+count as launches (`HOST_LAUNCHES`), their bytes not.
 """
 
 import concurrent.futures
@@ -169,11 +170,15 @@ def _small_m_grid(case: Case, sm_count: int) -> tuple:
     return groups, _cdiv(steps, slice_steps), slice_steps, step
 
 
+def _mma_step() -> int:
+    """csrc/small_m_mma.cu's kStep: K per step, kChunksPerStep chunks of a row's 4 lanes."""
+    return constant("small_m_mma.cu", "kChunksPerStep") * 4 * constant("small_m_mma.cu", "kLaneElements")
+
+
 def _mma_grid(case: Case, sm_count: int) -> tuple:
     """(columns per block, groups, slices, steps per slice, K per step) of csrc/small_m_mma.cu's
     launch on `case` (its launcher's `slice_steps_of`)."""
-    columns = constant("small_m_mma.cu", "kWarps") * constant("small_m_mma.cu", "kTile")
-    step = constant("small_m_mma.cu", "kChunksPerStep") * 4 * constant("small_m_mma.cu", "kLaneElements")
+    columns, step = constant("small_m_mma.cu", "kWarps") * constant("small_m_mma.cu", "kTile"), _mma_step()
     groups, steps, halves = _cdiv(case.n, columns), _cdiv(case.k, step), 1 if case.m <= 8 else 2
     most = constant("small_m_mma.cu", "kMaxSliceSteps") // halves
     slice_steps = min(max(_cdiv(steps, _cdiv(2 * sm_count, groups)), 1), most)
@@ -186,15 +191,13 @@ def _weight_work(kernel: str, mode: int, case: Case, sm_count: int) -> Work:
     slices' fp32 partial sums."""
     m, n, k, r = case.m, case.n, case.k, case.rank
     activations = 2 * m * (k + n)  # bf16 in and out
-    if kernel == "small_m_mma_kernel":
-        columns, groups, slices, slice_steps, step = _mma_grid(case, sm_count)
+    if kernel in ("small_m_kernel", "small_m_mma_kernel"):
+        if kernel == "small_m_mma_kernel":
+            columns, groups, slices, slice_steps, step = _mma_grid(case, sm_count)
+        else:
+            (groups, slices, slice_steps, step), columns = _small_m_grid(case, sm_count), _small_m_columns()
         partials = 8 * slices * m * (n + groups * r) if slices > 1 else 0
         return Work(groups * slices, slice_steps, columns * step, 2.0 * m * n * (k + r),
-                    activations + weight_bytes(case) + 2 * r * (k * groups + n) + partials)
-    if kernel == "small_m_kernel":
-        groups, slices, slice_steps, step = _small_m_grid(case, sm_count)
-        partials = 8 * slices * m * (n + groups * r) if slices > 1 else 0
-        return Work(groups * slices, slice_steps, _small_m_columns() * step, 2.0 * m * n * (k + r),
                     activations + weight_bytes(case) + 2 * r * (k * groups + n) + partials)
     tile, step = constant("gemm.cu", "kTile"), constant("gemm.cu", "kStep")
     reduce, outs = (k, n) if mode == FORWARD else (n, k)
@@ -250,7 +253,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
 
 def _on_tensor_cores(case: Case) -> bool:
     """csrc/small_m_mma.cu's small_m_on_tensor_cores for `case` (bf16 x, W as `weight_bytes` builds it)."""
-    step = constant("small_m_mma.cu", "kChunksPerStep") * 4 * constant("small_m_mma.cu", "kLaneElements")
+    step = _mma_step()
     return (case.m <= constant("kernels.h", "kTensorSmallMMaxRows") and case.k >= step and case.k % step == 0
             and case.rank <= constant("small_m_mma.cu", "kMaxRank"))
 
@@ -274,7 +277,7 @@ def _launches(case: Case) -> list:
 
 def _host_launches(case: Case) -> int:
     """The torch operations around the kernels of `case` (`HOST_LAUNCHES`)."""
-    small_m = _on_tensor_cores(case) or case.m <= constant("kernels.h", "kSmallMMaxRows")
+    small_m = _launches(case)[0][0][0] in ("small_m_kernel", "small_m_mma_kernel")  # its first launch
     forward = HOST_LAUNCHES["small_m" if small_m else "forward"]
     return forward + (0 if case.decode else HOST_LAUNCHES["backward"])
 
