@@ -303,6 +303,22 @@ Operand operand(const at::Tensor& t, at::Tensor& keep) {
                  keep.dim() == 2 ? keep.stride(0) : 0};
 }
 
+SmallMOperands small_m_operands(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                const at::Tensor& bias, const at::Tensor& y, const at::Tensor& u) {
+  SmallMOperands operands;
+  at::Tensor* kept = operands.kept;
+  operands.x = operand(x, kept[0]);
+  operands.lora_a = lora_a.defined() ? operand(lora_a, kept[1]) : Operand{};
+  operands.lora_b = lora_a.defined() ? operand(lora_b, kept[2]) : Operand{};
+  operands.bias = bias.defined() ? operand(bias, kept[3]) : Operand{};
+  operands.u = operand(u, kept[4]);
+  TORCH_CHECK(kept[4].data_ptr() == u.data_ptr(), "fusedlora: the CUDA small-M path takes fp32, fp16 or bf16 LoRA "
+              "factors (u is written in their dtype, with unit column stride), got u of dtype ", u.scalar_type());
+  operands.y = operand(y, kept[5]);
+  TORCH_CHECK(kept[5].data_ptr() == y.data_ptr(), "fusedlora: y must be fp32, fp16 or bf16 with unit column stride");
+  return operands;
+}
+
 // fp32 scratch for the partial sums (no initial values needed) and int32 counters (zero, and left
 // zero by the kernel): one set per device and stream, grown on demand, so that a warm call
 // allocates only its outputs (launches on one stream run in order). A call captured into a CUDA
@@ -359,31 +375,21 @@ void launch_forward_small_m(const at::Tensor& x, const WeightView& w, const at::
                           (four_bit ? w.blocksize % 32 == 0 && k % w.blocksize == 0 &&
                                           columns * k / w.blocksize <= std::numeric_limits<uint32_t>::max()
                                     : w.stride_n % 16 == 0);
-  at::Tensor a_kept, b_kept, bias_kept, u_view = u;
-  const bool has_lora = lora_a.defined();
-  const Operand a_operand = has_lora ? operand(lora_a, a_kept) : Operand{};
-  const Operand b_operand = has_lora ? operand(lora_b, b_kept) : Operand{};
-  const Operand bias_operand = bias.defined() ? operand(bias, bias_kept) : Operand{};
-  const Operand u_operand = operand(u, u_view);  // written: it must be used as it is
-  TORCH_CHECK(u_view.data_ptr() == u.data_ptr(), "fusedlora: the CUDA small-M path takes fp32, fp16 or bf16 LoRA "
-              "factors (u is written in their dtype, with unit column stride), got u of dtype ", u.scalar_type());
+  const SmallMOperands operands = small_m_operands(x, lora_a, lora_b, bias, y, u);
   const int64_t groups = std::max<int64_t>(1, cdiv(columns, kColumns));
   const int64_t steps = std::max<int64_t>(1, cdiv(k, chunk * kLanesPerColumn));
   const int64_t slice_steps = small_m_slice_steps(columns, steps, multiprocessor_count());
   const SplitK split = split_k(x, steps, slice_steps, rows, columns, groups, rank);
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(split.slices));
-  at::Tensor x_kept = x, y_view = y;
-  const Operand x_operand = operand(x, x_kept), y_operand = operand(y, y_view);
-  TORCH_CHECK(y_view.data_ptr() == y.data_ptr(), "fusedlora: y must be fp32, fp16 or bf16 with unit column stride");
   dispatch_format(w.fmt, [&](auto fmt) {
     constexpr int kFmt = decltype(fmt)::value;
     auto kernel = rows == 1 ? small_m_kernel<kFmt, 1, false> : small_m_kernel<kFmt, kSmallMMaxRows, false>;
     if constexpr (kFmt != kDense) {
       if (vectorized) kernel = rows == 1 ? small_m_kernel<kFmt, 1, true> : small_m_kernel<kFmt, kSmallMMaxRows, true>;
     }
-    launch(kernel, grid, dim3(kThreads), x_operand, w, a_operand, b_operand, bias_operand, static_cast<float>(scaling),
-           dropout, y_operand, u_operand, split.partial, split.u_partial, split.counters, static_cast<int>(rows),
-           columns, k, static_cast<int>(rank), static_cast<int>(slice_steps));
+    launch(kernel, grid, dim3(kThreads), operands.x, w, operands.lora_a, operands.lora_b, operands.bias,
+           static_cast<float>(scaling), dropout, operands.y, operands.u, split.partial, split.u_partial,
+           split.counters, static_cast<int>(rows), columns, k, static_cast<int>(rank), static_cast<int>(slice_steps));
   });
 }
 

@@ -20,6 +20,16 @@ __host__ __device__ inline bool aligned_to(const void* pointer, uintptr_t bytes)
 // `t` as an Operand: fp32, fp16 or bf16 with unit stride along its last dimension (else a copy kept in `keep`).
 Operand operand(const at::Tensor& t, at::Tensor& keep);
 
+// A small-M launch's operands: x, A, B and the bias as Operands (a copy kept where their dtype or
+// stride needs one; A undefined: no LoRA term, A and B null), y and u, which the kernels write,
+// as they are (checked to need no copy).
+struct SmallMOperands {
+  Operand x, lora_a, lora_b, bias, y, u;
+  at::Tensor kept[6];
+};
+SmallMOperands small_m_operands(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                const at::Tensor& bias, const at::Tensor& y, const at::Tensor& u);
+
 // The split over K's scratch: fp32 partial sums (no initial values needed) and int32 counters
 // (zero, and left zero by the kernels). See split_k_scratch in csrc/small_m.cu.
 struct Scratch {

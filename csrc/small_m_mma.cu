@@ -384,15 +384,9 @@ void launch_forward_small_m_mma(const at::Tensor& x, const WeightView& w, const 
   const int64_t rows = x.size(0), k = x.size(1), columns = y.size(1), rank = u.size(1);
   TORCH_CHECK(small_m_on_tensor_cores(x, w, columns, rank), "fusedlora: the tensor-core small-M kernel does not take "
               "this call (see small_m_on_tensor_cores in csrc/kernels.h)");
-  at::Tensor a_kept, b_kept, bias_kept, u_view = u, x_kept = x, y_view = y;
-  const bool has_lora = lora_a.defined();
-  const Operand a_operand = has_lora ? operand(lora_a, a_kept) : Operand{};
-  const Operand b_operand = has_lora ? operand(lora_b, b_kept) : Operand{};
-  const Operand bias_operand = bias.defined() ? operand(bias, bias_kept) : Operand{};
-  const Operand u_operand = operand(u, u_view), x_operand = operand(x, x_kept), y_operand = operand(y, y_view);
-  TORCH_CHECK(u_view.data_ptr() == u.data_ptr() && y_view.data_ptr() == y.data_ptr() &&
-                  y.scalar_type() == x.scalar_type(),
-              "fusedlora: u must be fp32, fp16 or bf16 and y of x's dtype, both with unit column stride");
+  const SmallMOperands operands = small_m_operands(x, lora_a, lora_b, bias, y, u);
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "fusedlora: the tensor-core small-M kernel writes y in x's dtype (",
+              x.scalar_type(), "), got y of dtype ", y.scalar_type());
   const int64_t groups = cdiv(columns, kColumns), steps = cdiv(k, kStep);
   const int64_t slice_steps = slice_steps_of(groups, steps, multiprocessor_count(), rows <= 8 ? 1 : 2);
   const SplitK split = split_k(x, steps, slice_steps, rows, columns, groups, rank);
@@ -404,9 +398,9 @@ void launch_forward_small_m_mma(const at::Tensor& x, const WeightView& w, const 
     if constexpr (kFmt == kNf4 || kFmt == kFp4) {
       if (w.nested) kernel = rows <= 8 ? small_m_mma_kernel<kFmt, T, 1, true> : small_m_mma_kernel<kFmt, T, 2, true>;
     }
-    launch(kernel, grid, dim3(kThreads), x_operand, w, a_operand, b_operand, bias_operand, static_cast<float>(scaling),
-           dropout, y_operand, u_operand, split.partial, split.u_partial, split.counters, static_cast<int>(rows),
-           columns, k, static_cast<int>(rank), static_cast<int>(slice_steps));
+    launch(kernel, grid, dim3(kThreads), operands.x, w, operands.lora_a, operands.lora_b, operands.bias,
+           static_cast<float>(scaling), dropout, operands.y, operands.u, split.partial, split.u_partial,
+           split.counters, static_cast<int>(rows), columns, k, static_cast<int>(rank), static_cast<int>(slice_steps));
   };
   dispatch_format(w.fmt, [&](auto fmt) {
     if (x.scalar_type() == at::kHalf) {
