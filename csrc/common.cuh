@@ -10,6 +10,14 @@
 
 namespace fusedlora {
 
+// ceil(p / q) for positive q.
+__host__ __device__ inline int64_t cdiv(int64_t p, int64_t q) { return (p + q - 1) / q; }
+
+// Whether `pointer` is a multiple of `bytes` (host and device: the launchers' rules, the kernels' paths).
+__host__ __device__ inline bool aligned_to(const void* pointer, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

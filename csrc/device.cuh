@@ -67,7 +67,35 @@ __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
   return bits;
 }
 
-// ---- The primitives of the coming tensor-core GEMM (PTX, sm_80+), in PTX's documented layouts ----
+// `value`, hidden from the optimizer: a loop invariant it would otherwise recompute from threadIdx
+// in every trip (rematerialize) stays in a register.
+__device__ __forceinline__ int opaque(int value) {
+  asm volatile("" : "+r"(value));
+  return value;
+}
+
+// The two T values of `a` times those of `b`, each product rounded to nearest even (HMUL2): a
+// pair of dequantized weights times their scale.
+template <typename T>
+__device__ __forceinline__ uint32_t mul_pairs(uint32_t a, uint32_t b) {
+  uint32_t bits;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 x, y;
+    memcpy(&x, &a, sizeof(a));
+    memcpy(&y, &b, sizeof(b));
+    const __nv_bfloat162 product = __hmul2(x, y);
+    memcpy(&bits, &product, sizeof(bits));
+  } else {
+    __half2 x, y;
+    memcpy(&x, &a, sizeof(a));
+    memcpy(&y, &b, sizeof(b));
+    const __half2 product = __hmul2(x, y);
+    memcpy(&bits, &product, sizeof(bits));
+  }
+  return bits;
+}
+
+// ---- The primitives of the tensor-core kernels (PTX, sm_80+), in PTX's documented layouts ----
 
 // mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32, T = __nv_bfloat16 or __half: d = a·b + c for the
 // warp. With g = lane / 4 and t = lane % 4, a holds A (16x16) at rows {g, g+8} x columns
@@ -107,12 +135,16 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   }
 }
 
-// cp.async.cg.shared.global: 16 bytes from global to shared memory (both 16-byte aligned), complete
-// only after a later cp_async_wait<N> leaves at most N younger committed groups pending. The
-// "memory" clobbers keep the compiler from moving shared-memory accesses across them.
-__device__ __forceinline__ void cp_async_16(void* shared_destination, const void* global_source) {
+// cp.async.cg.shared.global: 16 bytes from global to shared memory (both 16-byte aligned), or 16
+// zero bytes without reading global memory when `source_bytes` is 0 (PTX's src-size; 16 or 0);
+// complete only after a later cp_async_wait<N> leaves at most N younger committed groups pending.
+// The "memory" clobbers keep the compiler from moving shared-memory accesses across them.
+__device__ __forceinline__ void cp_async_16(void* shared_destination, const void* global_source,
+                                            uint32_t source_bytes = 16) {
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared_destination));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global_source) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global_source),
+               "r"(source_bytes)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>

@@ -12,6 +12,7 @@
 
 #include "common.cuh"
 #include "dispatch.cuh"
+#include "gemm_epilogue.cuh"
 #include "kernels.h"
 
 namespace fusedlora {
@@ -30,7 +31,6 @@ constexpr int kStageUnroll = 4;  // the staging loops run kStageTrips / kStageUn
 static_assert(kTile * kStep % kThreads == 0 && kStageTrips % kStageUnroll == 0, "counted staging loops, no remainder");
 static_assert(2 * kTileElems >= kTile * kOutLd, "the fp32 path stages its output tile in the operand tiles");
 
-enum Mode { kForward, kGradX };
 using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // W at (reduction index r, output index o) with its row scale: W[o, r] forward, W[r, o] grad_x.
@@ -67,24 +67,6 @@ __device__ __forceinline__ void stage(T* a_tile, T* w_tile, const T* __restrict_
       const int64_t r = r0 + row, k = o0 + o;
       w_tile[row * kGradLd + o] = from_float<T>((r < reduce && k < outs) ? scaled_weight<FMT, MODE>(w, r, k) : 0.0f);
     }
-  }
-}
-
-// The right LoRA operand at (rank index j, output index o): Bᵀ forward (B is (N, r)), A grad_x.
-template <int MODE>
-__device__ __forceinline__ float lora_right_value(const float* __restrict__ right, int64_t ld_right, int64_t j,
-                                                  int64_t o) {
-  return MODE == kForward ? right[o * ld_right + j] : right[j * ld_right + o];
-}
-
-// out = base + bias (forward) + s · lora, or base + drop'(lora) (grad_x), for one element.
-template <int MODE>
-__device__ __forceinline__ float combine(float base, float lora, const float* __restrict__ bias, float scaling,
-                                         const Dropout& dropout, int64_t m, int64_t o, int64_t outs) {
-  if constexpr (MODE == kForward) {
-    return base + (bias ? bias[o] : 0.0f) + scaling * lora;
-  } else {
-    return base + dropped(dropout, lora, m, o, outs);
   }
 }
 

@@ -64,6 +64,18 @@ int64_t grad_u_blocks(int64_t m);
 void launch_grad_a(const at::Tensor& du, const at::Tensor& x, const Dropout& dropout, at::Tensor& da_partials);
 int64_t grad_a_slices(int64_t m);
 
+// The GEMMs on tensor cores (csrc/gemm_mma.cu; the same contracts as launch_forward_gemm and
+// launch_grad_x_gemm), where gemm_on_tensor_cores holds for the left operand (x forward, g
+// grad_x) and the weight (N, K): fp16 or bf16 with 16-byte aligned rows, K a positive multiple
+// of 64, N a multiple of 8, and W read in 16-byte chunks (4-bit: 16-byte aligned codes,
+// blocksize >= 32; int8 / fp8: rows 16-byte aligned; dense: the left operand's dtype, rows
+// 16-byte aligned); the output in the left operand's dtype.
+bool gemm_on_tensor_cores(const at::Tensor& left, const WeightView& w, int64_t n, int64_t k);
+void launch_forward_gemm_mma(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
+                             const at::Tensor& bias, double scaling, at::Tensor& y);
+void launch_grad_x_gemm_mma(const at::Tensor& g, const WeightView& w, const at::Tensor& du, const at::Tensor& lora_a,
+                            const Dropout& dropout, at::Tensor& dx);
+
 // dx (M, K) = g · deq(W) + drop'(du · A); du undefined: no LoRA term.
 void launch_grad_x_gemm(const at::Tensor& g, const WeightView& w, const at::Tensor& du, const at::Tensor& lora_a,
                         const Dropout& dropout, at::Tensor& dx);

@@ -6,16 +6,9 @@
 
 #include <cstdint>
 
-#include "device.cuh"
-#include "types.h"
+#include "common.cuh"
 
 namespace fusedlora {
-
-inline int64_t cdiv(int64_t p, int64_t q) { return (p + q - 1) / q; }
-
-__host__ __device__ inline bool aligned_to(const void* pointer, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
-}
 
 // `t` as an Operand: fp32, fp16 or bf16 with unit stride along its last dimension (else a copy kept in `keep`).
 Operand operand(const at::Tensor& t, at::Tensor& keep);

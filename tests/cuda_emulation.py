@@ -24,7 +24,7 @@ CSRC = ROOT / "csrc"
 EMULATION = TESTS / "emulation"
 NAME = "fusedlora_emulated"
 BUILD_FAILED = 2  # main's exit code when the harness does not build (1: a case failed)
-WRAPPERS = {stem: EMULATION / f"{stem}.cpp" for stem in ("gemm", "small_m", "small_m_mma", "lora")}
+WRAPPERS = {stem: EMULATION / f"{stem}.cpp" for stem in ("gemm", "gemm_mma", "small_m", "small_m_mma", "lora")}
 
 sys.path.insert(0, str(TESTS))
 from helpers import assert_close, float64_oracle, random_weight  # noqa: E402
@@ -126,17 +126,19 @@ def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
 
 
 # Every launcher once or more, on ragged shapes: the small-M kernels (FMAs for M <= 4, tensor cores
-# for M <= 16; in one slice of K and in several) and the GEMM (a 64-row tile and a partial one), dB
-# by atomics and by partials, dropout on both LoRA kernels.
+# for M <= 16; in one slice of K and in several) and both GEMMs (WMMA for K not a multiple of 64,
+# mma.sync otherwise; a 64-row tile and a partial one), dB by atomics and by partials, dropout on
+# both LoRA kernels.
 SMOKE = [
     Case(3, 72, 80, 8, "nf4", torch.bfloat16, p=0.1),
     Case(70, 72, 136, 16, "nf4", torch.bfloat16, p=0.1),
     Case(33, 96, 72, 12, "int8", torch.float16, bias=False),
     Case(2, 64, 40, 4, "int8", torch.float16),
     Case(40, 80, 40, 8, "fp8", torch.float32, p=0.1, deterministic=True),
-    Case(20, 64, 72, 4, "nf4", torch.float16, x_padding=8),  # x a view with row stride 72
+    Case(20, 72, 72, 4, "nf4", torch.float16, x_padding=8),  # x a view with row stride 80 (the WMMA GEMM: K % 64)
     Case(2, 832, 300, 8, "nf4", torch.bfloat16, p=0.1),  # FMA small M (K not a multiple of 256), four slices
     Case(12, 512, 136, 8, "nf4", torch.bfloat16, p=0.1),  # small M on tensor cores, in two slices
+    Case(70, 128, 136, 16, "nf4", torch.bfloat16, p=0.1),  # the GEMMs on tensor cores: two steps, partial tiles
 ]
 
 

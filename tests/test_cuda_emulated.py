@@ -2,7 +2,7 @@
 as host C++ with the device emulated (tests/emulation/, tests/cuda_emulation.py, docs/design.md
 §6). Every launcher, format and dtype on ragged shapes against the float64 oracle under two thread
 schedules (five with FUSEDLORA_EMULATION_FULL=1, on a wider matrix); the emulated number
-conversions bit for bit against torch's; the tensor-core primitives of the coming GEMM (cp.async,
+conversions bit for bit against torch's; the tensor-core primitives of the GEMM (cp.async,
 ldmatrix, mma.sync m16n8k16) in PTX's lane layouts, and their PTX assembled by nvcc; and planted
 bugs (source mutations) that must fail."""
 
@@ -83,6 +83,18 @@ def _matrix() -> list[Case]:
         # ... and where they do not apply, at 4 < M <= 16: the GEMM
         Case(16, 256, 24, 130, "nf4", torch.bfloat16),  # r > 128
         Case(8, 256, 40, 4, "dense", torch.float16, weight_dtype=torch.float32),  # W not in x's dtype
+        # The GEMMs on tensor cores (16-bit x, K a multiple of 64, N of 8): partial tiles of M and N,
+        # grad_x's last step past N, one step and several, both absmax storages, blocksize 32
+        Case(70, 128, 136, 16, "nf4", torch.bfloat16, p=0.1),
+        Case(33, 64, 72, 8, "nf4", torch.float16, blocksize=32, double_quant=False),
+        Case(65, 192, 64, 4, "int8", torch.bfloat16, bias=False, x_padding=8),
+        Case(20, 128, 40, 8, "fp8", torch.float16, p=0.1, x_padding=8),
+        Case(17, 64, 80, 20, "dense", torch.bfloat16, weight_dtype=torch.bfloat16),
+        Case(40, 128, 72, 40, "fp4", torch.bfloat16, deterministic=True, lora_dtype=torch.float32),
+        # ... and where they do not apply: N not a multiple of 8, x's rows not 16-byte aligned (the
+        # forward on the WMMA GEMM, grad_x on tensor cores: g is contiguous)
+        Case(40, 128, 70, 8, "nf4", torch.bfloat16),
+        Case(36, 64, 48, 4, "int8", torch.bfloat16, x_padding=4),
     ]
 
 
@@ -186,6 +198,11 @@ MUTANTS = {
                           "{upper[2 * j], upper[2 * j + 1], lower[2 * j], lower[2 * j + 1]}"),
     "chunk factor's lane": ("small_m_mma.cu", "warp_shfl_xor(chunk_t_factor[h], t ^ c)",
                             "warp_shfl_xor(chunk_t_factor[h], c)"),
+    "ldmatrix lane rows": ("gemm_mma.cu", "(warp / 2) * 32 + (matrix % 2) * 8 + row) * kLd + (matrix / 2) * 8",
+                           "(warp / 2) * 32 + (matrix / 2) * 8 + row) * kLd + (matrix % 2) * 8"),
+    "grad_x's weight tile not transposed": ("gemm_mma.cu", "ldmatrix_x4<true>(r, right_rows", "ldmatrix_x4<false>(r, right_rows"),
+    "copies not waited for": ("gemm_mma.cu", "store_step<T, FMT>(next, table, after + w_store);\n    cp_async_wait<0>();",
+                              "store_step<T, FMT>(next, table, after + w_store);"),
 }
 
 
@@ -196,12 +213,16 @@ def _smoke(build_dir: Path, replaced: dict) -> subprocess.CompletedProcess:
 
 
 def _mutant(folder: Path, file: str, text: str, replacement: str) -> dict:
-    """The mutated file in `folder`, with a wrapper for each kernel file that includes it; {stem: wrapper}."""
+    """The mutated file in `folder`, with csrc/'s headers and a wrapper for each kernel file that
+    includes it; {stem: wrapper}."""
     source = (CSRC / file).read_text()
     assert source.count(text) == 1, f"the mutation's text is not once in csrc/{file}: update MUTANTS"
     folder.mkdir()
     (folder / file).write_text(source.replace(text, replacement))
     stems = [Path(file).stem] if file.endswith(".cu") else list(WRAPPERS)  # a header: every kernel file
+    for header in [*CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:  # found beside the mutant first, so they include it
+        if not (folder / header.name).exists():
+            shutil.copy(header, folder)
     for stem in stems:
         if not (folder / f"{stem}.cu").exists():
             shutil.copy(CSRC / f"{stem}.cu", folder)

@@ -106,7 +106,13 @@ def test_cuda_kernel_names_and_work_follow_csrc():
     assert (wide.programs, wide.trips, wide.weight_elements) == (56 * 8, 4, 256 * 128)
     assert cuda._small_m_grid(Case("t", 1, 65536, 65536, 8, "nf4"), 132)[1:3] == (64, 4)  # at most 4 steps a slice
     assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 64, 64, 8, "nf4"))] == [
-        "shrink_kernel", "gemm_kernel", "grad_u_kernel", "grad_a_kernel", "gemm_kernel"]
+        "shrink_kernel", "gemm_mma_kernel", "grad_u_kernel", "grad_a_kernel", "gemm_mma_kernel"]
+    assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 96, 64, 8, "nf4"))][1] == "gemm_kernel"  # K % 64
+    # The GEMMs on tensor cores: 64 x 64 tiles, 64 of the reduction a step
+    mma_gemm = "_ZN9fusedlora44_GLOBAL__N__bdc89922_11_gemm_mma_cu_a350ca7415gemm_mma_kernelI6__halfLi4ELi0EEEvPKT_l"
+    assert cuda._demangle(mma_gemm) == ("gemm_mma_kernel", ("fp16", 4, 0))
+    tiles = cuda._weight_work("gemm_mma_kernel", cuda.GRAD_X, Case("t", 100, 256, 200, 8, "nf4"), 132)
+    assert (tiles.programs, tiles.trips, tiles.weight_elements) == (2 * 4, 4, 64 * 64)
     assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"))] == ["small_m_kernel"]
     assert cuda._host_launches(Case("t", 4, 64, 64, 8, "nf4")) == 0  # M <= 16: a decode case, forward only
     # small M on tensor cores (K a multiple of 256): 128 columns a block, 256 of K a step, about 2 blocks per SM
@@ -245,12 +251,14 @@ def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspect
                for f in ("nf4", "dense"))
     assert by_key["lora_forward_kernel/nf4"]["instructions_per_element"] > by_key["lora_forward_kernel/dense"][
         "instructions_per_element"]
-    # The CUDA C++ kernels, counted from nvcc's SASS: WMMA (HMMA) GEMMs per format, the tensor-core
-    # small-M kernel's loop of HMMA and W's 8-byte loads (2 rows x 4 chunks a step), the LoRA kernels' resources.
+    # The CUDA C++ kernels, counted from nvcc's SASS: the mma.sync GEMMs per format (W's 16-byte
+    # loads: 4-bit one chunk of 32 weights a thread and step, dense four), the tensor-core small-M
+    # kernel's loop of HMMA and W's 8-byte loads (2 rows x 4 chunks a step), the LoRA kernels' resources.
     for mode in ("forward", "grad_x"):
-        gemm = by_key[f"cuda/gemm_kernel/{mode}/nf4"]
-        assert "HMMA" in "".join(gemm["tensor_ops"])
-        assert gemm["instructions_per_element"] > by_key[f"cuda/gemm_kernel/{mode}/dense"]["instructions_per_element"]
+        gemm, dense = by_key[f"cuda/gemm_mma_kernel/{mode}/nf4"], by_key[f"cuda/gemm_mma_kernel/{mode}/dense"]
+        assert "HMMA" in "".join(gemm["tensor_ops"]) and gemm["global_loads_by_width"].get("16", 0) == 1, gemm
+        assert dense["global_loads_by_width"].get("16", 0) == 4, dense
+        assert gemm["instructions_per_element"] > dense["instructions_per_element"]
     for rows in ("m8", "m16"):
         small = by_key[f"cuda/small_m_mma_kernel/{rows}/nf4"]
         assert "HMMA" in "".join(small["tensor_ops"]) and small["global_loads_by_width"].get("8", 0) == 8, small

@@ -10,8 +10,8 @@ arch (cached under ~/.cache/fusedlora/sass; a snapshot of csrc/ is what is hashe
 The bf16 instantiations are the headline cases' (the FMA small-M kernel takes any activation dtype at run time).
 
 The kernels' tiles are read from csrc/ (their `constexpr` constants), so the work model follows
-the source. Main loops: the GEMMs' and the tensor-core small-M kernel's are the loops of their
-HMMA instructions, the FMA small-M kernel's the loop of its 16-byte weight loads (see
+the source. Main loops: the GEMMs' (mma.sync where csrc/gemm_mma.cu takes the case, WMMA
+otherwise) and the tensor-core small-M kernel's are the loops of their HMMA instructions, the FMA small-M kernel's the loop of its 16-byte weight loads (see
 `sass.main_loop`); the dense FMA small-M kernel (one loop per dense dtype, chosen at run time)
 and the LoRA kernels (nested loops) have none that counts per element, so the MODEL times them by
 their bytes and FMAs alone (a lower bound) and the budgets hold their resources only. The torch
@@ -40,13 +40,13 @@ from .kernels import KernelReport, Work, weight_bytes
 from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
 
 FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}  # csrc/types.h's WeightFormat
-FORWARD, GRAD_X = 0, 1  # csrc/gemm.cu's Mode
+FORWARD, GRAD_X = 0, 1  # csrc/gemm_epilogue.cuh's Mode
 # The torch operations csrc/lora_ops.cpp launches around the kernels (bf16 activations and adapters):
 # the small-M forward none (one launch); the GEMM forward: A and B to fp32, u back to bf16;
 # backward: dA's and dB's zero fills, the dB partials' fill, A, u and B to fp32, the two partial
 # sums, dA and dB back to bf16.
 HOST_LAUNCHES = {"small_m": 0, "forward": 3, "backward": 10}
-_MANGLED = re.compile(r"\d+(gemm_kernel|small_m_kernel|small_m_mma_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)"
+_MANGLED = re.compile(r"\d+(gemm_kernel|gemm_mma_kernel|small_m_kernel|small_m_mma_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)"
                       r"I(.*?)EEv")
 _TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E|Lb([01])E")
 _TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
@@ -149,6 +149,8 @@ def _cdiv(p: int, q: int) -> int:
 def _threads(kernel: str) -> int:
     if kernel == "gemm_kernel":
         return constant("gemm.cu", "kThreads")
+    if kernel == "gemm_mma_kernel":
+        return constant("gemm_mma.cu", "kWarps") * 32
     if kernel in ("small_m_kernel", "small_m_mma_kernel"):
         return constant(f"{kernel[:-7]}.cu", "kWarps") * 32
     return constant("lora.cu", "kThreads")
@@ -199,7 +201,8 @@ def _weight_work(kernel: str, mode: int, case: Case, sm_count: int) -> Work:
         partials = 8 * slices * m * (n + groups * r) if slices > 1 else 0
         return Work(groups * slices, slice_steps, columns * step, 2.0 * m * n * (k + r),
                     activations + weight_bytes(case) + 2 * r * (k * groups + n) + partials)
-    tile, step = constant("gemm.cu", "kTile"), constant("gemm.cu", "kStep")
+    source = "gemm_mma.cu" if kernel == "gemm_mma_kernel" else "gemm.cu"
+    tile, step = constant(source, "kTile"), constant(source, "kStep")
     reduce, outs = (k, n) if mode == FORWARD else (n, k)
     return Work(_cdiv(m, tile) * _cdiv(outs, tile), _cdiv(reduce, step), tile * step, 2.0 * m * outs * (reduce + r),
                 activations + weight_bytes(case))
@@ -236,7 +239,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
     loop = sass.count(sass.main_loop(instructions), inner_trips)
     warps = _threads(kernel) // 32
     ctas = ctas_per_sm(gpu, resources["registers"], warps, resources["static_shared"])
-    if kernel in ("gemm_kernel", "small_m_kernel", "small_m_mma_kernel"):
+    if kernel in ("gemm_kernel", "gemm_mma_kernel", "small_m_kernel", "small_m_mma_kernel"):
         work = _weight_work(kernel, mode, case, gpu.sm_count)
         if loop.instructions:
             rest = len(instructions) - loop.static_instructions
@@ -258,20 +261,27 @@ def _on_tensor_cores(case: Case) -> bool:
             and case.rank <= constant("small_m_mma.cu", "kMaxRank"))
 
 
+def _gemm_on_tensor_cores(case: Case) -> bool:
+    """csrc/gemm_mma.cu's gemm_on_tensor_cores for `case` (bf16 x and g, W as `weight_bytes` builds it)."""
+    step = constant("gemm_mma.cu", "kStep")
+    return case.k >= step and case.k % step == 0 and case.n % 8 == 0
+
+
 def _launches(case: Case) -> list:
     """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/lora_ops.cpp's order)."""
     fmt = FORMAT_IDS[case.fmt]
     most = constant("kernels.h", "kSmallMMaxRows")
+    gemm = "gemm_mma_kernel" if _gemm_on_tensor_cores(case) else "gemm_kernel"
     if _on_tensor_cores(case):  # one launch: one instruction per 8 rows of x, 4-bit absmax nested (the default)
         key = (fmt, "bf16", 1 if case.m <= 8 else 2, case.fmt in ("nf4", "fp4"))
         launches = [(("small_m_mma_kernel", key), None)]
     elif case.m <= most:  # one launch, unrolled for one row or for the most; 16-byte chunks but for dense W
         launches = [(("small_m_kernel", (fmt, 1 if case.m == 1 else most, case.fmt != "dense")), None)]
     else:
-        launches = [(("shrink_kernel", ("bf16",)), None), (("gemm_kernel", ("bf16", fmt, FORWARD)), FORWARD)]
+        launches = [(("shrink_kernel", ("bf16",)), None), ((gemm, ("bf16", fmt, FORWARD)), FORWARD)]
     if not case.decode:
         launches += [(("grad_u_kernel", ("bf16",)), None), (("grad_a_kernel", ("bf16",)), None),
-                     (("gemm_kernel", ("bf16", fmt, GRAD_X)), GRAD_X)]
+                     ((gemm, ("bf16", fmt, GRAD_X)), GRAD_X)]
     return launches
 
 
@@ -285,7 +295,7 @@ def _host_launches(case: Case) -> int:
 def row_key(key: tuple, fmt: str) -> str:
     """The budget key of a CUDA kernel: `cuda/<kernel>[/<mode>]/<format>`."""
     kernel, arguments = key
-    if kernel == "gemm_kernel":
+    if kernel in ("gemm_kernel", "gemm_mma_kernel"):
         return f"cuda/{kernel}/{'forward' if arguments[2] == FORWARD else 'grad_x'}/{fmt}"
     if kernel == "small_m_mma_kernel":  # one budget per instruction count per chunk: M <= 8 or M <= 16
         return f"cuda/{kernel}/m{8 * arguments[2]}/{fmt}"

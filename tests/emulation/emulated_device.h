@@ -3,7 +3,7 @@
 // CUDA's; it provides the CUDA keywords and built-ins, the 16-bit and fp8 types, and the
 // primitives of csrc/device.cuh (block_sync, warp_shfl_xor, atomic_add, thread_fence,
 // load_coherent, shared_array, the host's multiprocessor_count and stream queries, wmma,
-// pack_pair, mma_m16n8k16, ldmatrix_x4, cp_async_*, launch) with their documented semantics, lane layouts and
+// opaque, pack_pair, mul_pairs, mma_m16n8k16, ldmatrix_x4, cp_async_*, launch) with their documented semantics, lane layouts and
 // alignment rules (docs/design.md §6).
 //
 // Execution: one fiber (ucontext) per CUDA thread, a block run by one OS thread. The scheduler
@@ -198,7 +198,7 @@ class Stack {
 // that wait sees what was there: the poison).
 struct AsyncCopy {
   void* destination;
-  const void* source;
+  const void* source;  // null: 16 zero bytes
 };
 
 struct Fiber {
@@ -550,6 +550,15 @@ uint32_t pack_pair(float low, float high) {
   return static_cast<uint32_t>(bits[0]) | (static_cast<uint32_t>(bits[1]) << 16);
 }
 
+inline int opaque(int value) { return value; }  // an optimizer's matter alone
+
+// Each 16-bit product is exact in fp32 (8- or 11-bit significands), so one rounding to T is HMUL2's.
+template <typename T>
+uint32_t mul_pairs(uint32_t a, uint32_t b) {
+  using emulation::half_value, emulation::high, emulation::low;
+  return pack_pair<T>(half_value<T>(low(a)) * half_value<T>(low(b)), half_value<T>(high(a)) * half_value<T>(high(b)));
+}
+
 template <bool Trans>
 void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   emulation::Block& blk = emulation::block();
@@ -573,12 +582,13 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   emulation::warp_barrier("ldmatrix_x4");
 }
 
-inline void cp_async_16(void* shared_destination, const void* global_source) {
+inline void cp_async_16(void* shared_destination, const void* global_source, uint32_t source_bytes = 16) {
   emulation::Block& blk = emulation::block();
   if (!blk.in_shared(shared_destination, 16)) blk.fail("cp_async_16: a destination outside the block's shared memory");
   emulation::require_aligned(shared_destination, 16, "cp_async_16");
   emulation::require_aligned(global_source, 16, "cp_async_16");
-  blk.fiber().open_group.push_back({shared_destination, global_source});
+  if (source_bytes != 16 && source_bytes != 0) blk.fail("cp_async_16: source_bytes must be 16 or 0");
+  blk.fiber().open_group.push_back({shared_destination, source_bytes ? global_source : nullptr});
 }
 
 inline void cp_async_commit() {
@@ -591,7 +601,13 @@ template <int N>
 void cp_async_wait() {
   auto& groups = emulation::block().fiber().committed_groups;
   while (groups.size() > static_cast<size_t>(N)) {
-    for (const emulation::AsyncCopy& copy : groups.front()) std::memcpy(copy.destination, copy.source, 16);
+    for (const emulation::AsyncCopy& copy : groups.front()) {
+      if (copy.source) {
+        std::memcpy(copy.destination, copy.source, 16);
+      } else {
+        std::memset(copy.destination, 0, 16);
+      }
+    }
     groups.erase(groups.begin());
   }
 }

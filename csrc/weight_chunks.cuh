@@ -1,0 +1,75 @@
+// A row's weights in chunks of 16 consecutive elements, as the tensor-core kernels read them
+// (csrc/small_m_mma.cu, csrc/gemm_mma.cu): loaded whole (4-bit: 8 bytes, 8-bit: 16, 16-bit: 32),
+// then turned into 8 pairs of 16-bit values, the layout of mma.sync's operands (docs/design.md §4).
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace fusedlora {
+
+constexpr int kChunkElements = 16;
+
+template <int FMT>
+constexpr bool four_bit() {
+  return FMT == kNf4 || FMT == kFp4;
+}
+
+// Bytes of `elements` consecutive weights of a row (dense: 16-bit values).
+template <int FMT>
+__device__ __forceinline__ int64_t weight_bytes(int64_t elements) {
+  return four_bit<FMT>() ? elements / 2 : FMT == kDense ? elements * 2 : elements;
+}
+
+// 16 weights of a row as loaded: 8, 16 or 32 bytes.
+template <int FMT>
+struct Codes {
+  uint32_t words[four_bit<FMT>() ? 2 : FMT == kDense ? 8 : 4];
+};
+
+template <int FMT>
+__device__ __forceinline__ Codes<FMT> load_codes(const uint8_t* at) {
+  Codes<FMT> codes;
+  if constexpr (four_bit<FMT>()) {
+    const uint2 packed = *reinterpret_cast<const uint2*>(at);
+    codes.words[0] = packed.x;
+    codes.words[1] = packed.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(codes.words)) / 16; ++i) {
+      const uint4 packed = reinterpret_cast<const uint4*>(at)[i];
+      codes.words[4 * i] = packed.x;
+      codes.words[4 * i + 1] = packed.y;
+      codes.words[4 * i + 2] = packed.z;
+      codes.words[4 * i + 3] = packed.w;
+    }
+  }
+  return codes;
+}
+
+// The 16 weights as 8 pairs of T (weights 2p and 2p + 1 in pairs[p]), without the chunk's factor.
+template <int FMT, typename T>
+__device__ __forceinline__ void to_pairs(const Codes<FMT>& codes, const uint32_t (&table)[256], uint32_t (&pairs)[8]) {
+#pragma unroll
+  for (int p = 0; p < 8; ++p) {
+    if constexpr (four_bit<FMT>()) {  // byte p holds weights 2p (high nibble) and 2p + 1
+      pairs[p] = table[(codes.words[p / 4] >> (8 * (p % 4))) & 0xFFu];
+    } else if constexpr (FMT == kDense) {
+      pairs[p] = codes.words[p];
+    } else {
+      const uint32_t two = (codes.words[p / 2] >> (16 * (p % 2))) & 0xFFFFu;
+      if constexpr (FMT == kInt8) {
+        pairs[p] = pack_pair<T>(static_cast<float>(static_cast<int8_t>(two & 0xFFu)),
+                                static_cast<float>(static_cast<int8_t>(two >> 8)));
+      } else {
+        __nv_fp8x2_e4m3 fp8;
+        fp8.__x = static_cast<__nv_fp8x2_storage_t>(two);
+        const float2 values = static_cast<float2>(fp8);
+        pairs[p] = pack_pair<T>(values.x, values.y);
+      }
+    }
+  }
+}
+
+}  // namespace fusedlora
