@@ -138,8 +138,9 @@ def test_the_sdist_ships_the_sources(tmp_path):
     result = _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], timeout=300)
     assert result.returncode == 0, result.stderr
     members = tarfile.open(next(tmp_path.glob("fusedlora-*.tar.gz"))).getnames()
-    for source in ("csrc/gemm.cu", "csrc/small_m.cu", "csrc/small_m_mma.cu", "csrc/lora.cu", "csrc/ops.cpp",
-                   "csrc/lora_ops.cpp", "csrc/common.cuh", "csrc/device.cuh", "csrc/small_m.cuh"):
+    for source in ("csrc/gemm.cu", "csrc/gemm_mma.cu", "csrc/small_m.cu", "csrc/small_m_mma.cu", "csrc/lora.cu",
+                   "csrc/ops.cpp", "csrc/lora_ops.cpp", "csrc/common.cuh", "csrc/device.cuh", "csrc/small_m.cuh",
+                   "csrc/weight_chunks.cuh", "csrc/gemm_epilogue.cuh"):
         assert any(member.endswith(source) for member in members), source
 
 
