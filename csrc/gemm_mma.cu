@@ -154,10 +154,12 @@ __global__ void __launch_bounds__(kThreads)
   const int left_store = opaque(left_row * kLd + left_column);
   const uint32_t left_bytes = static_cast<uint32_t>(opaque(m0 + left_row < rows ? 16 : 0));
   const T* left_source = left + min(m0 + left_row, rows - 1) * ld_left + left_column;
-  auto stage_left = [&](T* tile, int64_t r0) {  // left_source at column r0
+  // `partial` (std::true_type / false_type): whether step r0 may end past the reduction (grad_x's
+  // last step; forward, K is a multiple of kStep), so that only those copies of a trip check.
+  auto stage_left = [&](T* tile, int64_t r0, auto partial) {  // left_source at column r0
 #pragma unroll
     for (int i = 0; i < kLeftChunks; ++i) {
-      const bool in = MODE == kForward || r0 + left_column + 8 * i < reduce;  // forward: K a multiple of kStep
+      const bool in = !decltype(partial)::value || r0 + left_column + 8 * i < reduce;
       cp_async_16(tile + left_store + 8 * i, in ? left_source + 8 * i : left, in ? left_bytes : 0u);
     }
   };
@@ -169,12 +171,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row_length = four_bit<FMT>() ? w.k : w.stride_n;  // elements from a row of W to the next
   const int64_t first_row = MODE == kForward ? min(o0 + w_row, outs - 1) : min(static_cast<int64_t>(w_row), reduce - 1);
   const int64_t advance = MODE == kForward ? kStep : kStep * row_length;  // elements a step
-  const int64_t last_index = (reduce - 1) * row_length + o0 + w_column;  // grad_x: past N
   int64_t index = first_row * row_length + (MODE == kForward ? 0 : o0) + w_column;
+  const int64_t last_index = MODE == kGradX ? (reduce - 1) * row_length + o0 + w_column : index;  // grad_x: past N
   const uint8_t* weights_at = static_cast<const uint8_t*>(w.data) + weight_bytes<FMT>(index);
   const uint8_t* const last_at = static_cast<const uint8_t*>(w.data) + weight_bytes<FMT>(last_index);
-  auto load_weights = [&](int64_t r0) {  // index and weights_at at step r0
-    const bool past = MODE == kGradX && r0 + w_row >= reduce;
+  auto load_weights = [&](int64_t r0, auto partial) {  // index and weights_at at step r0
+    const bool past = MODE == kGradX && decltype(partial)::value && r0 + w_row >= reduce;
     // 4-bit: 32 weights from a multiple of 32 lie in one absmax block (blocksize >= 32).
     const float factor = four_bit<FMT>() ? block_absmax(w, block_of(w, past ? last_index : index))
                                          : row_scale<FMT>(w, MODE == kForward ? first_row : min(r0 + w_row, reduce - 1));
@@ -186,32 +188,36 @@ __global__ void __launch_bounds__(kThreads)
   const int left_lane = opaque(left_lane_offset<MODE>()), right_lane = opaque(kWeights + right_lane_offset<MODE>());
   const int w_store = opaque(kWeights + w_row * kLd + w_column);
 
-  stage_left(stage0, 0);
+  stage_left(stage0, 0, std::true_type{});
   cp_async_commit();
-  StepWeights<FMT> next = load_weights(0);
+  StepWeights<FMT> next = load_weights(0, std::true_type{});
   block_sync();  // the table
   store_step<T, FMT>(next, table, stage0 + w_store);
   cp_async_wait<0>();
   block_sync();
 
-  // Each trip: the next step's copies and weight loads in flight while this step's instructions run.
+  // A trip: the next step's copies and weight loads in flight while this step's instructions run.
   float acc[2][4][4] = {};
-#pragma unroll 1  // one step per trip, as the cost model counts it (fusedlora/inspection/cuda.py)
-  for (int step = 0; step < steps - 1; ++step) {
+  auto trip = [&](int step, auto partial) {
     T* const now = stage0 + (step & 1) * kStageElements;
     T* const after = stage0 + ((step & 1) ^ 1) * kStageElements;
     const int64_t r_next = static_cast<int64_t>(step + 1) * kStep;
     left_source += kStep;
-    stage_left(after, r_next);
+    stage_left(after, r_next, partial);
     cp_async_commit();
     index += advance;
     weights_at += weight_bytes<FMT>(advance);
-    next = load_weights(r_next);
+    next = load_weights(r_next, partial);
     tile_mma<T, MODE>(acc, now + left_lane, now + right_lane, kStep);
     store_step<T, FMT>(next, table, after + w_store);
     cp_async_wait<0>();
     block_sync();
-  }
+  };
+  // grad_x's last step past N (steps >= 2) is prefetched by a trip of its own, after the loop.
+  const bool peeled = MODE == kGradX && reduce % kStep != 0 && steps >= 2;
+#pragma unroll 1  // one step per trip, as the cost model counts it (fusedlora/inspection/cuda.py)
+  for (int step = 0; step < steps - 1 - peeled; ++step) trip(step, std::false_type{});
+  if (peeled) trip(steps - 2, std::true_type{});
   T* const last = stage0 + ((steps - 1) & 1) * kStageElements;
   tile_mma<T, MODE>(acc, last + left_lane, last + right_lane, kStep);
   block_sync();

@@ -121,6 +121,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y_in, const 
                                                  const Tensor& seed, bool need_dx) {
   check_inputs(x_in, lora_a, lora_b, w_shape);
   const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == x_in.size(0) && grad_y_in.size(1) == w_shape[0] &&
+                  grad_y_in.scalar_type() == x_in.scalar_type(),
+              "fusedlora: grad_y must be (M, N) in x's dtype, got ", grad_y_in.sizes(), " ", grad_y_in.scalar_type());
   const Tensor grad_y = grad_y_in.contiguous();
   const int64_t rows = x.size(0), columns = w_shape[0], k = w_shape[1], rank = lora_a.size(0);
   const Dropout dropout = dropout_of(dropout_p, seed);

@@ -90,7 +90,7 @@ def _matrix() -> list[Case]:
         Case(65, 192, 64, 4, "int8", torch.bfloat16, bias=False, x_padding=8),
         Case(20, 128, 40, 8, "fp8", torch.float16, p=0.1, x_padding=8),
         Case(17, 64, 80, 20, "dense", torch.bfloat16, weight_dtype=torch.bfloat16),
-        Case(40, 128, 72, 40, "fp4", torch.bfloat16, deterministic=True, lora_dtype=torch.float32),
+        Case(40, 128, 128, 40, "fp4", torch.bfloat16, deterministic=True, lora_dtype=torch.float32),
         # ... and where they do not apply: N not a multiple of 8, x's rows not 16-byte aligned (the
         # forward on the WMMA GEMM, grad_x on tensor cores: g is contiguous)
         Case(40, 128, 70, 8, "nf4", torch.bfloat16),
@@ -201,6 +201,7 @@ MUTANTS = {
     "ldmatrix lane rows": ("gemm_mma.cu", "(warp / 2) * 32 + (matrix % 2) * 8 + row) * kLd + (matrix / 2) * 8",
                            "(warp / 2) * 32 + (matrix / 2) * 8 + row) * kLd + (matrix % 2) * 8"),
     "grad_x's weight tile not transposed": ("gemm_mma.cu", "ldmatrix_x4<true>(r, right_rows", "ldmatrix_x4<false>(r, right_rows"),
+    "g's columns past N copied": ("gemm_mma.cu", "in ? left_bytes : 0u", "left_bytes"),
     "copies not waited for": ("gemm_mma.cu", "store_step<T, FMT>(next, table, after + w_store);\n    cp_async_wait<0>();",
                               "store_step<T, FMT>(next, table, after + w_store);"),
 }

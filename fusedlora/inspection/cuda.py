@@ -204,7 +204,10 @@ def _weight_work(kernel: str, mode: int, case: Case, sm_count: int) -> Work:
     source = "gemm_mma.cu" if kernel == "gemm_mma_kernel" else "gemm.cu"
     tile, step = constant(source, "kTile"), constant(source, "kStep")
     reduce, outs = (k, n) if mode == FORWARD else (n, k)
-    return Work(_cdiv(m, tile) * _cdiv(outs, tile), _cdiv(reduce, step), tile * step, 2.0 * m * outs * (reduce + r),
+    trips = _cdiv(reduce, step)
+    if kernel == "gemm_mma_kernel":  # the last step after the loop, and grad_x's step before it if that ends past N
+        trips -= 1 + (mode == GRAD_X and reduce % step != 0 and trips >= 2)
+    return Work(_cdiv(m, tile) * _cdiv(outs, tile), trips, tile * step, 2.0 * m * outs * (reduce + r),
                 activations + weight_bytes(case))
 
 

@@ -552,7 +552,8 @@ uint32_t pack_pair(float low, float high) {
 
 inline int opaque(int value) { return value; }  // an optimizer's matter alone
 
-// Each 16-bit product is exact in fp32 (8- or 11-bit significands), so one rounding to T is HMUL2's.
+// A product of two 16-bit values is exact in fp32 (8- or 11-bit significands) above fp32's normal
+// minimum, so one rounding to T is HMUL2's (below it, far under T's range, double rounding may differ).
 template <typename T>
 uint32_t mul_pairs(uint32_t a, uint32_t b) {
   using emulation::half_value, emulation::high, emulation::low;
