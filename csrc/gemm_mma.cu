@@ -292,17 +292,8 @@ bool gemm_on_tensor_cores(const at::Tensor& left, const WeightView& w, int64_t n
   if (type != at::kHalf && type != at::kBFloat16) return false;
   if (k < kStep || k % kStep != 0 || n < 1 || n % 8 != 0) return false;
   if (!aligned_to(left.data_ptr(), 16) || left.stride(0) % 8 != 0 || left.stride(1) != 1) return false;
-  switch (w.fmt) {
-    case kNf4:
-    case kFp4:
-      return aligned_to(w.data, 16) && w.blocksize >= kThreadChunks * kChunkElements;
-    case kInt8:
-    case kFp8:
-      return aligned_to(w.data, 16) && w.stride_n % 16 == 0;
-    default:
-      return w.dense_type == (type == at::kHalf ? kFloat16 : kBFloat16) && aligned_to(w.data, 16) &&
-             w.stride_n % 8 == 0;
-  }
+  if (w.fmt == kNf4 || w.fmt == kFp4) return aligned_to(w.data, 16) && w.blocksize >= kThreadChunks * kChunkElements;
+  return byte_chunks_readable(w, type == at::kHalf ? kFloat16 : kBFloat16);
 }
 
 void launch_forward_gemm_mma(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,

@@ -306,17 +306,8 @@ bool small_m_on_tensor_cores(const at::Tensor& x, const WeightView& w, int64_t c
   if (type != at::kHalf && type != at::kBFloat16) return false;
   if (rows < 1 || rows > kTensorSmallMMaxRows || columns < 1 || rank > kMaxRank || k < kStep || k % kStep != 0)
     return false;
-  switch (w.fmt) {
-    case kNf4:
-    case kFp4:
-      return aligned_to(w.data, 8) && w.blocksize % kChunk == 0;
-    case kInt8:
-    case kFp8:
-      return aligned_to(w.data, 16) && w.stride_n % 16 == 0;
-    default:
-      return w.dense_type == (type == at::kHalf ? kFloat16 : kBFloat16) && aligned_to(w.data, 16) &&
-             w.stride_n % 8 == 0;
-  }
+  if (w.fmt == kNf4 || w.fmt == kFp4) return aligned_to(w.data, 8) && w.blocksize % kChunk == 0;
+  return byte_chunks_readable(w, type == at::kHalf ? kFloat16 : kBFloat16);
 }
 
 void launch_forward_small_m_mma(const at::Tensor& x, const WeightView& w, const at::Tensor& lora_a,

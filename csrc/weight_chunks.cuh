@@ -11,6 +11,14 @@ namespace fusedlora {
 
 constexpr int kChunkElements = 16;
 
+// Whether an int8, fp8 or dense W can be read in whole chunks (load_codes' 16-byte loads) against
+// 16-bit x of DenseType `x_type`: rows 16-byte aligned, a dense W in x's dtype. 4-bit W: each
+// kernel's own rule (its chunks' alignment, its absmax blocks).
+inline bool byte_chunks_readable(const WeightView& w, int x_type) {
+  if (w.fmt == kInt8 || w.fmt == kFp8) return aligned_to(w.data, 16) && w.stride_n % 16 == 0;
+  return w.fmt == kDense && w.dense_type == x_type && aligned_to(w.data, 16) && w.stride_n % 8 == 0;
+}
+
 template <int FMT>
 constexpr bool four_bit() {
   return FMT == kNf4 || FMT == kFp4;
