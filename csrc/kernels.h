@@ -26,6 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const at::Tensor& g
                                                              const at::Tensor& lora_b, double scaling, double dropout_p,
                                                              const at::Tensor& seed, bool need_dx);
 
+// The (N, K) weight of a call as the kernels see it, from the ops' tensors (WeightSlot order),
+// format name, shape and blocksize; checks them.
+WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntArrayRef shape, int64_t blocksize);
+
 // u (M, r) = drop(x) · Aᵀ.
 void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u);
 

@@ -12,9 +12,6 @@
 #include "kernels.h"
 
 namespace fusedlora {
-namespace {
-
-using at::Tensor;
 
 // The tensors arrive in WeightSlot order (fusedlora/contract.py's WEIGHT_SLOTS); the format says
 // how many there are and what they hold.
@@ -34,7 +31,7 @@ WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntA
   view.fmt = fmt == "dense" ? kDense : fmt == "int8" ? kInt8 : fmt == "fp8" ? kFp8 : fmt == "nf4" ? kNf4 : kFp4;
   view.k = shape[1];
   view.blocksize = four_bit ? blocksize : 1;
-  const Tensor& data = tensors[kData];
+  const at::Tensor& data = tensors[kData];
   view.data = data.data_ptr();
   if (count > kScale) {
     TORCH_CHECK(tensors[kScale].scalar_type() == (count > kNestedAbsmax ? at::kByte : at::kFloat),
@@ -62,6 +59,10 @@ WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntA
   }
   return view;
 }
+
+namespace {
+
+using at::Tensor;
 
 Dropout dropout_of(double p, const Tensor& seed) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "fusedlora: dropout_p must be in [0, 1), got ", p);

@@ -129,6 +129,31 @@ def test_small_m_forward_is_one_launch_that_allocates_only_its_outputs(harness):
         assert u.any() if scaling else not u.any()
 
 
+def test_the_gemms_take_tensor_cores_where_their_rule_holds(harness):
+    """lora_ops.cpp's forward (left: x) and grad_x (left: g, contiguous) take csrc/gemm_mma.cu for
+    the matrix's tensor-core GEMM cases and the WMMA GEMM for its fallbacks: so each case there tests
+    the path its comment names."""
+    from fusedlora import quantize
+
+    takes = torch.ops.fusedlora_emulated.gemm_on_tensor_cores
+    g = torch.Generator().manual_seed(9)
+    tensor_core_cases = [c for c in MATRIX if c.m > 16 and c.k % 64 == 0 and c.n % 8 == 0]
+    assert len(tensor_core_cases) >= 6
+    for case in MATRIX:
+        if case.m <= 16:
+            continue
+        values = torch.randn(case.n, case.k, generator=g)
+        weight = quantize(values.to(case.weight_dtype) if case.fmt == "dense" else values, case.fmt, case.blocksize,
+                          case.double_quant)
+        x = torch.randn(case.m, case.k + case.x_padding, generator=g).to(case.dtype)[:, :case.k]
+        grad_y = torch.randn(case.m, case.n, generator=g).to(case.dtype)
+        arguments = (weight.tensors(), case.fmt, [case.n, case.k], weight.blocksize)
+        rule = (case.dtype != torch.float32 and case.k % 64 == 0 and case.n % 8 == 0
+                and (case.fmt != "dense" or case.weight_dtype == case.dtype))
+        assert takes(grad_y, *arguments) == rule, case.label
+        assert takes(x, *arguments) == (rule and (case.k + case.x_padding) % 8 == 0), case.label
+
+
 def test_emulated_conversions_round_as_torch_does(harness):
     g = torch.Generator().manual_seed(7)
     edges = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, 1e-8, 2.0**-24, 3 * 2.0**-25, 2.0**-25,

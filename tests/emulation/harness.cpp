@@ -5,6 +5,8 @@
 //   fusedlora_emulated::last_forward_cost(): [kernel launches, allocations] of the last forward call
 //   fusedlora_emulated::convert(values, type): the emulated fp16 / bf16 rounding and fp8 decoding
 //   fusedlora_emulated::mma_tile(a, bt, c, lane_shift, skip_wait): primitives_kernel.cuh's tile
+//   fusedlora_emulated::gemm_on_tensor_cores(left, w_tensors, w_format, w_shape, w_blocksize):
+//     whether lora_ops.cpp's GEMMs take csrc/gemm_mma.cu for this left operand (x or g) and weight
 // During a call every CPU allocation (the inputs' copies, which keep their strides, the outputs,
 // the temporaries) is guarded: it ends at an inaccessible page (16-byte granularity, the widest
 // load) and the pages before it, back to another inaccessible one, are 0xFF bytes (NaN in every
@@ -118,6 +120,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, at::TensorList w_tensors, c1
 
 std::vector<int64_t> last_forward_cost() { return forward_cost(); }
 
+bool takes_tensor_cores(const Tensor& left, at::TensorList w_tensors, c10::string_view w_format, at::IntArrayRef w_shape,
+                        int64_t w_blocksize) {
+  return gemm_on_tensor_cores(left, weight_view(w_tensors, w_format, w_shape, w_blocksize), w_shape[0], w_shape[1]);
+}
+
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor& u,
                                             at::TensorList w_tensors, c10::string_view w_format,
                                             at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
@@ -192,6 +199,7 @@ TORCH_LIBRARY(fusedlora_emulated, m) {
   m.def("last_forward_cost() -> int[]", &last_forward_cost);
   m.def("convert(Tensor values, str type) -> Tensor");
   m.def("mma_tile(Tensor a, Tensor bt, Tensor c, int lane_shift, bool skip_wait) -> Tensor");
+  m.def("gemm_on_tensor_cores(Tensor left, Tensor[] w_tensors, str w_format, int[] w_shape, int w_blocksize) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(fusedlora_emulated, CPU, m) {
@@ -199,6 +207,7 @@ TORCH_LIBRARY_IMPL(fusedlora_emulated, CPU, m) {
   m.impl("backward", &backward);
   m.impl("convert", &convert);
   m.impl("mma_tile", &mma_tile);
+  m.impl("gemm_on_tensor_cores", &takes_tensor_cores);
 }
 
 }  // namespace fusedlora
