@@ -131,17 +131,15 @@ def test_small_m_forward_is_one_launch_that_allocates_only_its_outputs(harness):
 
 def test_the_gemms_take_tensor_cores_where_their_rule_holds(harness):
     """lora_ops.cpp's forward (left: x) and grad_x (left: g, contiguous) take csrc/gemm_mma.cu for
-    the matrix's tensor-core GEMM cases and the WMMA GEMM for its fallbacks: so each case there tests
-    the path its comment names."""
+    the matrix's tensor-core GEMM cases and the WMMA GEMM for its fallbacks (so each case there tests
+    the path its comment names), and never for fp32 activations or a dense W in another dtype."""
     from fusedlora import quantize
 
     takes = torch.ops.fusedlora_emulated.gemm_on_tensor_cores
     g = torch.Generator().manual_seed(9)
-    tensor_core_cases = [c for c in MATRIX if c.m > 16 and c.k % 64 == 0 and c.n % 8 == 0]
-    assert len(tensor_core_cases) >= 6
-    for case in MATRIX:
-        if case.m <= 16:
-            continue
+    assert sum(c.m > 16 and c.k % 64 == 0 and c.n % 8 == 0 for c in MATRIX) >= 6
+    for case in MATRIX + [Case(20, 64, 40, 4, "nf4", torch.float32),
+                          Case(20, 64, 40, 4, "dense", torch.bfloat16, weight_dtype=torch.float16)]:
         values = torch.randn(case.n, case.k, generator=g)
         weight = quantize(values.to(case.weight_dtype) if case.fmt == "dense" else values, case.fmt, case.blocksize,
                           case.double_quant)

@@ -112,7 +112,7 @@ def test_cuda_kernel_names_and_work_follow_csrc():
     mma_gemm = "_ZN9fusedlora44_GLOBAL__N__bdc89922_11_gemm_mma_cu_a350ca7415gemm_mma_kernelI6__halfLi4ELi0EEEvPKT_l"
     assert cuda._demangle(mma_gemm) == ("gemm_mma_kernel", ("fp16", 4, 0))
     tiles = cuda._weight_work("gemm_mma_kernel", cuda.GRAD_X, Case("t", 100, 256, 200, 8, "nf4"), 132)
-    assert (tiles.programs, tiles.trips, tiles.weight_elements) == (2 * 4, 4 - 2, 64 * 64)  # 4 steps, 2 peeled
+    assert (tiles.programs, tiles.trips, tiles.weight_elements) == (2 * 4, 4 - 2, 64 * 64)  # 4 steps: a peeled trip, the tail
     tiles = cuda._weight_work("gemm_mma_kernel", cuda.FORWARD, Case("t", 100, 256, 200, 8, "nf4"), 132)
     assert (tiles.programs, tiles.trips) == (2 * 4, 4 - 1)  # the last step after the loop
     assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"))] == ["small_m_kernel"]
