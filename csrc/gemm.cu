@@ -225,6 +225,10 @@ void launch_gemm(const at::Tensor& left, const WeightView& w, const at::Tensor& 
                  const at::Tensor& lora_right, const at::Tensor& bias, double scaling, const Dropout& dropout,
                  at::Tensor& out, int64_t reduce) {
   const int64_t rows = left.size(0), outs = out.size(1);
+  if (gemm_on_tensor_cores(left, w, MODE == kForward ? outs : reduce, MODE == kForward ? reduce : outs)) {
+    launch_gemm_mma<MODE>(left, w, lora_left, lora_right, bias, scaling, dropout, out, reduce);
+    return;
+  }
   if (rows == 0 || outs == 0) return;
   const dim3 grid(static_cast<unsigned>((outs + kTile - 1) / kTile), static_cast<unsigned>((rows + kTile - 1) / kTile));
   TORCH_CHECK(grid.y <= 65535, "fusedlora: too many rows for one launch (", rows, ")");

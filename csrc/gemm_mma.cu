@@ -89,7 +89,6 @@ constexpr int kLeftChunks = kTile * kStep / 8 / kThreads;  // 4
 // This lane's ldmatrix rows in a stage (element offsets from the tile's start): lane l gives row
 // l % 8 of matrix l / 8. Left: matrices rows +0 / +8 (matrix % 2) x columns +0 / +8 (matrix / 2);
 // right: output columns +0 / +8 (matrix / 2) x reduction +0 / +8 (matrix % 2).
-template <int MODE>
 __device__ __forceinline__ int left_lane_offset() {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, matrix = lane / 8, row = lane % 8;
   return ((warp / 2) * 32 + (matrix % 2) * 8 + row) * kLd + (matrix / 2) * 8;
@@ -185,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
   // ldmatrix's rows and this thread's weight row in stage 0; stage 1 is sizeof(Stage<T>) further.
   T* const stage0 = &stages[0].left[0][0];
   constexpr int kStageElements = sizeof(Stage<T>) / sizeof(T), kWeights = sizeof(Tile<T>) / sizeof(T);
-  const int left_lane = opaque(left_lane_offset<MODE>()), right_lane = opaque(kWeights + right_lane_offset<MODE>());
+  const int left_lane = opaque(left_lane_offset()), right_lane = opaque(kWeights + right_lane_offset<MODE>());
   const int w_store = opaque(kWeights + w_row * kLd + w_column);
 
   stage_left(stage0, 0, std::true_type{});
@@ -254,13 +253,22 @@ __global__ void __launch_bounds__(kThreads)
       }
 }
 
+}  // namespace
+
+bool gemm_on_tensor_cores(const at::Tensor& left, const WeightView& w, int64_t n, int64_t k) {
+  const auto type = left.scalar_type();
+  if (type != at::kHalf && type != at::kBFloat16) return false;
+  if (k < kStep || k % kStep != 0 || n < 1 || n % 8 != 0) return false;
+  if (!aligned_to(left.data_ptr(), 16) || left.stride(0) % 8 != 0 || left.stride(1) != 1) return false;
+  if (w.fmt == kNf4 || w.fmt == kFp4) return aligned_to(w.data, 16) && w.blocksize >= kThreadChunks * kChunkElements;
+  return byte_chunks_readable(w, type == at::kHalf ? kFloat16 : kBFloat16);
+}
+
 template <int MODE>
 void launch_gemm_mma(const at::Tensor& left, const WeightView& w, const at::Tensor& lora_left,
                      const at::Tensor& lora_right, const at::Tensor& bias, double scaling, const Dropout& dropout,
                      at::Tensor& out, int64_t reduce) {
   const int64_t rows = left.size(0), outs = out.size(1);
-  TORCH_CHECK(gemm_on_tensor_cores(left, w, MODE == kForward ? outs : reduce, MODE == kForward ? reduce : outs),
-              "fusedlora: the tensor-core GEMM does not take this call (see gemm_on_tensor_cores in csrc/kernels.h)");
   TORCH_CHECK(out.scalar_type() == left.scalar_type() && out.stride(1) == 1,
               "fusedlora: the tensor-core GEMM writes its output in its input's dtype with unit column stride");
   if (rows == 0 || outs == 0) return;
@@ -285,25 +293,9 @@ void launch_gemm_mma(const at::Tensor& left, const WeightView& w, const at::Tens
   });
 }
 
-}  // namespace
-
-bool gemm_on_tensor_cores(const at::Tensor& left, const WeightView& w, int64_t n, int64_t k) {
-  const auto type = left.scalar_type();
-  if (type != at::kHalf && type != at::kBFloat16) return false;
-  if (k < kStep || k % kStep != 0 || n < 1 || n % 8 != 0) return false;
-  if (!aligned_to(left.data_ptr(), 16) || left.stride(0) % 8 != 0 || left.stride(1) != 1) return false;
-  if (w.fmt == kNf4 || w.fmt == kFp4) return aligned_to(w.data, 16) && w.blocksize >= kThreadChunks * kChunkElements;
-  return byte_chunks_readable(w, type == at::kHalf ? kFloat16 : kBFloat16);
-}
-
-void launch_forward_gemm_mma(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
-                             const at::Tensor& bias, double scaling, at::Tensor& y) {
-  launch_gemm_mma<kForward>(x, w, u, lora_b, bias, scaling, Dropout{false, 0, 0, 1.0f}, y, x.size(1));
-}
-
-void launch_grad_x_gemm_mma(const at::Tensor& g, const WeightView& w, const at::Tensor& du, const at::Tensor& lora_a,
-                            const Dropout& dropout, at::Tensor& dx) {
-  launch_gemm_mma<kGradX>(g, w, du, lora_a, at::Tensor(), 1.0, dropout, dx, g.size(1));
-}
+template void launch_gemm_mma<kForward>(const at::Tensor&, const WeightView&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, double, const Dropout&, at::Tensor&, int64_t);
+template void launch_gemm_mma<kGradX>(const at::Tensor&, const WeightView&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, double, const Dropout&, at::Tensor&, int64_t);
 
 }  // namespace fusedlora

@@ -34,7 +34,7 @@ WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntA
 void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u);
 
 // y (M, N) = x · deq(W)ᵀ + bias + scaling · u · Bᵀ; u undefined: no LoRA term. Tensor cores for
-// 16-bit x (WMMA, fp32 accumulate), fp32 FMAs for fp32 x.
+// 16-bit x (mma.sync where gemm_on_tensor_cores holds, else WMMA; fp32 accumulate), fp32 FMAs for fp32 x.
 void launch_forward_gemm(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
                          const at::Tensor& bias, double scaling, at::Tensor& y);
 
@@ -68,17 +68,17 @@ int64_t grad_u_blocks(int64_t m);
 void launch_grad_a(const at::Tensor& du, const at::Tensor& x, const Dropout& dropout, at::Tensor& da_partials);
 int64_t grad_a_slices(int64_t m);
 
-// The GEMMs on tensor cores (csrc/gemm_mma.cu; the same contracts as launch_forward_gemm and
-// launch_grad_x_gemm), where gemm_on_tensor_cores holds for the left operand (x forward, g
-// grad_x) and the weight (N, K): fp16 or bf16 with 16-byte aligned rows, K a positive multiple
-// of 64, N a multiple of 8, and W read in 16-byte chunks (4-bit: 16-byte aligned codes,
-// blocksize >= 32; int8 / fp8: rows 16-byte aligned; dense: the left operand's dtype, rows
-// 16-byte aligned); the output in the left operand's dtype.
+// The GEMMs on tensor cores (csrc/gemm_mma.cu), which launch_forward_gemm and launch_grad_x_gemm
+// run where gemm_on_tensor_cores holds for the left operand (x forward, g grad_x) and the weight
+// (N, K): fp16 or bf16 with 16-byte aligned rows, K a positive multiple of 64, N a multiple of 8,
+// and W read in 16-byte chunks (4-bit: 16-byte aligned codes, blocksize >= 32; int8 / fp8: rows
+// 16-byte aligned; dense: the left operand's dtype, rows 16-byte aligned); the output in the left
+// operand's dtype. MODE: csrc/gemm_epilogue.cuh's (forward 0, grad_x 1).
 bool gemm_on_tensor_cores(const at::Tensor& left, const WeightView& w, int64_t n, int64_t k);
-void launch_forward_gemm_mma(const at::Tensor& x, const WeightView& w, const at::Tensor& u, const at::Tensor& lora_b,
-                             const at::Tensor& bias, double scaling, at::Tensor& y);
-void launch_grad_x_gemm_mma(const at::Tensor& g, const WeightView& w, const at::Tensor& du, const at::Tensor& lora_a,
-                            const Dropout& dropout, at::Tensor& dx);
+template <int MODE>
+void launch_gemm_mma(const at::Tensor& left, const WeightView& w, const at::Tensor& lora_left,
+                     const at::Tensor& lora_right, const at::Tensor& bias, double scaling, const Dropout& dropout,
+                     at::Tensor& out, int64_t reduce);
 
 // dx (M, K) = g · deq(W) + drop'(du · A); du undefined: no LoRA term.
 void launch_grad_x_gemm(const at::Tensor& g, const WeightView& w, const at::Tensor& du, const at::Tensor& lora_a,

@@ -110,8 +110,7 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_ten
   const Tensor b32 = lora_b.to(at::kFloat).contiguous();
   const Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   if (has_lora) launch_shrink(x, lora_a.to(at::kFloat).contiguous(), dropout_of(dropout_p, seed), u);
-  (gemm_on_tensor_cores(x, weight, columns, x.size(1)) ? launch_forward_gemm_mma : launch_forward_gemm)(
-      x, weight, has_lora ? u : Tensor(), b32, bias32, scaling, y);
+  launch_forward_gemm(x, weight, has_lora ? u : Tensor(), b32, bias32, scaling, y);
   return {y, u.to(lora_dtype(x, lora_a, lora_b))};
 }
 
@@ -146,9 +145,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y_in, const 
   Tensor grad_x = at::empty({0}, x.options());
   if (need_dx) {
     grad_x = at::empty({rows, k}, x.options());
-    const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
-    (gemm_on_tensor_cores(grad_y, weight, columns, k) ? launch_grad_x_gemm_mma : launch_grad_x_gemm)(
-        grad_y, weight, du, a32, dropout, grad_x);
+    launch_grad_x_gemm(grad_y, weight_view(w_tensors, w_format, w_shape, w_blocksize), du, a32, dropout, grad_x);
   }
   return {grad_x, grad_a.to(lora_a.scalar_type()), grad_b.to(lora_b.scalar_type())};
 }

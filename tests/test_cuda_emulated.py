@@ -130,7 +130,7 @@ def test_small_m_forward_is_one_launch_that_allocates_only_its_outputs(harness):
 
 
 def test_the_gemms_take_tensor_cores_where_their_rule_holds(harness):
-    """lora_ops.cpp's forward (left: x) and grad_x (left: g, contiguous) take csrc/gemm_mma.cu for
+    """The forward (left: x) and grad_x (left: g, contiguous) GEMMs take csrc/gemm_mma.cu for
     the matrix's tensor-core GEMM cases and the WMMA GEMM for its fallbacks (so each case there tests
     the path its comment names), and never for fp32 activations or a dense W in another dtype."""
     from fusedlora import quantize

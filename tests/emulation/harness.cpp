@@ -6,7 +6,7 @@
 //   fusedlora_emulated::convert(values, type): the emulated fp16 / bf16 rounding and fp8 decoding
 //   fusedlora_emulated::mma_tile(a, bt, c, lane_shift, skip_wait): primitives_kernel.cuh's tile
 //   fusedlora_emulated::gemm_on_tensor_cores(left, w_tensors, w_format, w_shape, w_blocksize):
-//     whether lora_ops.cpp's GEMMs take csrc/gemm_mma.cu for this left operand (x or g) and weight
+//     whether the GEMM launchers take csrc/gemm_mma.cu for this left operand (x or g) and weight
 // During a call every CPU allocation (the inputs' copies, which keep their strides, the outputs,
 // the temporaries) is guarded: it ends at an inaccessible page (16-byte granularity, the widest
 // load) and the pages before it, back to another inaccessible one, are 0xFF bytes (NaN in every
