@@ -31,6 +31,7 @@ constexpr int kThreadChunks = kTile * kStep / (kThreads * kChunkElements);  // 2
 constexpr int kRankStep = 16;   // the LoRA product's ranks per instruction
 static_assert(kTile == kStep, "a weight tile is kTile x kStep in both modes: each thread takes half a row");
 static_assert(kThreadChunks * kChunkElements * 2 == kStep, "two threads a row of the weight tile");
+static_assert(kThreadChunks == kRunChunks, "a thread's weights of a step are one run (weight_chunks.cuh)");
 
 template <typename T>
 using Tile = T[kTile][kLd];
@@ -41,46 +42,6 @@ struct Stage {
   Tile<T> left;
   Tile<T> weights;
 };
-
-// One thread's weights of one step, as loaded, and their factor (absmax or row scale).
-template <int FMT>
-struct StepWeights {
-  Codes<FMT> chunks[kThreadChunks];
-  float factor;
-};
-
-// The 32 weights at `at` (16-byte aligned) and their factor.
-template <int FMT>
-__device__ __forceinline__ StepWeights<FMT> load_step(const uint8_t* at, float factor) {
-  StepWeights<FMT> step;
-  if constexpr (four_bit<FMT>()) {  // both chunks in one 16-byte load
-    static_assert(kThreadChunks == 2, "a thread's 4-bit codes are one 16-byte load");
-    const uint4 packed = *reinterpret_cast<const uint4*>(at);
-    step.chunks[0] = Codes<FMT>{{packed.x, packed.y}};
-    step.chunks[1] = Codes<FMT>{{packed.z, packed.w}};
-  } else {
-#pragma unroll
-    for (int c = 0; c < kThreadChunks; ++c) step.chunks[c] = load_codes<FMT>(at + weight_bytes<FMT>(c * kChunkElements));
-  }
-  step.factor = factor;
-  return step;
-}
-
-// The weights as 16 pairs of T times their factor, into `destination` (16-byte aligned).
-template <typename T, int FMT>
-__device__ __forceinline__ void store_step(const StepWeights<FMT>& step, const uint32_t (&table)[256], T* destination) {
-  const uint32_t factor = pack_pair<T>(step.factor, step.factor);
-#pragma unroll
-  for (int c = 0; c < kThreadChunks; ++c) {
-    uint32_t pairs[8];
-    to_pairs<FMT, T>(step.chunks[c], table, pairs);
-#pragma unroll
-    for (int p = 0; p < 8 && FMT != kDense; ++p) pairs[p] = mul_pairs<T>(pairs[p], factor);
-    auto* out = reinterpret_cast<uint4*>(destination + c * kChunkElements);
-    out[0] = uint4{pairs[0], pairs[1], pairs[2], pairs[3]};
-    out[1] = uint4{pairs[4], pairs[5], pairs[6], pairs[7]};
-  }
-}
 
 // The left operand's 64 x 64 tile of a step in 16-byte chunks, kLeftChunks consecutive ones of a
 // row a thread (one source pointer, the chunks at constant offsets).
@@ -140,10 +101,7 @@ __global__ void __launch_bounds__(kThreads)
                     int64_t ld_out, int64_t rows, int64_t outs, int64_t reduce) {
   auto& stages = shared_array<Stage<T>[2], __LINE__>();  // double buffered
   auto& table = shared_array<uint32_t[256], __LINE__>();   // each byte's two 4-bit codes as a pair of T
-  if constexpr (four_bit<FMT>()) {
-    const float* code = FMT == kNf4 ? kNf4Code : kFp4Code;
-    for (int byte = threadIdx.x; byte < 256; byte += kThreads) table[byte] = pack_pair<T>(code[byte >> 4], code[byte & 0xF]);
-  }
+  if constexpr (four_bit<FMT>()) fill_pair_table<FMT, T>(table, kThreads);
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, o0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int steps = static_cast<int>(cdiv(reduce, kStep));
   // This thread's left chunks: row left_row of the tile, columns left_column..+31; its source
@@ -179,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     // 4-bit: 32 weights from a multiple of 32 lie in one absmax block (blocksize >= 32).
     const float factor = four_bit<FMT>() ? block_absmax(w, block_of(w, past ? last_index : index))
                                          : row_scale<FMT>(w, MODE == kForward ? first_row : min(r0 + w_row, reduce - 1));
-    return load_step<FMT>(past ? last_at : weights_at, factor);
+    return load_run<FMT>(past ? last_at : weights_at, factor);
   };
   // ldmatrix's rows and this thread's weight row in stage 0; stage 1 is sizeof(Stage<T>) further.
   T* const stage0 = &stages[0].left[0][0];
@@ -189,9 +147,9 @@ __global__ void __launch_bounds__(kThreads)
 
   stage_left(stage0, 0, std::true_type{});
   cp_async_commit();
-  StepWeights<FMT> next = load_weights(0, std::true_type{});
+  WeightRun<FMT> next = load_weights(0, std::true_type{});
   block_sync();  // the table
-  store_step<T, FMT>(next, table, stage0 + w_store);
+  store_run<T, FMT>(next, table, stage0 + w_store);
   cp_async_wait<0>();
   block_sync();
 
@@ -208,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
     weights_at += weight_bytes<FMT>(advance);
     next = load_weights(r_next, partial);
     tile_mma<T, MODE>(acc, now + left_lane, now + right_lane, kStep);
-    store_step<T, FMT>(next, table, after + w_store);
+    store_run<T, FMT>(next, table, after + w_store);
     cp_async_wait<0>();
     block_sync();
   };

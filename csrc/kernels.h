@@ -13,25 +13,35 @@
 
 namespace fusedlora {
 
-// The ops' computations (their schemas: csrc/ops.cpp): (y, u) and (dx, dA, dB).
+// The ops' computations (their schemas: csrc/ops.cpp): (y, u) and (dx, dA, dB). `regime`: "fused"
+// or "workspace", how a call past the small-M kernels runs where it can (docs/design.md §4).
 std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, at::TensorList w_tensors, c10::string_view w_format,
                                                 at::IntArrayRef w_shape, int64_t w_blocksize, const at::Tensor& lora_a,
                                                 const at::Tensor& lora_b, double scaling,
                                                 const std::optional<at::Tensor>& bias, double dropout_p,
-                                                const at::Tensor& seed);
+                                                const at::Tensor& seed, c10::string_view regime);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                              const at::Tensor& u, at::TensorList w_tensors,
                                                              c10::string_view w_format, at::IntArrayRef w_shape,
                                                              int64_t w_blocksize, const at::Tensor& lora_a,
                                                              const at::Tensor& lora_b, double scaling, double dropout_p,
-                                                             const at::Tensor& seed, bool need_dx);
+                                                             const at::Tensor& seed, bool need_dx,
+                                                             c10::string_view regime);
 
 // The (N, K) weight of a call as the kernels see it, from the ops' tensors (WeightSlot order),
 // format name, shape and blocksize; checks them.
 WeightView weight_view(at::TensorList tensors, c10::string_view format, at::IntArrayRef shape, int64_t blocksize);
 
-// u (M, r) = drop(x) · Aᵀ.
-void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u);
+// u (M, r) = drop(x) · Aᵀ; x_copy defined: x also copied into x_copy[:, :K] (x's dtype).
+void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u,
+                   const at::Tensor& x_copy = at::Tensor());
+
+// dx (M, K) = drop'(du · A) in dx's dtype (fp32, fp16 or bf16).
+void launch_lora_dx(const at::Tensor& du, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& dx);
+
+// out (N, K) = deq(W) in out's dtype (fp16 or bf16; csrc/dequantize.cu), where gemm_on_tensor_cores
+// holds for W and x of that dtype; out's rows 16-byte aligned.
+void launch_dequantize(const WeightView& w, at::Tensor& out);
 
 // y (M, N) = x · deq(W)ᵀ + bias + scaling · u · Bᵀ; u undefined: no LoRA term. Tensor cores for
 // 16-bit x (mma.sync where gemm_on_tensor_cores holds, else WMMA; fp32 accumulate), fp32 FMAs for fp32 x.

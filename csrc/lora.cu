@@ -1,7 +1,8 @@
 // The skinny LoRA kernels (rank <= 256), fp32 accumulation, the dropout mask regenerated:
-//   shrink:  u  (M, r) = drop(x) · Aᵀ                 one read of x
+//   shrink:  u  (M, r) = drop(x) · Aᵀ                 one read of x (and x copied, on request)
 //   grad_u:  du (M, r) = s · g · B,  dB = s · gᵀ · u  one read of g; dB as per-block partials
 //   grad_a:  dA (r, K) = duᵀ · drop(x)                 per row-slice partials
+//   dx:      dx (M, K) = drop'(du · A)                 in x's dtype (the workspace regime's first term)
 // Partials are summed on the host in a fixed order: the results are bitwise reproducible.
 
 #include "common.cuh"
@@ -22,7 +23,8 @@ constexpr int kShrinkSlots = kShrinkRows * kMaxRank / kThreads;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ a, int64_t ld_a, Dropout dropout,
-                  float* __restrict__ u, int64_t ld_u, int64_t rows, int64_t k, int rank) {
+                  float* __restrict__ u, int64_t ld_u, T* __restrict__ x_copy, int64_t ld_copy, int64_t rows,
+                  int64_t k, int rank) {
   auto& x_tile = shared_array<float[kShrinkRows][kShrinkStep + 1], __LINE__>();
   auto& a_tile = shared_array<float[kMaxRank][kShrinkStep + 1], __LINE__>();
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kShrinkRows;
@@ -31,7 +33,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = threadIdx.x; i < kShrinkRows * kShrinkStep; i += kThreads) {
       const int row = i / kShrinkStep, col = i % kShrinkStep;
       const int64_t m = m0 + row, kk = k0 + col;
-      x_tile[row][col] = (m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k) : 0.0f;
+      const bool in = m < rows && kk < k;
+      const T value = in ? x[m * ld_x + kk] : from_float<T>(0.0f);
+      if (x_copy != nullptr && in) x_copy[m * ld_copy + kk] = value;
+      x_tile[row][col] = in ? dropped(dropout, to_float(value), m, kk, k) : 0.0f;
     }
     for (int i = threadIdx.x; i < rank * kShrinkStep; i += kThreads) {
       const int j = i / kShrinkStep, col = i % kShrinkStep;
@@ -180,22 +185,58 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// dx: a block takes kDxRows rows and kThreads columns (one a thread), du's rows in shared memory,
+// A's elements read once a block.
+constexpr int kDxRows = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lora_dx_kernel(const float* __restrict__ du, int64_t ld_du, const float* __restrict__ a, int64_t ld_a,
+                   Dropout dropout, T* __restrict__ dx, int64_t ld_dx, int64_t rows, int64_t k, int rank) {
+  auto& du_tile = shared_array<float[kDxRows][kMaxRank], __LINE__>();
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kDxRows;
+  const int64_t kk = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  for (int i = threadIdx.x; i < kDxRows * rank; i += kThreads) {
+    const int row = i / rank, j = i % rank;
+    du_tile[row][j] = m0 + row < rows ? du[(m0 + row) * ld_du + j] : 0.0f;
+  }
+  block_sync();
+  if (kk >= k) return;
+  float acc[kDxRows] = {};
+  for (int j = 0; j < rank; ++j) {
+    const float a_value = a[j * ld_a + kk];
+#pragma unroll
+    for (int row = 0; row < kDxRows; ++row) acc[row] = fmaf(du_tile[row][j], a_value, acc[row]);
+  }
+#pragma unroll
+  for (int row = 0; row < kDxRows; ++row) {
+    const int64_t m = m0 + row;
+    if (m < rows) dx[m * ld_dx + kk] = from_float<T>(dropped(dropout, acc[row], m, kk, k));
+  }
+}
+
 void check_rank(int64_t rank) {
   TORCH_CHECK(rank >= 1 && rank <= kMaxRank, "fusedlora: the CUDA kernels take ranks 1..", kMaxRank, ", got ", rank);
 }
 
 }  // namespace
 
-void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u) {
+void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& u,
+                   const at::Tensor& x_copy) {
   const int64_t rows = x.size(0), k = x.size(1), rank = lora_a.size(0);
   check_rank(rank);
+  const bool copy = x_copy.defined();
+  TORCH_CHECK(!copy || (x_copy.scalar_type() == x.scalar_type() && x_copy.size(0) == rows && x_copy.size(1) >= k &&
+                        x_copy.stride(1) == 1),
+              "fusedlora: x's copy must be (M, >= K) in x's dtype with unit column stride");
   if (rows == 0) return;
   const dim3 grid(static_cast<unsigned>((rows + kShrinkRows - 1) / kShrinkRows));
   FUSEDLORA_DISPATCH_ACTIVATION(x.scalar_type(), "fusedlora_shrink", [&] {
     using T = typename CudaType<scalar_t>::type;
     launch(shrink_kernel<T>, grid, dim3(kThreads), reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0),
-           lora_a.data_ptr<float>(), lora_a.stride(0), dropout, u.data_ptr<float>(), u.stride(0), rows, k,
-           static_cast<int>(rank));
+           lora_a.data_ptr<float>(), lora_a.stride(0), dropout, u.data_ptr<float>(), u.stride(0),
+           copy ? reinterpret_cast<T*>(x_copy.data_ptr<scalar_t>()) : nullptr, copy ? x_copy.stride(0) : int64_t{0},
+           rows, k, static_cast<int>(rank));
   });
 }
 
@@ -237,6 +278,21 @@ void launch_grad_a(const at::Tensor& du, const at::Tensor& x, const Dropout& dro
     launch(grad_a_kernel<T>, grid, dim3(kThreads), du.data_ptr<float>(), du.stride(0),
            reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), dropout, da_partials.data_ptr<float>(),
            rows, k, static_cast<int>(rank), rows_per_slice);
+  });
+}
+
+void launch_lora_dx(const at::Tensor& du, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& dx) {
+  const int64_t rows = dx.size(0), k = dx.size(1), rank = du.size(1);
+  check_rank(rank);
+  TORCH_CHECK(dx.stride(1) == 1 && lora_a.size(1) == k, "fusedlora: dx must be (M, K) with unit column stride");
+  if (rows == 0 || k == 0) return;
+  const dim3 grid(static_cast<unsigned>(cdiv(k, kThreads)), static_cast<unsigned>(cdiv(rows, kDxRows)));
+  TORCH_CHECK(grid.y <= 65535, "fusedlora: too many rows for one launch (", rows, ")");
+  FUSEDLORA_DISPATCH_ACTIVATION(dx.scalar_type(), "fusedlora_lora_dx", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    launch(lora_dx_kernel<T>, grid, dim3(kThreads), du.data_ptr<float>(), du.stride(0), lora_a.data_ptr<float>(),
+           lora_a.stride(0), dropout, reinterpret_cast<T*>(dx.data_ptr<scalar_t>()), dx.stride(0), rows, k,
+           static_cast<int>(rank));
   });
 }
 

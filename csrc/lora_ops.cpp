@@ -1,5 +1,5 @@
 // The CUDA backend's host logic: the weight view and the dropout of a call, the checks of its
-// inputs, and the order of the launches (docs/design.md §4). csrc/ops.cpp registers it as the ops
+// inputs, and the order of the launches in each regime (docs/design.md §4). csrc/ops.cpp registers it as the ops
 // fusedlora::cuda_lora_fwd / cuda_lora_bwd; the CPU execution harness (tests/emulation/) calls it
 // with the kernels emulated.
 
@@ -84,12 +84,75 @@ at::ScalarType lora_dtype(const Tensor& x, const Tensor& lora_a, const Tensor& l
   return at::promote_types(at::promote_types(x.scalar_type(), lora_a.scalar_type()), lora_b.scalar_type());
 }
 
+// Whether a large-M call runs in the workspace regime: asked for (the Python backend chooses by M,
+// fusedlora/backends/regimes.py) and possible, the left operand and W as the tensor-core GEMM takes
+// them (16-bit, W read in 16-byte chunks); else it stays fused.
+bool in_workspace(c10::string_view regime, const Tensor& left, const WeightView& w, int64_t n, int64_t k) {
+  TORCH_CHECK(regime == "fused" || regime == "workspace", "fusedlora: regime must be 'fused' or 'workspace', got '",
+              std::string(regime), "'");
+  return regime == "workspace" && gemm_on_tensor_cores(left, w, n, k);
+}
+
+// An uninitialised (rows, columns) matrix whose rows start 16 bytes apart, as cuBLAS's fast paths
+// want: a column slice of a buffer padded to a multiple of 8 columns. On the CPU (the harness) the
+// padding is zeroed: ATen's oneDNN matmul may read a view's padding there (seen on AMX machines: a
+// NaN in it, multiplied by zero, poisons the row).
+Tensor cublas_operand(int64_t rows, int64_t columns, const at::TensorOptions& options) {
+  Tensor buffer = at::empty({rows, (columns + 7) / 8 * 8}, options);
+  if (!options.device().is_cuda()) buffer.narrow(1, columns, buffer.size(1) - columns).zero_();
+  return buffer.narrow(1, 0, columns);
+}
+
+// deq(W) (N, K) in `type` with `extra` more columns after K, left to the caller: W's own storage
+// when it is dense in `type` and no columns are asked for, else a workspace the dequantization fills.
+Tensor weight_matrix(const WeightView& w, const Tensor& stored, int64_t n, int64_t extra, at::ScalarType type) {
+  if (w.fmt == kDense && stored.scalar_type() == type && extra == 0) return stored;
+  Tensor workspace = cublas_operand(n, w.k + extra, stored.options().dtype(type));
+  Tensor weights = workspace.narrow(1, 0, w.k);
+  launch_dequantize(w, weights);
+  return workspace;
+}
+
+// The workspace regime's forward: y = [x | u] · [deq(W) | s·B]ᵀ + bias, one cuBLAS GEMM over K + r;
+// the shrink copies x into [x | u] from the read that forms u.
+std::tuple<Tensor, Tensor> forward_in_workspace(const Tensor& x, const WeightView& w, const Tensor& stored,
+                                                int64_t columns, const Tensor& lora_a, const Tensor& lora_b,
+                                                double scaling, const std::optional<Tensor>& bias,
+                                                const Dropout& dropout) {
+  const int64_t rows = x.size(0), k = x.size(1), rank = lora_a.size(0);
+  auto product = [&](const Tensor& left, const Tensor& right) {  // left · rightᵀ + bias
+    return bias.has_value() ? at::addmm(bias->to(x.scalar_type()), left, right.t()) : at::mm(left, right.t());
+  };
+  const auto u_type = lora_dtype(x, lora_a, lora_b);
+  if (scaling == 0.0) {
+    return {product(x, weight_matrix(w, stored, columns, 0, x.scalar_type())), at::zeros({rows, rank}, x.options().dtype(u_type))};
+  }
+  Tensor weight_ext = weight_matrix(w, stored, columns, rank, x.scalar_type());
+  weight_ext.narrow(1, k, rank).copy_(lora_b * scaling);
+  Tensor x_ext = cublas_operand(rows, k + rank, x.options());
+  Tensor u = at::empty({rows, rank}, x.options().dtype(at::kFloat));
+  launch_shrink(x, lora_a.to(at::kFloat).contiguous(), dropout, u, x_ext);
+  x_ext.narrow(1, k, rank).copy_(u);
+  return {product(x_ext, weight_ext), u.to(u_type)};
+}
+
+// The workspace regime's dx = drop'(du · A) + g · deq(W): the LoRA term written first, the cuBLAS
+// GEMM accumulating onto it; du undefined: no LoRA term.
+Tensor grad_x_in_workspace(const Tensor& grad_y, const WeightView& w, const Tensor& stored, const Tensor& du,
+                           const Tensor& a32, const Dropout& dropout) {
+  const Tensor weights = weight_matrix(w, stored, grad_y.size(1), 0, grad_y.scalar_type());
+  if (!du.defined()) return at::mm(grad_y, weights);
+  Tensor grad_x = at::empty({grad_y.size(0), w.k}, grad_y.options());
+  launch_lora_dx(du, a32, dropout, grad_x);
+  return grad_x.addmm_(grad_y, weights);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_tensors, c10::string_view w_format,
                                          at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
                                          const Tensor& lora_b, double scaling, const std::optional<Tensor>& bias,
-                                         double dropout_p, const Tensor& seed) {
+                                         double dropout_p, const Tensor& seed, c10::string_view regime) {
   check_inputs(x_in, lora_a, lora_b, w_shape);
   const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
@@ -103,6 +166,10 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_ten
         x, weight, has_lora ? lora_a : Tensor(), lora_b, bias.value_or(Tensor()), scaling, dropout_of(dropout_p, seed),
         y, u);
     return {y, u};
+  }
+  if (in_workspace(regime, x, weight, columns, w_shape[1])) {
+    return forward_in_workspace(x, weight, w_tensors[kData], columns, lora_a, lora_b, scaling, bias,
+                                dropout_of(dropout_p, seed));
   }
   // The shrink writes every element of u; without the LoRA term u is returned as zeros.
   Tensor u = has_lora ? at::empty({rows, rank}, x.options().dtype(at::kFloat))
@@ -118,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y_in, const 
                                                  at::TensorList w_tensors, c10::string_view w_format,
                                                  at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
                                                  const Tensor& lora_b, double scaling, double dropout_p,
-                                                 const Tensor& seed, bool need_dx) {
+                                                 const Tensor& seed, bool need_dx, c10::string_view regime) {
   check_inputs(x_in, lora_a, lora_b, w_shape);
   const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == x_in.size(0) && grad_y_in.size(1) == w_shape[0] &&
@@ -143,9 +210,12 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y_in, const 
     grad_a = da_partials.sum(0);
   }
   Tensor grad_x = at::empty({0}, x.options());
-  if (need_dx) {
+  const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
+  if (need_dx && rows > 0 && in_workspace(regime, grad_y, weight, columns, k)) {
+    grad_x = grad_x_in_workspace(grad_y, weight, w_tensors[kData], du, a32, dropout);
+  } else if (need_dx) {
     grad_x = at::empty({rows, k}, x.options());
-    launch_grad_x_gemm(grad_y, weight_view(w_tensors, w_format, w_shape, w_blocksize), du, a32, dropout, grad_x);
+    launch_grad_x_gemm(grad_y, weight, du, a32, dropout, grad_x);
   }
   return {grad_x, grad_a.to(lora_a.scalar_type()), grad_b.to(lora_b.scalar_type())};
 }

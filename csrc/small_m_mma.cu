@@ -100,11 +100,7 @@ __global__ void __launch_bounds__(kThreads, 3 - HALVES)  // M <= 8: two blocks p
       for (int column = threadIdx.x; column < length; column += kThreads)
         xs[m][column] = m < rows ? x_rows[m * x.stride + column] : from_float<T>(0.0f);
   }
-  if constexpr (four_bit<FMT>()) {
-    const float* code = FMT == kNf4 ? kNf4Code : kFp4Code;
-    for (int byte = threadIdx.x; byte < 256; byte += kThreads)
-      table[byte] = pack_pair<T>(code[byte >> 4], code[byte & 0xF]);
-  }
+  if constexpr (four_bit<FMT>()) fill_pair_table<FMT, T>(table, kThreads);
   block_sync();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;

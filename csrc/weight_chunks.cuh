@@ -1,6 +1,7 @@
-// A row's weights in chunks of 16 consecutive elements, as the tensor-core kernels read them
-// (csrc/small_m_mma.cu, csrc/gemm_mma.cu): loaded whole (4-bit: 8 bytes, 8-bit: 16, 16-bit: 32),
-// then turned into 8 pairs of 16-bit values, the layout of mma.sync's operands (docs/design.md §4).
+// A row's weights in chunks of 16 consecutive elements, as the tensor-core kernels and the
+// dequantization into a workspace read them (csrc/small_m_mma.cu, csrc/gemm_mma.cu,
+// csrc/dequantize.cu): loaded whole (4-bit: 8 bytes, 8-bit: 16, 16-bit: 32), then turned into 8
+// pairs of 16-bit values, the layout of mma.sync's operands (docs/design.md §4).
 #pragma once
 
 #include <cstdint>
@@ -77,6 +78,58 @@ __device__ __forceinline__ void to_pairs(const Codes<FMT>& codes, const uint32_t
         pairs[p] = pack_pair<T>(values.x, values.y);
       }
     }
+  }
+}
+
+// The 256-entry pair table of a 4-bit format: byte b's two codes (high nibble first) as a pair
+// of T. Filled by the block's `threads` threads; the caller synchronizes before reading it.
+template <int FMT, typename T>
+__device__ __forceinline__ void fill_pair_table(uint32_t (&table)[256], int threads) {
+  const float* code = FMT == kNf4 ? kNf4Code : kFp4Code;
+  for (int byte = threadIdx.x; byte < 256; byte += threads) table[byte] = pack_pair<T>(code[byte >> 4], code[byte & 0xF]);
+}
+
+// A run: 32 consecutive weights of a row (two chunks; 4-bit: one 16-byte load), as loaded, and
+// their factor (absmax or row scale).
+constexpr int kRunChunks = 2;
+constexpr int kRunElements = kRunChunks * kChunkElements;
+
+template <int FMT>
+struct WeightRun {
+  Codes<FMT> chunks[kRunChunks];
+  float factor;
+};
+
+// The run at `at` (16-byte aligned) and its factor.
+template <int FMT>
+__device__ __forceinline__ WeightRun<FMT> load_run(const uint8_t* at, float factor) {
+  WeightRun<FMT> run;
+  if constexpr (four_bit<FMT>()) {  // both chunks in one 16-byte load
+    const uint4 packed = *reinterpret_cast<const uint4*>(at);
+    run.chunks[0] = Codes<FMT>{{packed.x, packed.y}};
+    run.chunks[1] = Codes<FMT>{{packed.z, packed.w}};
+  } else {
+#pragma unroll
+    for (int c = 0; c < kRunChunks; ++c) run.chunks[c] = load_codes<FMT>(at + weight_bytes<FMT>(c * kChunkElements));
+  }
+  run.factor = factor;
+  return run;
+}
+
+// The run as 16 pairs of T times its factor, into `destination` (shared or global, 16-byte
+// aligned) in four 16-byte stores.
+template <typename T, int FMT>
+__device__ __forceinline__ void store_run(const WeightRun<FMT>& run, const uint32_t (&table)[256], T* destination) {
+  const uint32_t factor = pack_pair<T>(run.factor, run.factor);
+#pragma unroll
+  for (int c = 0; c < kRunChunks; ++c) {
+    uint32_t pairs[8];
+    to_pairs<FMT, T>(run.chunks[c], table, pairs);
+#pragma unroll
+    for (int p = 0; p < 8 && FMT != kDense; ++p) pairs[p] = mul_pairs<T>(pairs[p], factor);
+    auto* out = reinterpret_cast<uint4*>(destination + c * kChunkElements);
+    out[0] = uint4{pairs[0], pairs[1], pairs[2], pairs[3]};
+    out[1] = uint4{pairs[4], pairs[5], pairs[6], pairs[7]};
   }
 }
 

@@ -68,16 +68,19 @@ def lora_dtype(x_dtype: torch.dtype, a_dtype: torch.dtype, b_dtype: torch.dtype)
     return torch.promote_types(torch.promote_types(x_dtype, a_dtype), b_dtype)
 
 
-def fake_forward(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
+def fake_forward(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed,
+                 regime=None):
     """The forward ops' outputs (the fake implementation of `fusedlora::lora_linear_fwd` and of the
-    CUDA extension's `cuda_lora_fwd`): y (M, N) in x's dtype, u (M, r) in the LoRA dtype."""
+    CUDA extension's `cuda_lora_fwd`, whose last argument is `regime`): y (M, N) in x's dtype, u
+    (M, r) in the LoRA dtype."""
     u_dtype = lora_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     return x.new_empty((x.shape[0], w_shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=u_dtype)
 
 
 def fake_backward(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, dropout_p, seed,
-                  need_dx, backend=None):
+                  need_dx, backend=None, regime=None):
     """The backward ops' outputs: dx (M, K), or an empty tensor without `need_dx`; dA, dB like A
-    and B. `backend` is the dispatching op's own argument; a backend's op (`cuda_lora_bwd`) has none."""
+    and B. `backend` is the dispatching op's own argument, `regime` the CUDA op's; neither changes
+    the outputs' shapes."""
     grad_x = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)

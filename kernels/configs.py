@@ -70,32 +70,6 @@ def gemm_candidates(capability: tuple[int, int], four_bit: bool) -> list:
     return HOPPER_GEMM_4BIT if hopper else AMPERE_GEMM_4BIT
 
 
-# The large-M regimes (docs/design.md §4): "fused" dequantizes W inside the GEMM's K loop;
-# "workspace" dequantizes all of W into a 16-bit workspace (`dequantize_kernel`, bandwidth-bound)
-# and runs cuBLAS on it with the LoRA term folded in. The workspace costs a pass over W per GEMM,
-# which the fused loop's dequantization outweighs once enough rows share each weight tile. The
-# rows below are the crossovers the MODEL (`python -m fusedlora inspect`; Llama-3-8B's up_proj and
-# q_proj, r = 16) finds per architecture family: on Hopper the fused loop waits for each wgmma
-# (its dequantization does not overlap the tensor cores), so the workspace wins from about 512
-# rows; on Ampere mma.sync overlaps it, and the fused 4-bit loop keeps up at every M (int8 and fp8
-# cross over near 1024). A dense weight has no dequantization to save and stays fused. The
-# benchmark times both regimes, so one GPU run settles these rows.
-WORKSPACE_MIN_M = {
-    "hopper": {"nf4": 512, "fp4": 512, "int8": 512, "fp8": 512},
-    "ampere": {"int8": 1024, "fp8": 1024},
-}
-
-
-def gemm_regime(m: int, fmt_id: int, capability: tuple[int, int], forced: "str | None") -> str:
-    """The regime of a large-M call of M rows on a weight of format `fmt_id` on a device of
-    `capability`: `forced` (a name of fusedlora.backends.regimes.REGIMES) if given, else by M."""
-    if forced is not None:
-        return forced
-    fmt = next(name for name, number in FORMAT_IDS.items() if number == fmt_id)
-    rows = WORKSPACE_MIN_M["hopper" if capability[0] >= 9 else "ampere"].get(fmt, float("inf"))
-    return "workspace" if m >= rows else "fused"
-
-
 def m_bucket(m: int) -> int:
     """M rounded up to a power of two (at most 8192): the autotuning key for M."""
     return min(triton.next_power_of_2(max(m, 1)), 8192)

@@ -24,7 +24,7 @@ CSRC = ROOT / "csrc"
 EMULATION = TESTS / "emulation"
 NAME = "fusedlora_emulated"
 BUILD_FAILED = 2  # main's exit code when the harness does not build (1: a case failed)
-WRAPPERS = {stem: EMULATION / f"{stem}.cpp" for stem in ("gemm", "gemm_mma", "small_m", "small_m_mma", "lora")}
+WRAPPERS = {stem: EMULATION / f"{stem}.cpp" for stem in ("gemm", "gemm_mma", "dequantize", "small_m", "small_m_mma", "lora")}
 
 sys.path.insert(0, str(TESTS))
 from helpers import assert_close, float64_oracle, random_weight  # noqa: E402
@@ -68,13 +68,15 @@ class Case:
     weight_dtype: torch.dtype = torch.float32  # the dense format's stored dtype
     need_dx: bool = True
     lora_dtype: Optional[torch.dtype] = None  # A, B and the bias; None: x's dtype
+    regime: str = "fused"  # past the small-M kernels: "workspace" dequantizes W for ATen's matmuls
 
     @property
     def label(self) -> str:
         return (f"{self.fmt}-{str(self.dtype)[6:]}-{self.m}x{self.k}x{self.n}-r{self.r}"
                 f"{'-bias' if self.bias else ''}{f'-p{self.p}' if self.p else ''}"
                 f"{'-strided' if self.x_padding else ''}{'-deterministic' if self.deterministic else ''}"
-                f"{f'-lora-{str(self.lora_dtype)[6:]}' if self.lora_dtype else ''}")
+                f"{f'-lora-{str(self.lora_dtype)[6:]}' if self.lora_dtype else ''}"
+                f"{'-workspace' if self.regime == 'workspace' else ''}")
 
 
 def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
@@ -103,9 +105,9 @@ def check(case: Case, schedule: str = "forward", seed: int = 0) -> None:
     try:
         ops = torch.ops.fusedlora_emulated
         y, u = ops.forward(x, weight.tensors(), case.fmt, shape, weight.blocksize, lora_A, lora_B, scaling, bias,
-                           case.p, seed_tensor)
+                           case.p, seed_tensor, case.regime)
         dx, dA, dB = ops.backward(grad_y, x, u, weight.tensors(), case.fmt, shape, weight.blocksize, lora_A, lora_B,
-                                  scaling, case.p, seed_tensor, case.need_dx)
+                                  scaling, case.p, seed_tensor, case.need_dx, case.regime)
     finally:
         torch.use_deterministic_algorithms(previous)
     keep = keep_mask((case.m, case.k), case.p, 1234) if case.p > 0 else None
@@ -139,6 +141,7 @@ SMOKE = [
     Case(2, 832, 300, 8, "nf4", torch.bfloat16, p=0.1),  # FMA small M (K not a multiple of 256), four slices
     Case(12, 512, 136, 8, "nf4", torch.bfloat16, p=0.1),  # small M on tensor cores, in two slices
     Case(70, 128, 136, 16, "nf4", torch.bfloat16, p=0.1),  # the GEMMs on tensor cores: two steps, partial tiles
+    Case(40, 128, 72, 8, "nf4", torch.bfloat16, p=0.1, regime="workspace"),  # W dequantized for two matmuls
 ]
 
 

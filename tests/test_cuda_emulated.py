@@ -95,6 +95,16 @@ def _matrix() -> list[Case]:
         # forward on the WMMA GEMM, grad_x on tensor cores: g is contiguous)
         Case(40, 128, 70, 8, "nf4", torch.bfloat16),
         Case(36, 64, 48, 4, "int8", torch.bfloat16, x_padding=4),
+        # The workspace regime: W dequantized (csrc/dequantize.cu) for ATen's matmuls, the LoRA term
+        # folded into the forward's ([x | u] · [deq(W) | s·B]ᵀ) and written first for dx
+        Case(70, 128, 136, 16, "nf4", torch.bfloat16, p=0.1, regime="workspace"),
+        Case(33, 64, 72, 8, "fp4", torch.float16, blocksize=32, double_quant=False, bias=False, regime="workspace"),
+        Case(65, 192, 64, 4, "int8", torch.bfloat16, x_padding=8, deterministic=True, regime="workspace"),
+        Case(20, 128, 40, 8, "fp8", torch.float16, p=0.1, lora_dtype=torch.float32, regime="workspace"),
+        Case(17, 64, 80, 20, "dense", torch.bfloat16, weight_dtype=torch.bfloat16, need_dx=False, regime="workspace"),
+        # ... and where it cannot take the call: fp32 x, N not a multiple of 8 (they stay fused)
+        Case(40, 128, 72, 8, "nf4", torch.float32, regime="workspace"),
+        Case(40, 128, 70, 8, "nf4", torch.bfloat16, p=0.1, regime="workspace"),
     ]
 
 
@@ -150,6 +160,30 @@ def test_the_gemms_take_tensor_cores_where_their_rule_holds(harness):
                 and (case.fmt != "dense" or case.weight_dtype == case.dtype))
         assert takes(grad_y, *arguments) == rule, case.label
         assert takes(x, *arguments) == (rule and (case.k + case.x_padding) % 8 == 0), case.label
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "dense"])
+def test_the_workspace_regime_without_the_lora_term(harness, fmt):
+    """scaling 0: y = x · deq(W)ᵀ + bias from one matmul on the dequantized W (a dense W in x's
+    dtype used as it is stored), u zeros, dx = g · deq(W); each against float64."""
+    from fusedlora import quantize
+
+    ops = torch.ops.fusedlora_emulated
+    ops.set_schedule("shuffled", 4)
+    g = torch.Generator().manual_seed(13)
+    m, k, n, r = 40, 128, 72, 8
+    values = torch.randn(n, k, generator=g) * 0.05
+    weight = quantize(values.bfloat16() if fmt == "dense" else values, fmt)
+    x, grad_y = torch.randn(m, k, generator=g).bfloat16(), torch.randn(m, n, generator=g).bfloat16()
+    lora_A, lora_B = torch.randn(r, k, generator=g).bfloat16(), torch.randn(n, r, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    arguments = (weight.tensors(), fmt, [n, k], weight.blocksize, lora_A, lora_B, 0.0)
+    y, u = ops.forward(x, *arguments, bias, 0.0, torch.tensor(3), "workspace")
+    dx, dA, dB = ops.backward(grad_y, x, u, *arguments, 0.0, torch.tensor(3), True, "workspace")
+    w64 = weight.dequantize(torch.float64)
+    assert_close(y, x.double() @ w64.t() + bias.double(), torch.bfloat16, "y")
+    assert_close(dx, grad_y.double() @ w64, torch.bfloat16, "dx")
+    assert u.dtype == torch.bfloat16 and not u.any() and not dA.any() and not dB.any()
 
 
 def test_emulated_conversions_round_as_torch_does(harness):
@@ -211,8 +245,8 @@ MUTANTS = {
     "GEMM tail mask": ("gemm.cu", "(n < outs && r < reduce) ? scaled_weight", "(n < outs) ? scaled_weight"),
     "missing block_sync": ("gemm.cu", "wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);\n    }\n    block_sync();",
                            "wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);\n    }"),
-    "dropout index": ("lora.cu", "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), m, kk, k)",
-                      "(m < rows && kk < k) ? dropped(dropout, to_float(x[m * ld_x + kk]), kk, m, k)"),
+    "dropout index": ("lora.cu", "in ? dropped(dropout, to_float(value), m, kk, k)",
+                      "in ? dropped(dropout, to_float(value), kk, m, k)"),
     "x's row stride": ("gemm.cu", "left[m * ld_left + r]", "left[m * reduce + r]"),
     "last block sums its own slice": ("small_m.cu", "load_coherent(&partial[(s * rows + m) * columns + n])",
                                       "load_coherent(&partial[(slice * rows + m) * columns + n])"),
@@ -225,8 +259,10 @@ MUTANTS = {
                            "(warp / 2) * 32 + (matrix / 2) * 8 + row) * kLd + (matrix % 2) * 8"),
     "grad_x's weight tile not transposed": ("gemm_mma.cu", "ldmatrix_x4<true>(r, right_rows", "ldmatrix_x4<false>(r, right_rows"),
     "g's columns past N copied": ("gemm_mma.cu", "in ? left_bytes : 0u", "left_bytes"),
-    "copies not waited for": ("gemm_mma.cu", "store_step<T, FMT>(next, table, after + w_store);\n    cp_async_wait<0>();",
-                              "store_step<T, FMT>(next, table, after + w_store);"),
+    "copies not waited for": ("gemm_mma.cu", "store_run<T, FMT>(next, table, after + w_store);\n    cp_async_wait<0>();",
+                              "store_run<T, FMT>(next, table, after + w_store);"),
+    "workspace rows skipped": ("dequantize.cu", "destination += gridDim.y * ld_out;", "destination += ld_out;"),
+    "x copied past its row": ("lora.cu", "x_copy[m * ld_copy + kk] = value;", "x_copy[m * k + kk] = value;"),
 }
 
 

@@ -67,12 +67,14 @@ def test_the_extension_loads_and_its_ops_match_the_python_ops(installed):
             schema = op.default._schema
             arguments = [(a.name, str(a.type).replace("SymInt", "int")) for a in schema.arguments]
             return arguments, [str(r.type) for r in schema.returns]
-        # The dispatching ops also carry the backend that ran the forward; a backend's own ops do not.
+        # The dispatching ops also carry the backend that ran the forward; a backend's own ops do not,
+        # and the CUDA ops take the large-M regime the Python backend chose.
         arguments, (*returns, backend) = signature(torch.ops.fusedlora.lora_linear_fwd)
-        assert backend == "Tensor" and signature(torch.ops.fusedlora.cuda_lora_fwd) == (arguments, returns)
+        regime = [("regime", "str")]
+        assert backend == "Tensor" and signature(torch.ops.fusedlora.cuda_lora_fwd) == (arguments + regime, returns)
         (*arguments, backend), returns = signature(torch.ops.fusedlora.lora_linear_bwd)
         assert backend == ("backend", "Tensor")
-        assert signature(torch.ops.fusedlora.cuda_lora_bwd) == (arguments, returns)
+        assert signature(torch.ops.fusedlora.cuda_lora_bwd) == (arguments + regime, returns)
         print("ok")
     """ % str(site))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
@@ -94,17 +96,18 @@ def test_fake_tensors_get_the_same_outputs_as_the_python_ops(installed):
                 b = torch.empty(48, 8, device="cuda")
                 seed = torch.tensor(3)
                 args = (x, tensors, fmt, [48, 64], weight.blocksize, a, b, 2.0, None, 0.1, seed)
-                ours = torch.ops.fusedlora.cuda_lora_fwd(*args)
                 *theirs, backend = torch.ops.fusedlora.lora_linear_fwd(*args)
-                assert len(ours) == len(theirs) and (backend.shape, backend.dtype) == ((), torch.int64)
-                for o, t in zip(ours, theirs):
-                    assert (o.shape, o.dtype, o.device, o.stride()) == (t.shape, t.dtype, t.device, t.stride())
                 g = torch.empty(33, 48, device="cuda", dtype=torch.bfloat16)
-                for need_dx in (True, False):
-                    bwd = (g, x, ours[1], tensors, fmt, [48, 64], weight.blocksize, a, b, 2.0, 0.1, seed, need_dx)
-                    for o, t in zip(torch.ops.fusedlora.cuda_lora_bwd(*bwd),
-                                    torch.ops.fusedlora.lora_linear_bwd(*bwd, backend)):
+                for regime in ("fused", "workspace"):
+                    ours = torch.ops.fusedlora.cuda_lora_fwd(*args, regime)
+                    assert len(ours) == len(theirs) and (backend.shape, backend.dtype) == ((), torch.int64)
+                    for o, t in zip(ours, theirs):
                         assert (o.shape, o.dtype, o.device, o.stride()) == (t.shape, t.dtype, t.device, t.stride())
+                    for need_dx in (True, False):
+                        bwd = (g, x, ours[1], tensors, fmt, [48, 64], weight.blocksize, a, b, 2.0, 0.1, seed, need_dx)
+                        for o, t in zip(torch.ops.fusedlora.cuda_lora_bwd(*bwd, regime),
+                                        torch.ops.fusedlora.lora_linear_bwd(*bwd, backend)):
+                            assert (o.shape, o.dtype, o.device, o.stride()) == (t.shape, t.dtype, t.device, t.stride())
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
@@ -140,7 +143,7 @@ def test_the_sdist_ships_the_sources(tmp_path):
     members = tarfile.open(next(tmp_path.glob("fusedlora-*.tar.gz"))).getnames()
     for source in ("csrc/gemm.cu", "csrc/gemm_mma.cu", "csrc/small_m.cu", "csrc/small_m_mma.cu", "csrc/lora.cu",
                    "csrc/ops.cpp", "csrc/lora_ops.cpp", "csrc/common.cuh", "csrc/device.cuh", "csrc/small_m.cuh",
-                   "csrc/weight_chunks.cuh", "csrc/gemm_epilogue.cuh"):
+                   "csrc/weight_chunks.cuh", "csrc/gemm_epilogue.cuh", "csrc/dequantize.cu"):
         assert any(member.endswith(source) for member in members), source
 
 

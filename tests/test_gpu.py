@@ -1,12 +1,14 @@
 """The GPU backends on a GPU (`pytest -m gpu`; bench/gpu_check.sh builds the CUDA extension first):
 Triton and CUDA C++ against an fp32 oracle on the same GPU, every format, both forward paths and
-all gradients, at Llama-3-8B sizes in bf16 and at ragged small sizes in every dtype; the two
-backends against each other; the autotuner choosing a config. Deselected without a GPU."""
+all gradients, at Llama-3-8B sizes in bf16 (each large-M regime forced, too) and at ragged small
+sizes in every dtype; the two backends against each other; the autotuner choosing a config.
+Deselected without a GPU."""
 
 import pytest
 import torch
 
 from fusedlora import fused_lora_linear, quantize
+from fusedlora.backends import REGIMES, force_regime
 from fusedlora.dropout import keep_mask
 from helpers import assert_close
 
@@ -73,6 +75,16 @@ def test_ragged_shapes_every_dtype(backend, index, monkeypatch):
     r = (1, 8, 12, 16, 200)[index % 5]
     _assert_matches(*_run(backend, monkeypatch, m, k, n, r, fmt, dtype, p=0.1 if index % 2 else 0.0,
                           bias=index % 3 == 0, blocksize=32 if index % 4 == 0 else 64), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "dense"])
+def test_each_large_m_regime_at_a_llama_size(backend, regime, fmt, monkeypatch):
+    """Both regimes of both backends, forced (the choice by M takes one of them), at 1000 rows."""
+    with force_regime(regime):
+        _assert_matches(*_run(backend, monkeypatch, 1000, 4096, 1024, 16, fmt, torch.bfloat16, p=0.1, bias=True),
+                        torch.bfloat16)
 
 
 @pytest.mark.parametrize("case", [("nf4", 7, 4096, 4096), ("int8", 2048, 4096, 1024), ("dense", 1, 14336, 4096)])

@@ -105,9 +105,21 @@ def test_cuda_kernel_names_and_work_follow_csrc():
     wide = cuda._weight_work("small_m_kernel", None, Case("t", 1, 4096, 14336, 8, "int8"), 132)
     assert (wide.programs, wide.trips, wide.weight_elements) == (56 * 8, 4, 256 * 128)
     assert cuda._small_m_grid(Case("t", 1, 65536, 65536, 8, "nf4"), 132)[1:3] == (64, 4)  # at most 4 steps a slice
-    assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 64, 64, 8, "nf4"))] == [
+    assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 64, 64, 8, "nf4"), "fused")] == [
         "shrink_kernel", "gemm_mma_kernel", "grad_u_kernel", "grad_a_kernel", "gemm_mma_kernel"]
-    assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 96, 64, 8, "nf4"))][1] == "gemm_kernel"  # K % 64
+    assert [key[0] for key, _ in cuda._launches(Case("t", 8192, 96, 64, 8, "nf4"), "fused")][1] == "gemm_kernel"  # K % 64
+    # The workspace regime: W dequantized (before each GEMM), the shrink copying x, one cuBLAS GEMM
+    # over K + r forward and one accumulating onto drop'(du·A) for dx; where the tensor-core GEMM
+    # cannot read the case (K % 64), the call stays fused.
+    workspace = cuda._launches(Case("t", 8192, 128, 72, 8, "nf4"), "workspace")
+    gemms = [launch for launch in workspace if isinstance(launch, cuda.LibraryGemm)]
+    assert [launch[0][0] for launch in workspace if not isinstance(launch, cuda.LibraryGemm)] == [
+        "dequantize_kernel", "shrink_kernel", "grad_u_kernel", "grad_a_kernel", "lora_dx_kernel", "dequantize_kernel"]
+    assert [(g.m, g.n, g.k) for g in gemms] == [(8192, 72, 128 + 8), (8192, 128, 72)]
+    assert workspace[1][1] == cuda.COPIES_X and cuda._host_launches(Case("t", 8192, 128, 72, 8, "nf4"), "workspace") == 15
+    assert cuda._launches(Case("t", 8192, 96, 64, 8, "nf4"), "workspace")[1][0][0] == "gemm_kernel"
+    dequantize = cuda._weight_work("dequantize_kernel", None, Case("t", 8192, 4096, 14336, 16, "nf4"), 132)
+    assert (dequantize.programs, dequantize.trips, dequantize.weight_elements) == (16 * 132, 7, 128 * 32)
     # The GEMMs on tensor cores: 64 x 64 tiles, 64 of the reduction a step
     mma_gemm = "_ZN9fusedlora44_GLOBAL__N__bdc89922_11_gemm_mma_cu_a350ca7415gemm_mma_kernelI6__halfLi4ELi0EEEvPKT_l"
     assert cuda._demangle(mma_gemm) == ("gemm_mma_kernel", ("fp16", 4, 0))
@@ -115,20 +127,20 @@ def test_cuda_kernel_names_and_work_follow_csrc():
     assert (tiles.programs, tiles.trips, tiles.weight_elements) == (2 * 4, 4 - 2, 64 * 64)  # 4 steps: a peeled trip, the tail
     tiles = cuda._weight_work("gemm_mma_kernel", cuda.FORWARD, Case("t", 100, 256, 200, 8, "nf4"), 132)
     assert (tiles.programs, tiles.trips) == (2 * 4, 4 - 1)  # the last step after the loop
-    assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"))] == ["small_m_kernel"]
-    assert cuda._host_launches(Case("t", 4, 64, 64, 8, "nf4")) == 0  # M <= 16: a decode case, forward only
+    assert [key[0] for key, _ in cuda._launches(Case("t", 4, 64, 64, 8, "nf4"), "workspace")] == ["small_m_kernel"]
+    assert cuda._host_launches(Case("t", 4, 64, 64, 8, "nf4"), "fused") == 0  # M <= 16: a decode case, forward only
     # small M on tensor cores (K a multiple of 256): 128 columns a block, 256 of K a step, about 2 blocks per SM
     mma = "_ZN9fusedlora12_GLOBAL__N_118small_m_mma_kernelILi3E13__nv_bfloat16Li2ELb1EEEvNS_7OperandENS_10WeightViewE"
     assert cuda._demangle(mma) == ("small_m_mma_kernel", (3, "bf16", 2, True))
     decode = Case("t", 16, 4096, 14336, 16, "nf4")
-    assert [key for key, _ in cuda._launches(decode)] == [("small_m_mma_kernel", (3, "bf16", 2, True))]
+    assert [key for key, _ in cuda._launches(decode, "fused")] == [("small_m_mma_kernel", (3, "bf16", 2, True))]
     tensor = cuda._weight_work("small_m_mma_kernel", None, decode, 132)
     assert (tensor.programs, tensor.trips, tensor.weight_elements) == (112 * 4, 4, 128 * 256)
     long_k = [Case("t", m, 65536, 14336, 16, "nf4") for m in (1, 16)]  # x's slice holds 8 steps of 8 rows, 4 of 16
     assert [cuda._mma_grid(case, 132)[2:4] for case in long_k] == [(32, 8), (64, 4)]
-    assert cuda._launches(Case("t", 1, 4096, 64, 8, "int8"))[0][0] == ("small_m_mma_kernel", (1, "bf16", 1, False))
-    assert cuda._launches(Case("t", 16, 64, 64, 8, "nf4"))[0][0][0] == "shrink_kernel"  # K = 64: the GEMM path
-    assert cuda._host_launches(decode) == 0 and cuda._host_launches(Case("t", 16, 64, 64, 8, "nf4")) == 3
+    assert cuda._launches(Case("t", 1, 4096, 64, 8, "int8"), "fused")[0][0] == ("small_m_mma_kernel", (1, "bf16", 1, False))
+    assert cuda._launches(Case("t", 16, 64, 64, 8, "nf4"), "fused")[0][0][0] == "shrink_kernel"  # K = 64: the GEMM path
+    assert cuda._host_launches(decode, "fused") == 0 and cuda._host_launches(Case("t", 16, 64, 64, 8, "nf4"), "fused") == 3
     assert cuda._grad_a_slices(8192) == 16 and cuda._grad_a_slices(300) == 2
     assert cuda._staging_trips() == 64 * 32 // 128 // 4
 
@@ -264,9 +276,11 @@ def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspect
     for rows in ("m8", "m16"):
         small = by_key[f"cuda/small_m_mma_kernel/{rows}/nf4"]
         assert "HMMA" in "".join(small["tensor_ops"]) and small["global_loads_by_width"].get("8", 0) == 8, small
-    assert {"cuda/shrink_kernel", "cuda/grad_u_kernel", "cuda/grad_a_kernel"} <= set(by_key)
+    assert {"cuda/shrink_kernel", "cuda/grad_u_kernel", "cuda/grad_a_kernel", "cuda/lora_dx_kernel"} <= set(by_key)
+    assert by_key["cuda/dequantize_kernel/nf4"]["global_loads_by_width"].get("16", 0) == 1  # a run of 32 weights
     backends = {(c["backend"], c["case"]) for c in report["archs"][str(arch)]["cases"]}
-    assert {backend for backend, _ in backends} == {"triton", "triton-fused", "triton-workspace", "cuda"}
+    assert {backend for backend, _ in backends} == {"triton", "triton-fused", "triton-workspace", "cuda", "cuda-fused",
+                                                   "cuda-workspace"}
     assert len(backends) == len(report["archs"][str(arch)]["cases"])
     assert "MODEL" in result.stdout and report["kind"].startswith("static inspection and MODEL estimates")
     # Calibration: the dense Triton path lands near a cuBLAS-class bf16 GEMM pair.
@@ -282,6 +296,13 @@ def test_the_report_counts_every_kernel_and_labels_the_estimates_a_model(inspect
         regimes = {c["backend"]: c["model_seconds"] for c in report["archs"][str(arch)]["cases"]
                    if c["case"] == chosen["case"] and c["backend"].startswith("triton-")}
         assert chosen["model_seconds"] == min(regimes.values()), (chosen, regimes)
+    # ... and so does the CUDA backend's, whose workspace regime lands within 10% of Triton's choice.
+    for chosen in [c for c in report["archs"][str(arch)]["cases"]
+                   if c["backend"] == "cuda" and c["m"] == 8192 and c["fmt"] == "nf4" and arch == 90]:
+        same = [c for c in report["archs"][str(arch)]["cases"] if c["case"] == chosen["case"]]
+        regimes = {c["backend"]: c["model_seconds"] for c in same if c["backend"].startswith("cuda-")}
+        triton = next(c["model_seconds"] for c in same if c["backend"] == "triton")
+        assert chosen["model_seconds"] == min(regimes.values()) and chosen["model_seconds"] < 1.1 * triton, same
     assert "dequantize_kernel/nf4" in by_key and by_key["dequantize_kernel/nf4"]["ctas_per_sm"] >= 4
 
 

@@ -378,15 +378,24 @@ def test_a_forced_regime_holds_for_a_backward_run_on_another_thread():
 def test_regime_choice_by_rows_and_format_and_its_overrides(monkeypatch):
     ids = {name: launch.FORMAT_IDS[name] for name in FORMATS}
     hopper, ampere = (9, 0), (8, 0)
-    rows = configs.WORKSPACE_MIN_M["hopper"]["nf4"]
-    assert configs.gemm_regime(rows - 1, ids["nf4"], hopper, None) == "fused"
-    assert configs.gemm_regime(rows, ids["nf4"], hopper, None) == "workspace"
-    assert configs.gemm_regime(8192, ids["nf4"], ampere, None) == "fused"  # mma.sync overlaps the dequantization
-    assert configs.gemm_regime(8192, ids["int8"], ampere, None) == "workspace"
-    assert configs.gemm_regime(8192, ids["dense"], hopper, None) == "fused"  # no dequantization to save
-    assert configs.gemm_regime(8192, ids["int8"], hopper, "fused") == "fused"
+    rows = regimes.WORKSPACE_MIN_M["hopper"]["nf4"]
+    assert regimes.large_m_regime(rows - 1, "nf4", hopper, True) == "fused"
+    assert regimes.large_m_regime(rows, "nf4", hopper, True) == "workspace"
+    assert regimes.large_m_regime(8192, "nf4", ampere, True) == "fused"  # mma.sync overlaps the dequantization
+    assert regimes.large_m_regime(8192, "int8", ampere, True) == "workspace"
+    assert regimes.large_m_regime(8192, "dense", hopper, True) == "fused"  # no dequantization to save
+    assert regimes.large_m_regime(8192, "nf4", hopper, False) == "fused"  # a call the workspace cannot take
+    # The CUDA backend's fused GEMM is mma.sync: on Hopper cuBLAS wins for a dense weight too.
+    assert regimes.large_m_regime(8192, "dense", hopper, True, regimes.CUDA_WORKSPACE_MIN_M) == "workspace"
+    assert regimes.large_m_regime(8192, "dense", ampere, True, regimes.CUDA_WORKSPACE_MIN_M) == "fused"
+    assert not regimes.products_in_x_dtype(torch.float32, (torch.float32, torch.float32))
+    assert regimes.products_in_x_dtype(torch.bfloat16, (torch.float32, torch.bfloat16))
+    assert not regimes.products_in_x_dtype(torch.bfloat16, (torch.float16, torch.bfloat16))
+    with regimes.force_regime("fused"):
+        assert regimes.large_m_regime(8192, "int8", hopper, True) == "fused"
     dots = launch._dot_args(torch.bfloat16, (torch.bfloat16, torch.bfloat16))
     assert launch._regime(8192, ids["nf4"], dots) == "workspace"
+    assert launch._regime(8192, ids["nf4"], launch._dot_args(torch.float32, (torch.float32,) * 2)) == "fused"
     with _deterministic():  # the kernels are deterministic by themselves; cuBLAS may need a setting
         assert launch._regime(8192, ids["nf4"], dots) == "fused"
         with regimes.force_regime("workspace"):

@@ -3,7 +3,7 @@
 `forward` and `backward` have the signatures of `fusedlora.backends.reference.forward/backward`;
 `fusedlora.backends.triton.why_not` has already accepted the problem. Kernels are chosen by M:
 M <= 16 takes the one-launch small-M kernel; larger M runs in one of two regimes (docs/design.md
-§4, `configs.gemm_regime`): "fused", the shrink plus the GEMM that dequantizes W in its loop, or
+§4, `regimes.large_m_regime`): "fused", the shrink plus the GEMM that dequantizes W in its loop, or
 "workspace", W dequantized into a 16-bit workspace and multiplied by cuBLAS (torch.mm / addmm)
 with the LoRA term folded into the same GEMM. Under
 TRITON_INTERPRET=1 (read when Triton compiles the kernels, at import) CPU tensors run through
@@ -34,7 +34,7 @@ from ..kernels import configs
 from ..kernels.backward import lora_dx_kernel, lora_grad_a_kernel, lora_grad_u_kernel, lora_grad_x_kernel
 from ..kernels.dequant import dequantize_kernel
 from ..kernels.forward import lora_forward_kernel, lora_gemv_kernel, lora_shrink_kernel, lora_small_m_kernel
-from .regimes import SMALL_M, forced_regime
+from .regimes import SMALL_M, large_m_regime, products_in_x_dtype
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -66,8 +66,7 @@ def _dot_args(x_dtype: torch.dtype, adapter_dtypes: tuple) -> dict:
     adapters are rounded to it: an error below the 16-bit output's own rounding); otherwise in
     the LoRA dtype. fp32 products are IEEE fp32, never TF32. Accumulation is always fp32."""
     compute = lora_dtype(x_dtype, *adapter_dtypes)
-    sixteen_bit = x_dtype != torch.float32 and all(d in (x_dtype, torch.float32) for d in adapter_dtypes)
-    lora = x_dtype if sixteen_bit else compute
+    lora = x_dtype if products_in_x_dtype(x_dtype, adapter_dtypes) else compute
     return dict(X_DOT=_TL_DTYPES[x_dtype], X_PRECISION="ieee" if x_dtype == torch.float32 else "tf32",
                 LORA_DOT=_TL_DTYPES[lora], LORA_PRECISION="ieee" if lora == torch.float32 else "tf32")
 
@@ -249,17 +248,12 @@ def _forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 
 def _regime(m: int, fmt_id: int, dots: dict) -> str:
-    """The large-M regime of a call of M rows. The workspace regime multiplies in x's dtype on
-    cuBLAS: fp32 x stays fused (cuBLAS may take fp32 as TF32, the kernels never do), and so do
-    LoRA products outside x's dtype, which cannot share its GEMM. Under
-    `torch.use_deterministic_algorithms(True)` the choice by M stays fused: the kernels are
-    deterministic by themselves, cuBLAS needs CUBLAS_WORKSPACE_CONFIG under older torch."""
-    if dots["X_DOT"] == tl.float32 or dots["LORA_DOT"] != dots["X_DOT"]:
-        return "fused"
-    forced = forced_regime()
-    if forced is None and torch.are_deterministic_algorithms_enabled():
-        return "fused"
-    return configs.gemm_regime(m, fmt_id, _capability(), forced)
+    """The large-M regime of a call of M rows (`regimes.large_m_regime`). The workspace regime
+    multiplies in x's dtype on cuBLAS: fp32 x stays fused (cuBLAS may take fp32 as TF32, the
+    kernels never do), and so do LoRA products outside x's dtype, which cannot share its GEMM."""
+    possible = dots["X_DOT"] != tl.float32 and dots["LORA_DOT"] == dots["X_DOT"]
+    fmt = next(name for name, number in FORMAT_IDS.items() if number == fmt_id)
+    return large_m_regime(m, fmt, _capability(), possible)
 
 
 def _shrink(x, lora_A, u, x_copy, dropout_p, seed, dots) -> None:
@@ -276,8 +270,13 @@ def _shrink(x, lora_A, u, x_copy, dropout_p, seed, dots) -> None:
 
 def _cublas_operand(rows: int, columns: int, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised (rows, columns) matrix whose rows start 16 bytes apart, as cuBLAS's fast
-    paths want: a column slice of a buffer padded to a multiple of 8 columns."""
-    return new_output((rows, triton.cdiv(columns, 8) * 8), dtype, device)[:, :columns]
+    paths want: a column slice of a buffer padded to a multiple of 8 columns. On the CPU (the
+    interpreter's tensors) the padding is zeroed: torch's oneDNN matmul may read a view's padding
+    there (seen on AMX machines: a NaN in it, multiplied by zero, poisons the row)."""
+    buffer = new_output((rows, triton.cdiv(columns, 8) * 8), dtype, device)
+    if buffer.device.type == "cpu":
+        buffer[:, columns:].zero_()
+    return buffer[:, :columns]
 
 
 def _weight_matrix(w: WeightArgs, n: int, k: int, dtype: torch.dtype, extra_columns: int, device) -> torch.Tensor:

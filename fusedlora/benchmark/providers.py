@@ -1,8 +1,8 @@
 """The implementations the benchmark puts side by side, all on the same inputs.
 
 - `fusedlora-<backend>`: the fused op through each backend that can run here;
-- `fusedlora-triton-fused`, `fusedlora-triton-workspace`: the Triton backend with its large-M
-  regime forced (M > 16), so that one GPU run settles the regime's dispatch by M;
+- `fusedlora-<triton|cuda>-<fused|workspace>`: a GPU backend with its large-M regime forced
+  (M > 16), so that one GPU run settles each backend's regime dispatch by M;
 - `reference`: the unfused computation (dequantize → F.linear → the LoRA matmuls), as PEFT and
   Unsloth compute it;
 - `peft-bnb`: PEFT's LoRA on a bitsandbytes Linear4bit (nf4) or Linear8bitLt (int8);
@@ -81,7 +81,7 @@ def _adapters(tensors: CaseTensors) -> tuple:
 
 
 def _fusedlora(backend: str, regime: Optional[str] = None) -> Provider:
-    """The fused op on `backend`; with `regime`, the Triton backend's large-M calls in that regime
+    """The fused op on `backend`; with `regime`, the backend's large-M calls in that regime
     (forward and backward: the layer's scope), so each regime is timed apart."""
 
     def why_not(case: Case, device: torch.device) -> Optional[str]:
@@ -172,7 +172,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def providers(names: Optional[list] = None) -> list[Provider]:
     """Every provider (or those named), fusedlora's backends first, the floor last."""
     every = [_fusedlora(b.name) for b in backends() if b.name != "reference"]
-    every += [_fusedlora("triton", regime) for regime in REGIMES]
+    every += [_fusedlora(backend, regime) for backend in ("triton", "cuda") for regime in REGIMES]
     every += [
         _fusedlora("reference"),
         Provider("peft-bnb", _peft_bnb_why_not, _peft_bnb_build),

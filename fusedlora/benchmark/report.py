@@ -18,9 +18,9 @@ from ..backends.regimes import REGIMES
 from .cases import Case
 
 PEERS = ("reference", "peft-bnb", "peft-dense")
-# The Triton backend with a large-M regime forced: what settles the regime thresholds, not what a
+# The GPU backends with a large-M regime forced: what settles the regime thresholds, not what a
 # user gets, so the summary leaves them to the table.
-FORCED_REGIMES = tuple(f"fusedlora-triton-{regime}" for regime in REGIMES)
+FORCED_REGIMES = tuple(f"fusedlora-{backend}-{regime}" for backend in ("triton", "cuda") for regime in REGIMES)
 
 
 def flops(case: dict, provider: str) -> dict:

@@ -26,12 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ..backends.regimes import REGIMES, forced_regime
+from ..backends.regimes import REGIMES, large_m_regime
 from ..backends.registry import capability_refusal
 from ..backends.triton_launch import LibraryGemm
 from ..benchmark.cases import LLAMA3_8B, Case
-from ..contract import FORMAT_IDS
-from ..kernels.configs import gemm_regime
 from . import cuda
 from .budgets import BUDGETS, COMPILERS, budget_key, check, comparable_families, load, measured, write
 from .kernels import DROPOUT, inspect_launch, library_gemm_time, record_case, weight_bytes
@@ -79,7 +77,7 @@ def inspect_triton(gpu, cases: list[Case], all_candidates: bool = False) -> dict
             seconds = _triton_seconds(case, gpu, regime, all_candidates, seen, kernels)
             estimates.append({**case_estimate(case, gpu, seconds), "backend": "triton" if regime is None
                               else f"triton-{regime}"})
-            if regime == gemm_regime(case.m, FORMAT_IDS[case.fmt], (gpu.arch // 10, gpu.arch % 10), forced_regime()):
+            if regime == large_m_regime(case.m, case.fmt, (gpu.arch // 10, gpu.arch % 10), True):
                 estimates.append({**estimates[-1], "backend": "triton", "regime": regime})
     return {"kernels": kernels, "cases": estimates}
 

@@ -11,12 +11,15 @@ The bf16 instantiations are the headline cases' (the FMA small-M kernel takes an
 
 The kernels' tiles are read from csrc/ (their `constexpr` constants), so the work model follows
 the source. Main loops: the GEMMs' (mma.sync where csrc/gemm_mma.cu takes the case, WMMA
-otherwise) and the tensor-core small-M kernel's are the loops of their HMMA instructions, the FMA small-M kernel's the loop of its 16-byte weight loads (see
+otherwise) and the tensor-core small-M kernel's are the loops of their HMMA instructions, the FMA
+small-M kernel's and the dequantization's the loops of their 16-byte weight loads (see
 `sass.main_loop`); the dense FMA small-M kernel (one loop per dense dtype, chosen at run time)
 and the LoRA kernels (nested loops) have none that counts per element, so the MODEL times them by
-their bytes and FMAs alone (a lower bound) and the budgets hold their resources only. The torch
-operations of csrc/lora_ops.cpp around the kernels (fills, dtype copies, the partials' sums)
-count as launches (`HOST_LAUNCHES`), their bytes not.
+their bytes and FMAs alone (a lower bound) and the budgets hold their resources only. A training
+case is estimated in each large-M regime (csrc/lora_ops.cpp's: "fused", the GEMM kernels;
+"workspace", W dequantized and ATen's cuBLAS GEMMs, timed as the Triton backend's are by
+`library_gemm_time`). The torch operations around the kernels (fills, dtype copies, the partials'
+sums) count as launches (`HOST_LAUNCHES`), their bytes not.
 """
 
 import concurrent.futures
@@ -32,22 +35,26 @@ from pathlib import Path
 
 import torch
 
+from ..backends.regimes import CUDA_WORKSPACE_MIN_M, REGIMES, large_m_regime
+from ..backends.triton_launch import LibraryGemm
 from ..benchmark.cases import Case
 from ..extension import CSRC
 from ..toolkit import NVCC_FLAGS, point_cuda_home
 from . import sass
-from .kernels import KernelReport, Work, weight_bytes
+from .kernels import KernelReport, Work, library_gemm_time, weight_bytes
 from .model import Gpu, KernelTime, ctas_per_sm, kernel_time
 
 FORMAT_IDS = {"dense": 0, "int8": 1, "fp8": 2, "nf4": 3, "fp4": 4}  # csrc/types.h's WeightFormat
 FORWARD, GRAD_X = 0, 1  # csrc/gemm_epilogue.cuh's Mode
+COPIES_X = "copies x"  # the workspace regime's shrink: it writes x's copy into [x | u] too
 # The torch operations csrc/lora_ops.cpp launches around the kernels (bf16 activations and adapters):
-# the small-M forward none (one launch); the GEMM forward: A and B to fp32, u back to bf16;
-# backward: dA's and dB's zero fills, the dB partials' fill, A, u and B to fp32, the two partial
-# sums, dA and dB back to bf16.
-HOST_LAUNCHES = {"small_m": 0, "forward": 3, "backward": 10}
-_MANGLED = re.compile(r"\d+(gemm_kernel|gemm_mma_kernel|small_m_kernel|small_m_mma_kernel|shrink_kernel|grad_u_kernel|grad_a_kernel)"
-                      r"I(.*?)EEv")
+# the small-M forward none (one launch); the fused forward: A and B to fp32, u back to bf16; the
+# workspace forward: A to fp32, s·B and its copy into the workspace, u into [x | u], u back to
+# bf16; backward (both regimes): dA's and dB's zero fills, the dB partials' fill, A, u and B to
+# fp32, the two partial sums, dA and dB back to bf16.
+HOST_LAUNCHES = {"small_m": 0, "fused": 3, "workspace": 5, "backward": 10}
+_MANGLED = re.compile(r"\d+(gemm_kernel|gemm_mma_kernel|small_m_kernel|small_m_mma_kernel|dequantize_kernel|"
+                      r"shrink_kernel|grad_u_kernel|grad_a_kernel|lora_dx_kernel)I(.*?)EEv")
 _TEMPLATE_ARGUMENT = re.compile(r"13__nv_bfloat16|6__half|f|Li(\d+)E|Lb([01])E")
 _TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
@@ -153,6 +160,8 @@ def _threads(kernel: str) -> int:
         return constant("gemm_mma.cu", "kWarps") * 32
     if kernel in ("small_m_kernel", "small_m_mma_kernel"):
         return constant(f"{kernel[:-7]}.cu", "kWarps") * 32
+    if kernel == "dequantize_kernel":
+        return constant("dequantize.cu", "kThreads")
     return constant("lora.cu", "kThreads")
 
 
@@ -187,11 +196,22 @@ def _mma_grid(case: Case, sm_count: int) -> tuple:
     return columns, groups, _cdiv(steps, slice_steps), slice_steps, step
 
 
+def _dequantize_work(case: Case, sm_count: int) -> Work:
+    """csrc/dequantize.cu's launch on `case`: blocks of kThreads runs of 32 weights of a row, each
+    walking the rows a number of row groups apart (its launcher's grid); writes W in bf16."""
+    threads, run = constant("dequantize.cu", "kThreads"), 32
+    row_blocks = _cdiv(case.k // run, threads)
+    groups = max(1, min(_cdiv(constant("dequantize.cu", "kBlocksPerSm") * sm_count, row_blocks), case.n, 65535))
+    return Work(row_blocks * groups, _cdiv(case.n, groups), threads * run, 0.0, weight_bytes(case) + 2 * case.n * case.k)
+
+
 def _weight_work(kernel: str, mode: int, case: Case, sm_count: int) -> Work:
     """What one launch of a weight-reading kernel does on `case` (bf16, the LoRA term at rank r): the
     small-M kernels also read A once per column group and B once, and write and read back their
     slices' fp32 partial sums."""
     m, n, k, r = case.m, case.n, case.k, case.rank
+    if kernel == "dequantize_kernel":
+        return _dequantize_work(case, sm_count)
     activations = 2 * m * (k + n)  # bf16 in and out
     if kernel in ("small_m_kernel", "small_m_mma_kernel"):
         if kernel == "small_m_mma_kernel":
@@ -222,18 +242,21 @@ def _grad_a_slices(m: int) -> int:
     return max(1, min(constant("lora.cu", "kMaxSlices"), _cdiv(m, constant("lora.cu", "kRowsPerSlice"))))
 
 
-def _lora_time(gpu: Gpu, kernel: str, case: Case) -> KernelTime:
-    """The LoRA kernels (fp32 FMAs) by their bytes and FMAs alone: a lower bound."""
+def _lora_time(gpu: Gpu, kernel: str, case: Case, copies_x: bool) -> KernelTime:
+    """The LoRA kernels (fp32 FMAs) by their bytes and FMAs alone: a lower bound. `copies_x`: the
+    shrink also writes x's copy (the workspace regime)."""
     m, n, k, r = case.m, case.n, case.k, case.rank
     flops, moved = {
-        "shrink_kernel": (2.0 * m * k * r, 2 * m * k + 4 * (m * r + r * k)),
+        "shrink_kernel": (2.0 * m * k * r, 2 * m * k * (2 if copies_x else 1) + 4 * (m * r + r * k)),
         "grad_u_kernel": (4.0 * m * n * r, 2 * m * n + 4 * (2 * m * r + 2 * n * r)),
         "grad_a_kernel": (2.0 * m * k * r, 2 * m * k + 4 * m * r + 4 * r * k * _grad_a_slices(m)),
+        "lora_dx_kernel": (2.0 * m * k * r, 2 * m * k + 4 * (m * r + r * k)),
     }[kernel]
     return KernelTime(flops / gpu.fp32_flops, 0.0, moved / gpu.copy_bandwidth, True)
 
 
-def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
+def _report(gpu: Gpu, key: tuple, case: Case, mode) -> KernelReport:
+    """`mode`: the GEMM's (FORWARD, GRAD_X), COPIES_X for the workspace regime's shrink, else None."""
     kernel = key[0]
     text, usage = compiled_kernels(gpu.arch)[key]
     resources = sass.resource_usage(usage)
@@ -242,7 +265,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
     loop = sass.count(sass.main_loop(instructions), inner_trips)
     warps = _threads(kernel) // 32
     ctas = ctas_per_sm(gpu, resources["registers"], warps, resources["static_shared"])
-    if kernel in ("gemm_kernel", "gemm_mma_kernel", "small_m_kernel", "small_m_mma_kernel"):
+    if kernel in ("gemm_kernel", "gemm_mma_kernel", "small_m_kernel", "small_m_mma_kernel", "dequantize_kernel"):
         work = _weight_work(kernel, mode, case, gpu.sm_count)
         if loop.instructions:
             rest = len(instructions) - loop.static_instructions
@@ -252,7 +275,7 @@ def _report(gpu: Gpu, key: tuple, case: Case, mode: int) -> KernelReport:
         else:  # the dense small-M kernel: no main loop to count (module docstring)
             time = KernelTime(0.0, 0.0, work.bytes_moved / gpu.copy_bandwidth, True)
     else:
-        work, time = Work(1, 0, 0, 0.0, 0.0), _lora_time(gpu, kernel, case)
+        work, time = Work(1, 0, 0, 0.0, 0.0), _lora_time(gpu, kernel, case, mode == COPIES_X)
     return KernelReport(kernel, (gpu.arch, *key), None, warps, 1, resources["registers"], resources["local_bytes"],
                         resources["static_shared"], ctas, len(instructions), loop, work, time)
 
@@ -270,28 +293,43 @@ def _gemm_on_tensor_cores(case: Case) -> bool:
     return case.k >= step and case.k % step == 0 and case.n % 8 == 0
 
 
-def _launches(case: Case) -> list:
-    """(kernel key, mode) of the CUDA backend's launches for `case` (csrc/lora_ops.cpp's order)."""
+def _in_workspace(case: Case, regime: str) -> bool:
+    """csrc/lora_ops.cpp's in_workspace for a training `case` asked to run in `regime`."""
+    return regime == "workspace" and _gemm_on_tensor_cores(case)
+
+
+def _launches(case: Case, regime: str) -> list:
+    """The CUDA backend's launches for `case` in `regime` (csrc/lora_ops.cpp's order): (kernel key,
+    mode) per kernel, a `LibraryGemm` per cuBLAS GEMM."""
     fmt = FORMAT_IDS[case.fmt]
+    m, n, k, r = case.m, case.n, case.k, case.rank
     most = constant("kernels.h", "kSmallMMaxRows")
     gemm = "gemm_mma_kernel" if _gemm_on_tensor_cores(case) else "gemm_kernel"
+    dequantize = (("dequantize_kernel", ("bf16", fmt)), None)
+    workspace = _in_workspace(case, regime)
     if _on_tensor_cores(case):  # one launch: one instruction per 8 rows of x, 4-bit absmax nested (the default)
-        key = (fmt, "bf16", 1 if case.m <= 8 else 2, case.fmt in ("nf4", "fp4"))
+        key = (fmt, "bf16", 1 if m <= 8 else 2, case.fmt in ("nf4", "fp4"))
         launches = [(("small_m_mma_kernel", key), None)]
-    elif case.m <= most:  # one launch, unrolled for one row or for the most; 16-byte chunks but for dense W
-        launches = [(("small_m_kernel", (fmt, 1 if case.m == 1 else most, case.fmt != "dense")), None)]
+    elif m <= most:  # one launch, unrolled for one row or for the most; 16-byte chunks but for dense W
+        launches = [(("small_m_kernel", (fmt, 1 if m == 1 else most, case.fmt != "dense")), None)]
+    elif workspace:  # y = [x | u] · [deq(W) | s·B]ᵀ
+        launches = [dequantize, (("shrink_kernel", ("bf16",)), COPIES_X),
+                    LibraryGemm(m, n, k + r, 2 * (m * (k + r) + n * (k + r) + m * n))]
     else:
         launches = [(("shrink_kernel", ("bf16",)), None), ((gemm, ("bf16", fmt, FORWARD)), FORWARD)]
     if not case.decode:
-        launches += [(("grad_u_kernel", ("bf16",)), None), (("grad_a_kernel", ("bf16",)), None),
-                     ((gemm, ("bf16", fmt, GRAD_X)), GRAD_X)]
+        launches += [(("grad_u_kernel", ("bf16",)), None), (("grad_a_kernel", ("bf16",)), None)]
+        launches += ([(("lora_dx_kernel", ("bf16",)), None), dequantize,
+                      LibraryGemm(m, k, n, 2 * (m * n + n * k + 2 * m * k))] if workspace
+                     else [((gemm, ("bf16", fmt, GRAD_X)), GRAD_X)])
     return launches
 
 
-def _host_launches(case: Case) -> int:
+def _host_launches(case: Case, regime: str) -> int:
     """The torch operations around the kernels of `case` (`HOST_LAUNCHES`)."""
-    small_m = _launches(case)[0][0][0] in ("small_m_kernel", "small_m_mma_kernel")  # its first launch
-    forward = HOST_LAUNCHES["small_m" if small_m else "forward"]
+    first = _launches(case, regime)[0]
+    small_m = not isinstance(first, LibraryGemm) and first[0][0] in ("small_m_kernel", "small_m_mma_kernel")
+    forward = HOST_LAUNCHES["small_m" if small_m else "workspace" if _in_workspace(case, regime) else "fused"]
     return forward + (0 if case.decode else HOST_LAUNCHES["backward"])
 
 
@@ -302,24 +340,39 @@ def row_key(key: tuple, fmt: str) -> str:
         return f"cuda/{kernel}/{'forward' if arguments[2] == FORWARD else 'grad_x'}/{fmt}"
     if kernel == "small_m_mma_kernel":  # one budget per instruction count per chunk: M <= 8 or M <= 16
         return f"cuda/{kernel}/m{8 * arguments[2]}/{fmt}"
-    return f"cuda/{kernel}/{fmt}" if kernel == "small_m_kernel" else f"cuda/{kernel}"
+    return f"cuda/{kernel}/{fmt}" if kernel in ("small_m_kernel", "dequantize_kernel") else f"cuda/{kernel}"
 
 
 def inspect(gpu: Gpu, cases: list, case_estimate) -> dict:
-    """Kernel rows and the CUDA backend's MODEL estimate (`case_estimate(case, gpu, seconds)`) per case."""
+    """Kernel rows and the CUDA backend's MODEL estimate (`case_estimate(case, gpu, seconds)`) per
+    case: a training case in each large-M regime (backend "cuda-fused", "cuda-workspace") and once
+    more as "cuda", in the regime the backend picks for its M (`regimes.large_m_regime` with
+    `CUDA_WORKSPACE_MIN_M`)."""
     from .budgets import measured
 
     seen, kernels, estimates = set(), [], []
+    capability = (gpu.arch // 10, gpu.arch % 10)
     for case in cases:
-        seconds, by_bytes = _host_launches(case) * gpu.launch_seconds, []
-        for key, mode in _launches(case):
-            report = _report(gpu, key, case, mode)
-            seconds += report.time.total + gpu.launch_seconds
-            if not report.loop.instructions:
-                by_bytes.append(key[0])
-            name = row_key(key, case.fmt)
-            if name not in seen:
-                seen.add(name)
-                kernels.append(dict(key=name, fmt=case.fmt, case=case.label, family="cuda", **measured(report)))
-        estimates.append({**case_estimate(case, gpu, seconds), "backend": "cuda", "timed_by_bytes": by_bytes})
+        for regime in ("fused",) if case.decode else REGIMES:
+            seconds, by_bytes = _host_launches(case, regime) * gpu.launch_seconds, []
+            for launch in _launches(case, regime):
+                if isinstance(launch, LibraryGemm):
+                    seconds += library_gemm_time(launch, gpu).total + gpu.launch_seconds
+                    continue
+                key, mode = launch
+                report = _report(gpu, key, case, mode)
+                seconds += report.time.total + gpu.launch_seconds
+                if not report.loop.instructions:
+                    by_bytes.append(key[0])
+                name = row_key(key, case.fmt)
+                if name not in seen:
+                    seen.add(name)
+                    kernels.append(dict(key=name, fmt=case.fmt, case=case.label, family="cuda", **measured(report)))
+            estimate = {**case_estimate(case, gpu, seconds), "timed_by_bytes": by_bytes}
+            if case.decode:
+                estimates.append({**estimate, "backend": "cuda"})
+                continue
+            estimates.append({**estimate, "backend": f"cuda-{regime}"})
+            if regime == large_m_regime(case.m, case.fmt, capability, True, CUDA_WORKSPACE_MIN_M):
+                estimates.append({**estimate, "backend": "cuda", "regime": regime})
     return {"kernels": kernels, "cases": estimates}

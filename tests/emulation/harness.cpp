@@ -20,8 +20,10 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "emulated_device.h"
 #include "kernels.h"
@@ -38,6 +40,8 @@ int64_t& allocations() {
   return count;
 }
 
+// Its data pointers are their own contexts (mappings found by data pointer), so that ATen's CPU
+// routines that take raw allocations (the workspace regime's matmuls) work under it too.
 class GuardedAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
@@ -53,10 +57,13 @@ class GuardedAllocator final : public c10::Allocator {
     mprotect(start + page + body, page, PROT_NONE);
     char* data = start + page + body - rounded;
     std::memset(start + page, 0xFF, body);
-    auto* context = new Mapping{base, total};
-    return {data, context, &GuardedAllocator::release, c10::Device(c10::DeviceType::CPU)};
+    {
+      const std::lock_guard<std::mutex> lock(mutex());
+      mappings()[data] = Mapping{base, total};
+    }
+    return {data, data, &GuardedAllocator::release, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  c10::DeleterFnPtr raw_deleter() const override { return &GuardedAllocator::release; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
  private:
@@ -64,10 +71,24 @@ class GuardedAllocator final : public c10::Allocator {
     void* base;
     size_t bytes;
   };
-  static void release(void* context) {
-    auto* mapping = static_cast<Mapping*>(context);
-    munmap(mapping->base, mapping->bytes);
-    delete mapping;
+  static std::mutex& mutex() {
+    static std::mutex instance;
+    return instance;
+  }
+  static std::unordered_map<void*, Mapping>& mappings() {
+    static std::unordered_map<void*, Mapping> instance;
+    return instance;
+  }
+  static void release(void* data) {
+    Mapping mapping{};
+    {
+      const std::lock_guard<std::mutex> lock(mutex());
+      const auto found = mappings().find(data);
+      TORCH_CHECK(found != mappings().end(), "emulation: freeing memory this allocator did not give");
+      mapping = found->second;
+      mappings().erase(found);
+    }
+    munmap(mapping.base, mapping.bytes);
   }
 };
 
@@ -106,14 +127,14 @@ std::vector<int64_t>& forward_cost() {
 std::tuple<Tensor, Tensor> forward(const Tensor& x, at::TensorList w_tensors, c10::string_view w_format,
                                    at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
                                    const Tensor& lora_b, double scaling, const std::optional<Tensor>& bias,
-                                   double dropout_p, const Tensor& seed) {
+                                   double dropout_p, const Tensor& seed, c10::string_view regime) {
   Guarded guarded;
   const std::optional<Tensor> bias_copy = bias.has_value() ? std::optional<Tensor>(copied(*bias)) : std::nullopt;
   const Tensor x_copy = copied(x), a_copy = copied(lora_a), b_copy = copied(lora_b);
   const std::vector<Tensor> w_copy = copied(w_tensors);
   const int64_t launches_before = launches(), allocations_before = allocations();
   auto outputs = lora_forward(x_copy, w_copy, w_format, w_shape, w_blocksize, a_copy, b_copy, scaling, bias_copy,
-                              dropout_p, seed);
+                              dropout_p, seed, regime);
   forward_cost() = {launches() - launches_before, allocations() - allocations_before};
   return outputs;
 }
@@ -129,10 +150,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
                                             at::TensorList w_tensors, c10::string_view w_format,
                                             at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
                                             const Tensor& lora_b, double scaling, double dropout_p, const Tensor& seed,
-                                            bool need_dx) {
+                                            bool need_dx, c10::string_view regime) {
   Guarded guarded;
   return lora_backward(copied(grad_y), copied(x), copied(u), copied(w_tensors), w_format, w_shape, w_blocksize,
-                       copied(lora_a), copied(lora_b), scaling, dropout_p, seed, need_dx);
+                       copied(lora_a), copied(lora_b), scaling, dropout_p, seed, need_dx, regime);
 }
 
 // float32 `values` through the harness's 16-bit types and back ("fp16", "bf16"), or uint8 `values`
@@ -191,10 +212,11 @@ void set_schedule(c10::string_view order, int64_t seed) {
 
 TORCH_LIBRARY(fusedlora_emulated, m) {
   m.def("forward(Tensor x, Tensor[] w_tensors, str w_format, int[] w_shape, int w_blocksize, Tensor lora_A, "
-        "Tensor lora_B, float scaling, Tensor? bias, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+        "Tensor lora_B, float scaling, Tensor? bias, float dropout_p, Tensor seed, str regime=\"fused\") "
+        "-> (Tensor, Tensor)");
   m.def("backward(Tensor grad_y, Tensor x, Tensor u, Tensor[] w_tensors, str w_format, int[] w_shape, "
-        "int w_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, bool need_dx) "
-        "-> (Tensor, Tensor, Tensor)");
+        "int w_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, bool need_dx, "
+        "str regime=\"fused\") -> (Tensor, Tensor, Tensor)");
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
   m.def("last_forward_cost() -> int[]", &last_forward_cost);
   m.def("convert(Tensor values, str type) -> Tensor");
