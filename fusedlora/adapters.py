@@ -7,6 +7,7 @@ and checksums saved with the tensors catch a file corrupted since (see `fusedlor
 """
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -16,13 +17,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from .checks import check_probability
+from .checks import check_probability, check_quant
+from .formats import FORMATS
 from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, select_targets
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# The frozen weights' format the adapter was trained over, in the safetensors metadata (PEFT ignores it).
+BASE_FORMAT_KEY = "fusedlora_base_format"
+log = logging.getLogger("fusedlora")
 _UNSUPPORTED = {  # PEFT options this package does not implement: refused, never silently ignored
     "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
     "layer_replication": None, "lora_bias": False,
@@ -91,12 +96,13 @@ def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional
     DDP/FSDP2 call it on every rank (sharded adapters are gathered); rank 0 writes."""
     config = adapter_config(model, base_model_name_or_path)
     tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
+    base_format = _most_common([layer.base_weight.fmt for layer in lora_layers(model).values()])
     if not is_writer():
         return
 
     def write(folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        write_safetensors(tensors, folder / WEIGHTS_NAME, atomic=False)
+        write_safetensors(tensors, folder / WEIGHTS_NAME, {BASE_FORMAT_KEY: base_format}, atomic=False)
 
     _atomic_folder_swap(Path(path), write)
 
@@ -156,16 +162,22 @@ def _layer_key(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
-def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "nf4") -> torch.nn.Module:
+def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") -> torch.nn.Module:
     """Load a PEFT-format adapter folder into `model` (in place) and return it.
 
     A model without LoRALinear layers first gets them from the config (`apply_lora` with its
-    target modules, ranks and alphas; `quant` is the frozen weights' format then). Every key,
-    shape and dtype is checked before anything is assigned: on error the model is unchanged.
+    target modules, ranks and alphas), their frozen weights in the format `quant`: "auto" (the
+    default) is the format the adapter was trained over when fusedlora saved it (its file says),
+    else the base kept as it is (dense; bitsandbytes layers keep theirs), as PEFT runs it; a
+    format name, or None for dense, chooses. The choice is logged (logger "fusedlora"). Every
+    key, shape and dtype is checked before anything is assigned: on error the model is unchanged.
     """
+    if quant != "auto":
+        check_quant(quant)
     path = resolve_adapter_folder(path)
     config = read_adapter_config(path)
-    tensors = {_layer_key(key): value for key, value in read_safetensors(path / WEIGHTS_NAME)[0].items()}
+    stored, metadata = read_safetensors(path / WEIGHTS_NAME)
+    tensors = {_layer_key(key): value for key, value in stored.items()}
     existing = lora_layers(model)
     targets = config.get("target_modules") or "all-linear"
     if existing:
@@ -179,9 +191,18 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "nf4") -> 
             shapes[f"{name}.lora_B.weight"] = (linear.out_features, r)
     check_fit(path / WEIGHTS_NAME, tensors, shapes)
     if not existing:
+        if quant == "auto":
+            quant = metadata.get(BASE_FORMAT_KEY)
+            if quant is not None and quant not in FORMATS:
+                raise AdapterFileError(f"{path / WEIGHTS_NAME}: {BASE_FORMAT_KEY} is {quant!r}, not a weight format")
+            reason = "the format the adapter was trained over" if quant else "no format recorded: the base as it is"
+        else:
+            reason = "as asked"
         apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                    quant=quant, rslora=bool(config.get("use_rslora")), rank_pattern=config.get("rank_pattern"),
                    alpha_pattern=config.get("alpha_pattern"))
+        log.info("load_adapter: %s's frozen weights kept in %s (%s; bitsandbytes layers keep theirs)", path,
+                 quant or "dense", reason)
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])

@@ -7,7 +7,7 @@ from numbers import Real
 import torch
 
 from .dropout import SEED_LIMIT
-from .formats import DenseWeight, FrozenWeight
+from .formats import FORMATS, DenseWeight, FrozenWeight
 from .formats.base import check_dense_weight
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -26,6 +26,12 @@ def check_real(name: str, value) -> None:
     """A plain real number (a Python or NumPy scalar, not a bool or a tensor)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def check_quant(quant, name: str = "quant") -> None:
+    """`quant` (the argument `name`) must name a weight format or be None (the base kept dense)."""
+    if quant is not None and quant not in FORMATS:
+        raise ValueError(f"{name} must be one of {list(FORMATS)} or None (the base kept dense), got {quant!r}")
 
 
 def check_probability(name: str, value) -> float:

@@ -6,8 +6,11 @@ For element i of the row-major flattened (M, K) input and a 32-bit seed (docs/de
     h    = fmix32(h)                       (MurmurHash3's finaliser)
     keep = h >= floor(p · 2^32)
 
-Backward regenerates the mask from the seed instead of storing it. Torch has no uint32
-arithmetic, so 32-bit products are formed from 16-bit halves in int64 (no overflow).
+Backward regenerates the mask from the seed instead of storing it. Torch has no full uint32
+arithmetic: a mask of fewer than 2^31 elements is hashed in int32, whose products wrap mod 2^32 as
+uint32's do (a logical shift is an arithmetic one masked; the comparison flips the sign bit), in
+place, a third of the memory traffic of int64; larger ones in int64, each 32-bit product formed
+from 16-bit halves (no overflow). Both give the same bits (tests/test_dropout.py).
 """
 
 import math
@@ -46,16 +49,41 @@ def element_hash(index: Tensor, seed: int) -> Tensor:
     return _fmix32(mixed)
 
 
+def _signed(value: int) -> int:
+    """The int32 whose bits are the uint32 `value`."""
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _hash32_(h: Tensor, seed: int) -> Tensor:
+    """`element_hash` of int32 indices `h` (below 2^31: hi32(i) is 0), in place, as int32 bits;
+    one scratch tensor for the shifts (h ^= h >>> s: an arithmetic shift, masked)."""
+    h.mul_(_signed(0x9E3779B1)).bitwise_xor_(_signed(seed))
+    shifted = torch.empty_like(h)
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+        torch.bitwise_right_shift(h, shift, out=shifted).bitwise_and_((1 << (32 - shift)) - 1)
+        h.bitwise_xor_(shifted)
+        if multiplier is not None:
+            h.mul_(_signed(multiplier))
+    return h
+
+
 def keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) -> Tensor:
     """Boolean (M, K) mask of the elements that dropout with probability `p` keeps."""
     rows, cols = shape
+    if rows * cols <= 2**31:  # uint32 h >= threshold, as the int32 comparison of both with the sign bit flipped
+        flipped = _hash32_(torch.arange(rows * cols, dtype=torch.int32, device=device), seed).bitwise_xor_(-(2**31))
+        return (flipped >= drop_threshold(p) - 2**31).view(rows, cols)
     index = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
     return element_hash(index, seed) >= drop_threshold(p)
+
+
+def apply_mask(t: Tensor, keep: Tensor, p: float) -> Tensor:
+    """drop(t) for a mask `keep` (`keep_mask` of t's shape) of dropout probability `p`."""
+    return torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def apply_dropout(t: Tensor, p: float, seed: int) -> Tensor:
     """drop(t) for a 2-D `t`: masked elements become 0, kept ones are scaled by 1 / (1 - p)."""
     if p == 0.0:
         return t
-    keep = keep_mask(tuple(t.shape), p, seed, t.device)
-    return torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
+    return apply_mask(t, keep_mask(tuple(t.shape), p, seed, t.device), p)

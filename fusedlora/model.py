@@ -7,6 +7,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
+from .checks import check_quant
 from .module import LoRALinear, LoRAFactor
 
 Targets = Union[str, list, tuple, set]
@@ -79,6 +80,7 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
     format ("nf4", "fp4", "int8", "fp8", "dense" or None); bitsandbytes layers keep theirs.
     rank_pattern / alpha_pattern: per-layer r / alpha by name pattern, as in PEFT's LoraConfig.
     """
+    check_quant(quant)
     chosen = select_targets(model, target_modules, exclude_modules)
     if not chosen and not lora_layers(model):
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]

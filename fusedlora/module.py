@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .checks import check_probability
+from .checks import check_probability, check_quant
 from .formats import FrozenWeight, from_bnb_module, quantize
 from .ops import fused_lora_linear
 
@@ -98,6 +98,7 @@ class LoRALinear(nn.Module):
                     rslora: bool = False, init: str = "kaiming") -> "LoRALinear":
         """Wrap an `nn.Linear` (its weight stored as `quant`; None means "dense") or a bitsandbytes
         `Linear4bit` / `Linear8bitLt` (its bytes reused as they are; `quant` is then ignored)."""
+        check_quant(quant)
         if is_bnb_linear(linear):
             weight = from_bnb_module(linear)
         elif isinstance(linear, nn.Linear):

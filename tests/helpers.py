@@ -205,3 +205,10 @@ def on_backend(backend: str, device: str = "cpu"):
                 yield
         else:
             yield
+
+
+def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The n 4-bit codes (int64) held in `packed`, high nibble first (the layout, spelled out apart
+    from the package's decoding)."""
+    packed = packed.to(torch.int64)
+    return torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]

@@ -63,6 +63,34 @@ def test_peft_loads_what_we_save(tmp_path):
     torch.testing.assert_close(peft_model(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_load_adapter_keeps_the_base_as_it_is_unless_told_and_says_which(tmp_path, caplog):
+    """A PEFT adapter (no format recorded) goes onto the base as it is, as PEFT runs it; one that
+    fusedlora saved over nf4 goes onto nf4; `quant` chooses; a bad `quant` is named as such."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "0", "1"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(Net(), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    x = torch.randn(5, 32)
+    with caplog.at_level("INFO", logger="fusedlora"):
+        fresh = load_adapter(Net(), tmp_path / "peft").eval()
+    assert {layer.weight.fmt for layer in (fresh.up, *fresh.blocks)} == {"dense"}
+    assert "kept in dense (no format recorded: the base as it is" in caplog.text
+    torch.testing.assert_close(fresh(x), peft_model(x), atol=1e-5, rtol=1e-5)
+    save_adapter(apply_lora(Net(), ["up"], r=4, quant="nf4"), tmp_path / "nf4")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusedlora"):
+        assert load_adapter(Net(), tmp_path / "nf4").up.weight.fmt == "nf4"
+    assert "kept in nf4 (the format the adapter was trained over" in caplog.text
+    assert load_adapter(Net(), tmp_path / "nf4", quant="int8").up.weight.fmt == "int8"
+    assert load_adapter(Net(), tmp_path / "nf4", quant=None).up.weight.fmt == "dense"
+    for bad in ("nf5", "auto "):
+        with pytest.raises(ValueError, match=f"quant must be one of .* got {bad!r}"):
+            load_adapter(Net(), tmp_path / "nf4", quant=bad)
+    with pytest.raises(ValueError, match="quant must be one of .* got 'q4'"):
+        apply_lora(Net(), ["up"], quant="q4")
+    with pytest.raises(ValueError, match="quant must be one of .* got 'q4'"):
+        LoRALinear.from_linear(nn.Linear(8, 8), quant="q4")
+
+
 def test_we_load_what_peft_saves(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "0", "1"], rank_pattern={"blocks.1": 6},
                              alpha_pattern={"up": 3}, use_rslora=True, init_lora_weights=False)

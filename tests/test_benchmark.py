@@ -15,7 +15,7 @@ from fusedlora.benchmark.cases import Case, default_cases, order_cases, parse_sh
 from fusedlora.benchmark.memory import saved_activation_bytes
 from fusedlora.benchmark.providers import CaseTensors, Layer, Provider, providers
 from fusedlora.benchmark.report import derived, flops, summary, table
-from fusedlora.benchmark.runner import CaseRunner
+from fusedlora.benchmark.runner import MEMORY_DROPOUT, CaseRunner
 from fusedlora.benchmark.timing import Clock, Timing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +158,21 @@ def test_a_provider_that_fails_is_reported():
     (measurement,) = CaseRunner(Clock(torch.device("cpu"), warmup=1, reps=2),
                                 [Provider("failing", lambda case, device: None, failing)]).run(CASE)
     assert measurement.status == "failed: RuntimeError: no kernel for this"
+
+
+def test_providers_are_checked_without_dropout_and_timed_with_the_run_s():
+    built = []
+
+    def recording(case, tensors, dropout):
+        built.append(dropout)
+        return providers(["reference"])[0].build(case, tensors, dropout)
+
+    clock = Clock(torch.device("cpu"), warmup=1, reps=2)
+    (measurement,) = CaseRunner(clock, [Provider("recording", lambda case, device: None, recording)], 0.25).run(CASE)
+    assert measurement.status == "ok" and measurement.forward_backward_ms > 0
+    assert built == [0.0, 0.25, MEMORY_DROPOUT]  # the check, the timed layer, the saved-bytes layer
+    result = _run("-m", "fusedlora", "bench", "--dropout", "1.5", "--device", "cpu")
+    assert result.returncode != 0 and "--dropout must be a number in [0, 1), got 1.5" in result.stderr
 
 
 def test_fused_saves_x_and_u_only_where_peft_also_saves_the_dropout():

@@ -15,6 +15,20 @@ def test_hash_matches_the_specification(seed):
     assert got == [spec_hash(i, seed) for i in INDICES]
 
 
+@pytest.mark.parametrize("seed", [0, 0x5EED, 0xDEADBEEF, 2**32 - 1])
+def test_masks_below_2_to_31_elements_hash_in_int32_as_the_specification_does(seed):
+    """keep_mask hashes masks of fewer than 2^31 elements in int32 (wrapping products, masked
+    shifts): the same bits as the int64 hash, up to the last index of that range."""
+    from fusedlora.dropout import _hash32_
+
+    indices = [0, 1, 77, 2**16 - 1, 2**16, 2**24 + 3, 2**31 - 2, 2**31 - 1]
+    got = (_hash32_(torch.tensor(indices, dtype=torch.int32), seed).to(torch.int64) & 0xFFFFFFFF).tolist()
+    assert got == [spec_hash(i, seed) for i in indices]
+    mask = keep_mask((61, 97), 0.37, seed)
+    expected = element_hash(torch.arange(61 * 97, dtype=torch.int64), seed) >= drop_threshold(0.37)
+    assert torch.equal(mask, expected.view(61, 97))
+
+
 def test_mask_is_row_major_over_the_flattened_input():
     mask = keep_mask((13, 29), 0.3, 99)
     expected = [[spec_hash(m * 29 + k, 99) >= drop_threshold(0.3) for k in range(29)] for m in range(13)]

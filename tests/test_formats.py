@@ -7,8 +7,7 @@ import torch
 
 import fusedlora
 from fusedlora.formats import FourBitWeight, FrozenWeight, quantize
-from fusedlora.formats.fourbit import unpack_codes
-from helpers import random_weight
+from helpers import random_weight, unpack_codes
 
 ALL_FORMATS = ["nf4", "fp4", "int8", "fp8", "dense"]
 

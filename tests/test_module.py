@@ -206,7 +206,7 @@ def test_extra_repr_is_readable():
         (dict(dropout=1.0), ValueError, "dropout must be a number in"),
         (dict(init="xavier"), ValueError, "init must be one of"),
         (dict(alpha=float("inf")), ValueError, "alpha must be a finite"),
-        (dict(quant="int4"), ValueError, "fmt must be one of"),
+        (dict(quant="int4"), ValueError, "quant must be one of .* got .int4."),
         (dict(blocksize=100), ValueError, "blocksize"),
     ],
 )

@@ -189,8 +189,7 @@ def test_a_word_step_puts_every_code_in_its_place(fmt, dtype):
     """`four_bit_codes` (the small-M kernel's 4-bit step from 32-bit words) gives code[W[n, k]] in
     the MMA's dtype at (n, k - k0), bit for bit, and each row's absmax."""
     from fusedlora.formats.codebooks import code_table
-    from fusedlora.formats.fourbit import unpack_codes
-
+    
     n, k, blocksize, k0, block_k = 16, 256, 64, 128, 64
     weight = quantize(random_weight(n, k, generator=torch.Generator().manual_seed(9)), fmt, blocksize,
                       double_quant=False)

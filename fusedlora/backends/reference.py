@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import lora_dtype
-from ..dropout import apply_dropout
+from ..dropout import apply_dropout, apply_mask, keep_mask
 from ..formats import FrozenWeight
 from .registry import Problem
 
@@ -46,12 +46,17 @@ def backward(grad_y, x, u, weight: FrozenWeight, lora_A, lora_B, scaling, dropou
             grad_x = (grad_y @ weight.dequantize(grad_y.dtype)).to(x.dtype) if need_dx else None
             return grad_x, torch.zeros_like(lora_A, memory_format=torch.contiguous_format), \
                 torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
+        keep = keep_mask(tuple(x.shape), dropout_p, seed, x.device) if dropout_p > 0.0 else None
+
+        def drop(t: Tensor) -> Tensor:  # one mask for dA and dx
+            return t if keep is None else apply_mask(t, keep, dropout_p)
+
         g = grad_y.to(compute)
         du = (g @ lora_B.to(compute)) * scaling
         grad_B = (g.t() @ u) * scaling
-        grad_A = du.t() @ apply_dropout(x.to(compute), dropout_p, seed)
+        grad_A = du.t() @ drop(x.to(compute))
         grad_x = None
         if need_dx:
             base = grad_y @ weight.dequantize(grad_y.dtype)
-            grad_x = (base.to(compute) + apply_dropout(du @ lora_A.to(compute), dropout_p, seed)).to(x.dtype)
+            grad_x = (base.to(compute) + drop(du @ lora_A.to(compute))).to(x.dtype)
     return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..checks import check_probability
 from . import cases as case_lists
 from . import model as cost_model
 from .providers import providers as all_providers
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", help="comma-separated M values")
     parser.add_argument("--ranks", help="comma-separated LoRA ranks")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="the adapters' dropout probability while timed (default 0; checks run without)")
     parser.add_argument("--reps", type=int, default=20, help="timed runs per figure (>= 20 for reported figures)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--budget", type=float, help="seconds: start no new case after this (headline cases run first)")
@@ -82,6 +85,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.model and not args.summarize:
         raise SystemExit("--model goes with --summarize JSON (a GPU run's results)")
+    try:
+        check_probability("--dropout", args.dropout)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.summarize:
         return _summarize(Path(args.summarize), args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     clock = Clock(device, warmup=args.warmup, reps=args.reps)
     started = time.monotonic()
     measured_ceilings = ceilings(clock)
-    runner = CaseRunner(clock, providers)
+    runner = CaseRunner(clock, providers, args.dropout)
     meta = {
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -101,6 +108,7 @@ def main(argv=None) -> int:
         "capability": "%d.%d" % capability if capability else None,
         "versions": _versions(),
         "timing": clock.label,
+        "dropout": args.dropout,
         "argv": argv if argv is not None else [],
         "complete": False,  # until the last case: a file left by a run stopped from outside says so
         "cases_total": len(chosen),

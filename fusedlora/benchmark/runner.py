@@ -54,10 +54,13 @@ def _reference_outputs(tensors: CaseTensors, fmt: str) -> tuple:
 
 
 class CaseRunner:
-    """Measures the providers of one case; format-independent providers are measured once."""
+    """Measures the providers of one case; format-independent providers are measured once. Each
+    provider is checked without dropout (the reference has no other mask to agree with) and timed
+    at `dropout` (the adapter's dropout probability; 0 by default)."""
 
-    def __init__(self, clock: Clock, providers: list):
+    def __init__(self, clock: Clock, providers: list, dropout: float = 0.0):
         self.clock = clock
+        self.dropout = dropout
         self.providers = providers
         self._shared: dict = {}
 
@@ -92,7 +95,7 @@ class CaseRunner:
                 if result.check_error > CHECK_TOLERANCE:
                     result.status = f"disagrees: error {result.check_error:.3g} > {CHECK_TOLERANCE} of the reference"
                     return result
-            self._time(layer, case, tensors, result)
+            self._time(provider.build(case, tensors, self.dropout) if self.dropout else layer, case, tensors, result)
             with_dropout = provider.build(case, tensors, MEMORY_DROPOUT)
             x = tensors.xs[0].clone().requires_grad_()
             with with_dropout.scope():

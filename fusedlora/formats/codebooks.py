@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import torch
 
-from ..contract import CODE_TABLE_WORDS, PAIRS_BF16, PAIRS_FP16
+from ..contract import CODE_TABLE_WORDS, PAIRS_BF16, PAIRS_FP16, PAIRS_FP32
 
 NF4_VALUES = (
     -1.0,
@@ -75,6 +75,12 @@ def device_code_table(fmt: str, device: torch.device) -> torch.Tensor:
                        _sixteen_bit_pairs(pairs, torch.float16)])
     assert table.numel() == CODE_TABLE_WORDS and table[PAIRS_BF16:PAIRS_FP16].numel() == 256
     return table.to(device)
+
+
+def code_pairs(fmt: str, device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: byte b's two values (code[b >> 4], code[b & 15]), a view of the shared
+    `device_code_table` (read it, never write it): one lookup decodes a packed byte."""
+    return device_code_table(fmt, device)[PAIRS_FP32:PAIRS_BF16].view(256, 2)
 
 
 @lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..contract import FORMAT_IDS, WeightArgs
 from .base import FrozenWeight, Tensor, check_finite_for_quantization, expect_dtype, expect_numel, register_format, require_key
-from .codebooks import code_table, device_code_table, signed_dynamic_map
+from .codebooks import code_pairs, code_table, device_code_table, signed_dynamic_map
 
 VALID_BLOCKSIZES = tuple(2**p for p in range(5, 13))
 NESTED_BLOCKSIZE = 256
@@ -65,12 +65,6 @@ def quantize_4bit(weight: Tensor, fmt: str, blocksize: int) -> tuple[Tensor, Ten
     codes = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
     packed = (codes[0::2] << 4) | codes[1::2]
     return packed, absmax
-
-
-def unpack_codes(packed: Tensor, n: int) -> Tensor:
-    """The n 4-bit codes (int64) held in `packed`, high nibble first."""
-    packed = packed.to(torch.int64)
-    return torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
 
 
 def quantize_absmax_nested(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,10 +136,17 @@ class FourBitWeight(FrozenWeight):
         return self.nested_code[self.absmax.to(torch.int64)] * per_value_scale + self.nested_offset
 
     def dequantize(self, dtype=None) -> Tensor:
+        # One lookup per byte in the table of code pairs, then each block times its absmax in
+        # place: the products of code and absmax in fp32, rounded once to `dtype`.
         n = self.shape.numel()
-        values = code_table(self.fmt, self.packed.device)[unpack_codes(self.packed, n)]
-        scale = self.block_absmax().repeat_interleave(self.blocksize)[:n]
-        return (values * scale).view(self.shape).to(dtype or self.dtype)
+        pairs = code_pairs(self.fmt, self.packed.device)
+        values = torch.index_select(pairs, 0, self.packed.view(-1).to(torch.int32)).view(-1)[:n]
+        absmax = self.block_absmax()
+        if n % self.blocksize == 0:
+            values.view(-1, self.blocksize).mul_(absmax.unsqueeze(1))
+        else:
+            values.mul_(absmax.repeat_interleave(self.blocksize)[:n])
+        return values.view(self.shape).to(dtype or self.dtype)
 
     def describe(self) -> str:
         return f"{self.fmt}(blocksize={self.blocksize}{', nested' if self.nested else ''})"

@@ -92,7 +92,7 @@ class Int8Weight(RowScaledWeight):
         return row_absmax
 
     def dequantize(self, dtype=None) -> Tensor:
-        return (self.data.float() * self.row_scale().unsqueeze(1)).to(dtype or self.dtype)
+        return self.data.to(torch.float32, copy=True).mul_(self.row_scale().unsqueeze(1)).to(dtype or self.dtype)
 
     def row_scale(self) -> Tensor:
         """The fp32 factor of each row: SCB / 127 (as a product with the fp32 reciprocal)."""
@@ -129,4 +129,4 @@ class Fp8Weight(RowScaledWeight):
         return row_absmax.clamp(min=1e-12) / FP8_MAX
 
     def dequantize(self, dtype=None) -> Tensor:
-        return (self.data.float() * self.scale.unsqueeze(1)).to(dtype or self.dtype)
+        return self.data.to(torch.float32, copy=True).mul_(self.scale.unsqueeze(1)).to(dtype or self.dtype)
