@@ -69,21 +69,33 @@ def _hash32_(h: Tensor, seed: int) -> Tensor:
 
 def keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) -> Tensor:
     """Boolean (M, K) mask of the elements that dropout with probability `p` keeps."""
+    return _mask(shape, p, seed, device, keep=True)
+
+
+def drop_mask(shape: tuple[int, int], p: float, seed: int, device=None) -> Tensor:
+    """Boolean (M, K) mask of the elements that dropout with probability `p` zeroes: ~keep_mask."""
+    return _mask(shape, p, seed, device, keep=False)
+
+
+def _mask(shape: tuple[int, int], p: float, seed: int, device, keep: bool) -> Tensor:
     rows, cols = shape
-    if rows * cols <= 2**31:  # uint32 h >= threshold, as the int32 comparison of both with the sign bit flipped
-        flipped = _hash32_(torch.arange(rows * cols, dtype=torch.int32, device=device), seed).bitwise_xor_(-(2**31))
-        return (flipped >= drop_threshold(p) - 2**31).view(rows, cols)
-    index = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
-    return element_hash(index, seed) >= drop_threshold(p)
+    threshold = drop_threshold(p)
+    if rows * cols <= 2**31:  # uint32 h vs threshold, as the int32 comparison of both with the sign bit flipped
+        h = _hash32_(torch.arange(rows * cols, dtype=torch.int32, device=device), seed).bitwise_xor_(-(2**31))
+        threshold -= 2**31
+    else:
+        h = element_hash(torch.arange(rows * cols, dtype=torch.int64, device=device), seed)
+    return (h >= threshold if keep else h < threshold).view(rows, cols)
 
 
-def apply_mask(t: Tensor, keep: Tensor, p: float) -> Tensor:
-    """drop(t) for a mask `keep` (`keep_mask` of t's shape) of dropout probability `p`."""
-    return torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
+def apply_mask(t: Tensor, dropped: Tensor, p: float) -> Tensor:
+    """drop(t) for the mask `dropped` (`drop_mask` of t's shape) of dropout probability `p`:
+    a new tensor."""
+    return (t * (1.0 / (1.0 - p))).masked_fill_(dropped, 0.0)
 
 
 def apply_dropout(t: Tensor, p: float, seed: int) -> Tensor:
     """drop(t) for a 2-D `t`: masked elements become 0, kept ones are scaled by 1 / (1 - p)."""
     if p == 0.0:
         return t
-    return apply_mask(t, keep_mask(tuple(t.shape), p, seed, t.device), p)
+    return apply_mask(t, drop_mask(tuple(t.shape), p, seed, t.device), p)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusedlora.dropout import apply_dropout, drop_threshold, element_hash, keep_mask
+from fusedlora.dropout import apply_dropout, drop_mask, drop_threshold, element_hash, keep_mask
 from helpers import spec_hash
 
 INDICES = [0, 1, 2, 7, 12345, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62 + 11]
@@ -27,6 +27,7 @@ def test_masks_below_2_to_31_elements_hash_in_int32_as_the_specification_does(se
     mask = keep_mask((61, 97), 0.37, seed)
     expected = element_hash(torch.arange(61 * 97, dtype=torch.int64), seed) >= drop_threshold(0.37)
     assert torch.equal(mask, expected.view(61, 97))
+    assert torch.equal(drop_mask((61, 97), 0.37, seed), ~expected.view(61, 97))
 
 
 def test_mask_is_row_major_over_the_flattened_input():

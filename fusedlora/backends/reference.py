@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import lora_dtype
-from ..dropout import apply_dropout, apply_mask, keep_mask
+from ..dropout import apply_dropout, apply_mask, drop_mask
 from ..formats import FrozenWeight
 from .registry import Problem
 
@@ -34,7 +34,9 @@ def forward(x, weight: FrozenWeight, lora_A, lora_B, scaling, bias, dropout_p, s
         if scaling == 0.0:
             return base, x.new_zeros((x.shape[0], lora_A.shape[0]), dtype=compute)
         u = apply_dropout(x.to(compute), dropout_p, seed) @ lora_A.to(compute).t()
-        y = base.to(compute) + (u @ lora_B.to(compute).t()) * scaling
+        # base + (u·Bᵀ)·s, the products' fresh results updated in place: the same bits without
+        # temporaries (a CPU pays for each fresh buffer's first touch)
+        y = (u @ lora_B.to(compute).t()).mul_(scaling).add_(base)
     return y.to(x.dtype), u
 
 
@@ -46,17 +48,17 @@ def backward(grad_y, x, u, weight: FrozenWeight, lora_A, lora_B, scaling, dropou
             grad_x = (grad_y @ weight.dequantize(grad_y.dtype)).to(x.dtype) if need_dx else None
             return grad_x, torch.zeros_like(lora_A, memory_format=torch.contiguous_format), \
                 torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
-        keep = keep_mask(tuple(x.shape), dropout_p, seed, x.device) if dropout_p > 0.0 else None
+        dropped = drop_mask(tuple(x.shape), dropout_p, seed, x.device) if dropout_p > 0.0 else None
 
         def drop(t: Tensor) -> Tensor:  # one mask for dA and dx
-            return t if keep is None else apply_mask(t, keep, dropout_p)
+            return t if dropped is None else apply_mask(t, dropped, dropout_p)
 
         g = grad_y.to(compute)
-        du = (g @ lora_B.to(compute)) * scaling
-        grad_B = (g.t() @ u) * scaling
+        du = (g @ lora_B.to(compute)).mul_(scaling)
+        grad_B = (g.t() @ u).mul_(scaling)
         grad_A = du.t() @ drop(x.to(compute))
         grad_x = None
         if need_dx:
             base = grad_y @ weight.dequantize(grad_y.dtype)
-            grad_x = (base.to(compute) + drop(du @ lora_A.to(compute))).to(x.dtype)
+            grad_x = drop(du @ lora_A.to(compute)).add_(base).to(x.dtype)
     return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
