@@ -1,5 +1,7 @@
 """The reference backend, in PyTorch: the oracle every kernel is tested against, and the
-fallback on any device. It computes exactly what PEFT computes (docs/design.md §1), unfused:
+fallback on any device. It computes what PEFT computes (docs/design.md §1), unfused, the LoRA
+term accumulated into the base product's buffer (one rounding of the sum where PEFT rounds the
+product, its scaling and the sum; and no temporaries, whose first touch a CPU pays for):
 
     y  = (x·deq(W)ᵀ + bias  in x's dtype)  +  s·(drop(x)·Aᵀ)·Bᵀ  in the LoRA dtype, cast to x's dtype
     du = s·g·B        dB = s·gᵀ·u        dA = duᵀ·drop(x)        dx = g·deq(W) + drop'(du·A)
@@ -34,9 +36,7 @@ def forward(x, weight: FrozenWeight, lora_A, lora_B, scaling, bias, dropout_p, s
         if scaling == 0.0:
             return base, x.new_zeros((x.shape[0], lora_A.shape[0]), dtype=compute)
         u = apply_dropout(x.to(compute), dropout_p, seed) @ lora_A.to(compute).t()
-        # base + (u·Bᵀ)·s, the products' fresh results updated in place: the same bits without
-        # temporaries (a CPU pays for each fresh buffer's first touch)
-        y = (u @ lora_B.to(compute).t()).mul_(scaling).add_(base)
+        y = base.to(compute).addmm_(u, lora_B.to(compute).t(), alpha=scaling)  # base's buffer is fresh
     return y.to(x.dtype), u
 
 
@@ -59,6 +59,8 @@ def backward(grad_y, x, u, weight: FrozenWeight, lora_A, lora_B, scaling, dropou
         grad_A = du.t() @ drop(x.to(compute))
         grad_x = None
         if need_dx:
-            base = grad_y @ weight.dequantize(grad_y.dtype)
-            grad_x = drop(du @ lora_A.to(compute)).add_(base).to(x.dtype)
+            base = (grad_y @ weight.dequantize(grad_y.dtype)).to(compute)
+            lora_A_c = lora_A.to(compute)
+            summed = base.addmm_(du, lora_A_c) if dropped is None else drop(du @ lora_A_c).add_(base)
+            grad_x = summed.to(x.dtype)
     return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
