@@ -1,6 +1,7 @@
 """Putting LoRA into an existing model: `apply_lora`, `merge_and_unload`, and what is trainable."""
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -67,6 +68,17 @@ def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: O
     return chosen
 
 
+def _already_adapted(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets]) -> list:
+    """Names of the model's LoRALinear layers that the targets name (and the exclusions do not)."""
+    excluded = _name_matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else (lambda name: False)
+    matches = (lambda name: True) if target_modules == "all-linear" else _name_matcher(target_modules, "target_modules")
+    return [name for name in lora_layers(model) if matches(name) and not excluded(name)]
+
+
+def _listed(names: list) -> str:
+    return f"{names[:20]}{' ...' if len(names) > 20 else ''}"
+
+
 def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: float = 16, dropout: float = 0.0,
                quant: Optional[str] = "nf4", exclude_modules: Optional[Targets] = None, blocksize: int = 64,
                double_quant: bool = True, rslora: bool = False, init: str = "kaiming",
@@ -82,10 +94,20 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
     """
     check_quant(quant)
     chosen = select_targets(model, target_modules, exclude_modules)
-    if not chosen and not lora_layers(model):
+    adapted = _already_adapted(model, target_modules, exclude_modules)
+    if not chosen and not adapted:
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers are "
-                         f"{linears[:20]}{' ...' if len(linears) > 20 else ''}")
+        regex = isinstance(target_modules, str) and target_modules != "all-linear"
+        raise ValueError(f"target_modules={target_modules!r} matched no linear layer"
+                         f"{' (a string is a regular expression matched against whole module names)' if regex else ''}"
+                         f"; the model's linear layers are {_listed(linears)}"
+                         f"{f' and its LoRA layers {_listed(list(lora_layers(model)))}' if lora_layers(model) else ''}")
+    kept = {name: layer.r for name, layer in lora_layers(model).items()
+            if name in adapted and layer.r != pattern_value(rank_pattern, name, r)}
+    if kept:
+        warnings.warn(f"apply_lora: {_listed(list(kept))} already have adapters, which keep their ranks "
+                      f"({sorted(set(kept.values()))}, not r={r}); to change a rank, start from the base model",
+                      stacklevel=2)
     # every layer is built before any is swapped in, so a failure leaves the model as it was
     layers = {name: LoRALinear.from_linear(model.get_submodule(name), r=pattern_value(rank_pattern, name, r),
                                            alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,

@@ -1,5 +1,7 @@
 """apply_lora on plain PyTorch and Hugging Face models, merge_and_unload, summaries, compile."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -94,6 +96,24 @@ def test_target_errors():
         apply_lora(_mlp(), "(")
     with pytest.raises(TypeError, match="target_modules must be"):
         apply_lora(_mlp(), 3)
+
+
+def test_applying_again_says_what_it_did_not_do():
+    """A target naming nothing is an error that lists the LoRA layers too; a string target's
+    error says it is a whole-name regex; layers that already have adapters keep their ranks, and
+    a different r says so."""
+    model = apply_lora(_mlp(), ["0", "2"], r=4, quant="dense")
+    with pytest.raises(ValueError, match=r"matched no linear layer; .* and its LoRA layers \['0', '2'\]"):
+        apply_lora(model, ["vproj"])
+    with pytest.raises(ValueError, match="a string is a regular expression matched against whole module names"):
+        apply_lora(_mlp(), "proj")
+    with pytest.warns(UserWarning, match=r"\['0'\] already have adapters, which keep their ranks \(\[4\], not r=8\)"):
+        apply_lora(model, ["0", "4"], r=8, quant="dense")
+    assert (model[0].r, model[2].r, model[4].r) == (4, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, ["0"], r=4, quant="dense")  # the rank asked for: nothing to say
+    assert model[0].r == 4
 
 
 @pytest.mark.parametrize("quant", ["nf4", "dense"])
