@@ -175,6 +175,14 @@ def test_providers_are_checked_without_dropout_and_timed_with_the_run_s():
     assert result.returncode != 0 and "--dropout must be a number in [0, 1), got 1.5" in result.stderr
 
 
+def test_summarize_names_a_file_it_cannot_read(tmp_path):
+    (tmp_path / "other.json").write_text("[1, 2]")
+    for path in (tmp_path / "missing.json", tmp_path / "other.json"):
+        result = _run("-m", "fusedlora", "bench", "--summarize", str(path))
+        assert result.returncode != 0 and f"--summarize {path}: not a benchmark result" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_fused_saves_x_and_u_only_where_peft_also_saves_the_dropout():
     tensors = CaseTensors.random(CASE, torch.device("cpu"), copies=1)
     x = tensors.xs[0].clone().requires_grad_()

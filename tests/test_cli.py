@@ -28,6 +28,10 @@ def test_info_names_the_versions_and_every_backend_with_its_answer():
     assert set(rows) == {backend.name for backend in backends()}
     assert rows["reference"] == "available" and rows["cuda"] == "unavailable: takes CUDA tensors only"
     assert rows["triton"].startswith("unavailable: ")  # on the CPU, Triton runs only when forced
+    if not torch.cuda.is_available():  # the missing extension is said once, on stdout, without a CUDA build hint
+        result = subprocess.run([sys.executable, "-m", "fusedlora", "info"], capture_output=True, text=True, timeout=600)
+        said = [line for line in (result.stdout + result.stderr).splitlines() if "fusedlora._C is not built" in line]
+        assert len(said) <= 1 and "FUSEDLORA_BUILD_CUDA" not in result.stdout + result.stderr, result
 
 
 def test_demo_fine_tunes_saves_and_reloads(tmp_path):

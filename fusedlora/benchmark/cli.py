@@ -167,8 +167,12 @@ def _summarize(path: Path, with_model: bool) -> int:
     beside each measured headline figure of a GPU run the model describes (rewriting `path`)."""
     from ..inspection.model import GPUS
 
-    recorded = json.loads(path.read_text())
-    meta = recorded["meta"]
+    try:
+        recorded = json.loads(path.read_text())
+        meta = recorded["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--summarize {path}: not a benchmark result this command wrote "
+                         f"({type(err).__name__}: {err})") from None
     if with_model:
         capability = meta.get("capability")
         arch = int(capability.replace(".", "")) if capability else None
