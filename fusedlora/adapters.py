@@ -30,7 +30,19 @@ BASE_FORMAT_KEY = "fusedlora_base_format"
 log = logging.getLogger("fusedlora")
 _UNSUPPORTED = {  # PEFT options this package does not implement: refused, never silently ignored
     "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
-    "layer_replication": None, "lora_bias": False,
+    "layer_replication": None, "lora_bias": False, "trainable_token_indices": None,
+}
+_WITH_PEFT = "load it with PEFT (peft.PeftModel.from_pretrained)"
+# What a user can do about each refused option (the README's compatibility table lists them).
+REFUSAL_HINTS = {
+    "use_dora": f"DoRA's magnitude vectors are not implemented: {_WITH_PEFT}, or train with use_dora=False",
+    "fan_in_fan_out": f"transposed (Conv1D) base weights are not supported yet: {_WITH_PEFT}",
+    "modules_to_save": f"fully trained copies of modules are not supported yet: {_WITH_PEFT}",
+    "layers_to_transform": "name the layers in target_modules instead (the adapter file holds only those)",
+    "layer_replication": f"replicated layers are not supported: {_WITH_PEFT}",
+    "lora_bias": f"trainable LoRA biases are not supported: {_WITH_PEFT}, or train with lora_bias=False",
+    "trainable_token_indices": f"trainable tokens are not supported: {_WITH_PEFT}",
+    "bias": f"trained base biases are not supported: {_WITH_PEFT}, or train with bias='none'",
 }
 
 
@@ -151,10 +163,11 @@ def read_adapter_config(path) -> dict:
     except ValueError as err:
         raise AdapterFileError(f"{file}: {err}") from None
     if config.get("bias", "none") != "none":
-        raise AdapterFileError(f"{file}: bias={config['bias']!r} adapters are not supported (only 'none')")
+        raise AdapterFileError(f"{file}: bias={config['bias']!r} is not supported by fusedlora (only 'none'); "
+                               f"{REFUSAL_HINTS['bias']}")
     for name, default in _UNSUPPORTED.items():
         if config.get(name, default) not in (default, [], {}):
-            raise AdapterFileError(f"{file}: {name}={config[name]!r} is not supported by fusedlora")
+            raise AdapterFileError(f"{file}: {name}={config[name]!r} is not supported by fusedlora; {REFUSAL_HINTS[name]}")
     return config
 
 

@@ -4,6 +4,7 @@ and a resumed run continues bit for bit."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,20 @@ def test_bad_files_are_clear_errors_and_change_nothing(tmp_path, damage, fragmen
         load_adapter(model, tmp_path / "a")
     assert str(tmp_path / "a") in str(info.value)
     assert all(torch.equal(before[name], p) for name, p in _adapter_params(model).items())
+
+
+@pytest.mark.parametrize("option,value", [("use_dora", True), ("fan_in_fan_out", True), ("modules_to_save", ["head"]),
+                                          ("layers_to_transform", [0]), ("layer_replication", [[0, 1]]),
+                                          ("lora_bias", True), ("trainable_token_indices", [3]), ("bias", "all")])
+def test_each_refused_peft_option_is_named_with_what_to_do(tmp_path, option, value):
+    from fusedlora.adapters import REFUSAL_HINTS
+
+    save_adapter(_adapted(), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps({**config, option: value}))
+    with pytest.raises(AdapterFileError, match=re.escape(f"{option}={value!r} is not supported by fusedlora")) as info:
+        load_adapter(_adapted(seed=3), tmp_path / "a")
+    assert str(info.value).endswith(REFUSAL_HINTS[option])
 
 
 def test_a_failed_load_into_a_plain_model_adds_no_layers(tmp_path):
