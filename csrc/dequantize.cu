@@ -5,7 +5,7 @@
 // of T times their factor in one paired multiply, as the tensor-core GEMM stages its weight tile
 // (csrc/weight_chunks.cuh), and writes them with four 16-byte stores. A block covers kThreads runs
 // of a row and walks the rows gridDim.y apart (one absmax or row scale a run). Shapes and storage:
-// those of gemm_on_tensor_cores (K a multiple of 64, W read in 16-byte chunks); out 16-byte aligned.
+// dequantize_takes; out 16-byte aligned.
 
 #include <algorithm>
 
@@ -45,6 +45,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 }  // namespace
+
+bool dequantize_takes(at::ScalarType type, const WeightView& w) {
+  if ((type != at::kHalf && type != at::kBFloat16) || w.k < kRunElements || w.k % kRunElements != 0) return false;
+  if (w.fmt == kNf4 || w.fmt == kFp4) return aligned_to(w.data, 16) && w.blocksize >= kRunElements;
+  return byte_chunks_readable(w, type == at::kHalf ? kFloat16 : kBFloat16);
+}
 
 void launch_dequantize(const WeightView& w, at::Tensor& out) {
   const int64_t rows = out.size(0);

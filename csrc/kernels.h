@@ -39,8 +39,11 @@ void launch_shrink(const at::Tensor& x, const at::Tensor& lora_a, const Dropout&
 // dx (M, K) = drop'(du · A) in dx's dtype (fp32, fp16 or bf16).
 void launch_lora_dx(const at::Tensor& du, const at::Tensor& lora_a, const Dropout& dropout, at::Tensor& dx);
 
-// out (N, K) = deq(W) in out's dtype (fp16 or bf16; csrc/dequantize.cu), where gemm_on_tensor_cores
-// holds for W and x of that dtype; out's rows 16-byte aligned.
+// out (N, K) = deq(W) in out's dtype (fp16 or bf16; csrc/dequantize.cu), where dequantize_takes holds
+// for that dtype: K a positive multiple of 32 and W read in 16-byte chunks (4-bit: 16-byte aligned
+// codes, blocksize >= 32; int8 / fp8: rows 16-byte aligned; dense: that dtype, rows 16-byte aligned);
+// out's rows 16-byte aligned.
+bool dequantize_takes(at::ScalarType type, const WeightView& w);
 void launch_dequantize(const WeightView& w, at::Tensor& out);
 
 // y (M, N) = x · deq(W)ᵀ + bias + scaling · u · Bᵀ; u undefined: no LoRA term. Tensor cores for

@@ -185,8 +185,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// dx: a block takes kDxRows rows and kThreads columns (one a thread), du's rows in shared memory,
-// A's elements read once a block.
+// dx: a block takes kThreads columns (one a thread) and walks row tiles of kDxRows, gridDim.y
+// apart; a tile's du rows sit in shared memory, A's elements are read once a tile.
 constexpr int kDxRows = 32;
 
 template <typename T>
@@ -194,24 +194,27 @@ __global__ void __launch_bounds__(kThreads)
     lora_dx_kernel(const float* __restrict__ du, int64_t ld_du, const float* __restrict__ a, int64_t ld_a,
                    Dropout dropout, T* __restrict__ dx, int64_t ld_dx, int64_t rows, int64_t k, int rank) {
   auto& du_tile = shared_array<float[kDxRows][kMaxRank], __LINE__>();
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kDxRows;
   const int64_t kk = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  for (int i = threadIdx.x; i < kDxRows * rank; i += kThreads) {
-    const int row = i / rank, j = i % rank;
-    du_tile[row][j] = m0 + row < rows ? du[(m0 + row) * ld_du + j] : 0.0f;
-  }
-  block_sync();
-  if (kk >= k) return;
-  float acc[kDxRows] = {};
-  for (int j = 0; j < rank; ++j) {
-    const float a_value = a[j * ld_a + kk];
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * kDxRows; m0 < rows; m0 += int64_t{gridDim.y} * kDxRows) {
+    for (int i = threadIdx.x; i < kDxRows * rank; i += kThreads) {
+      const int row = i / rank, j = i % rank;
+      du_tile[row][j] = m0 + row < rows ? du[(m0 + row) * ld_du + j] : 0.0f;
+    }
+    block_sync();
+    if (kk < k) {
+      float acc[kDxRows] = {};
+      for (int j = 0; j < rank; ++j) {
+        const float a_value = a[j * ld_a + kk];
 #pragma unroll
-    for (int row = 0; row < kDxRows; ++row) acc[row] = fmaf(du_tile[row][j], a_value, acc[row]);
-  }
+        for (int row = 0; row < kDxRows; ++row) acc[row] = fmaf(du_tile[row][j], a_value, acc[row]);
+      }
 #pragma unroll
-  for (int row = 0; row < kDxRows; ++row) {
-    const int64_t m = m0 + row;
-    if (m < rows) dx[m * ld_dx + kk] = from_float<T>(dropped(dropout, acc[row], m, kk, k));
+      for (int row = 0; row < kDxRows; ++row) {
+        const int64_t m = m0 + row;
+        if (m < rows) dx[m * ld_dx + kk] = from_float<T>(dropped(dropout, acc[row], m, kk, k));
+      }
+    }
+    block_sync();  // the tile is read before the next one is written
   }
 }
 
@@ -286,8 +289,8 @@ void launch_lora_dx(const at::Tensor& du, const at::Tensor& lora_a, const Dropou
   check_rank(rank);
   TORCH_CHECK(dx.stride(1) == 1 && lora_a.size(1) == k, "fusedlora: dx must be (M, K) with unit column stride");
   if (rows == 0 || k == 0) return;
-  const dim3 grid(static_cast<unsigned>(cdiv(k, kThreads)), static_cast<unsigned>(cdiv(rows, kDxRows)));
-  TORCH_CHECK(grid.y <= 65535, "fusedlora: too many rows for one launch (", rows, ")");
+  const int64_t row_groups = std::min<int64_t>(cdiv(rows, kDxRows), 65535);  // more rows: the blocks walk them
+  const dim3 grid(static_cast<unsigned>(cdiv(k, kThreads)), static_cast<unsigned>(row_groups));
   FUSEDLORA_DISPATCH_ACTIVATION(dx.scalar_type(), "fusedlora_lora_dx", [&] {
     using T = typename CudaType<scalar_t>::type;
     launch(lora_dx_kernel<T>, grid, dim3(kThreads), du.data_ptr<float>(), du.stride(0), lora_a.data_ptr<float>(),

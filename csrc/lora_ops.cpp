@@ -84,13 +84,17 @@ at::ScalarType lora_dtype(const Tensor& x, const Tensor& lora_a, const Tensor& l
   return at::promote_types(at::promote_types(x.scalar_type(), lora_a.scalar_type()), lora_b.scalar_type());
 }
 
-// Whether a large-M call runs in the workspace regime: asked for (the Python backend chooses by M,
-// fusedlora/backends/regimes.py) and possible, the left operand and W as the tensor-core GEMM takes
-// them (16-bit, W read in 16-byte chunks); else it stays fused.
-bool in_workspace(c10::string_view regime, const Tensor& left, const WeightView& w, int64_t n, int64_t k) {
+void check_regime(c10::string_view regime) {
   TORCH_CHECK(regime == "fused" || regime == "workspace", "fusedlora: regime must be 'fused' or 'workspace', got '",
               std::string(regime), "'");
-  return regime == "workspace" && gemm_on_tensor_cores(left, w, n, k);
+}
+
+// Whether a large-M call runs in the workspace regime: asked for (the Python backend chooses by M,
+// fusedlora/backends/regimes.py) and possible, W one the dequantization reads for activations of
+// `type` (dequantize_takes); else it stays fused. The activations need no layout: the shrink
+// copies x, ATen's matmuls take any strides.
+bool in_workspace(c10::string_view regime, at::ScalarType type, const WeightView& w) {
+  return regime == "workspace" && dequantize_takes(type, w);
 }
 
 // An uninitialised (rows, columns) matrix whose rows start 16 bytes apart, as cuBLAS's fast paths
@@ -154,6 +158,7 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_ten
                                          const Tensor& lora_b, double scaling, const std::optional<Tensor>& bias,
                                          double dropout_p, const Tensor& seed, c10::string_view regime) {
   check_inputs(x_in, lora_a, lora_b, w_shape);
+  check_regime(regime);
   const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
   const int64_t rows = x.size(0), columns = w_shape[0], rank = lora_a.size(0);
@@ -167,7 +172,7 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x_in, at::TensorList w_ten
         y, u);
     return {y, u};
   }
-  if (in_workspace(regime, x, weight, columns, w_shape[1])) {
+  if (in_workspace(regime, x.scalar_type(), weight)) {
     return forward_in_workspace(x, weight, w_tensors[kData], columns, lora_a, lora_b, scaling, bias,
                                 dropout_of(dropout_p, seed));
   }
@@ -187,6 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y_in, const 
                                                  const Tensor& lora_b, double scaling, double dropout_p,
                                                  const Tensor& seed, bool need_dx, c10::string_view regime) {
   check_inputs(x_in, lora_a, lora_b, w_shape);
+  check_regime(regime);
   const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == x_in.size(0) && grad_y_in.size(1) == w_shape[0] &&
                   grad_y_in.scalar_type() == x_in.scalar_type(),
@@ -211,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y_in, const 
   }
   Tensor grad_x = at::empty({0}, x.options());
   const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
-  if (need_dx && rows > 0 && in_workspace(regime, grad_y, weight, columns, k)) {
+  if (need_dx && rows > 0 && in_workspace(regime, grad_y.scalar_type(), weight)) {
     grad_x = grad_x_in_workspace(grad_y, weight, w_tensors[kData], du, a32, dropout);
   } else if (need_dx) {
     grad_x = at::empty({rows, k}, x.options());

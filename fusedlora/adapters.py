@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -18,15 +19,15 @@ from typing import Optional
 
 import torch
 from .checks import check_probability, check_quant
-from .formats import FORMATS
 from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, select_targets
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# The frozen weights' format the adapter was trained over, in the safetensors metadata (PEFT ignores it).
-BASE_FORMAT_KEY = "fusedlora_base_format"
+# The frozen weights' formats the adapter was trained over, per layer, in the safetensors metadata
+# (PEFT ignores it): JSON {layer name: {"quant": format, "blocksize": int, "double_quant": bool}}.
+BASE_FORMAT_KEY = "fusedlora_base_formats"
 log = logging.getLogger("fusedlora")
 _UNSUPPORTED = {  # PEFT options this package does not implement: refused, never silently ignored
     "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
@@ -108,15 +109,38 @@ def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional
     DDP/FSDP2 call it on every rank (sharded adapters are gathered); rank 0 writes."""
     config = adapter_config(model, base_model_name_or_path)
     tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
-    base_format = _most_common([layer.base_weight.fmt for layer in lora_layers(model).values()])
+    base_formats = json.dumps({name: _base_format(layer.base_weight) for name, layer in lora_layers(model).items()},
+                              sort_keys=True)
     if not is_writer():
         return
 
     def write(folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        write_safetensors(tensors, folder / WEIGHTS_NAME, {BASE_FORMAT_KEY: base_format}, atomic=False)
+        write_safetensors(tensors, folder / WEIGHTS_NAME, {BASE_FORMAT_KEY: base_formats}, atomic=False)
 
     _atomic_folder_swap(Path(path), write)
+
+
+def _base_format(weight) -> dict:
+    """How `apply_lora` rebuilds a layer's frozen weight: its format and 4-bit layout."""
+    four_bit = weight.fmt in ("nf4", "fp4")
+    return {"quant": weight.fmt, "blocksize": weight.blocksize if four_bit else 64,
+            "double_quant": bool(weight.nested) if four_bit else True}
+
+
+def _recorded_formats(file: Path, metadata: dict) -> Optional[dict]:
+    """The per-layer formats a fusedlora-saved adapter records, checked; None for other files."""
+    if BASE_FORMAT_KEY not in metadata:
+        return None
+    try:
+        recorded = json.loads(metadata[BASE_FORMAT_KEY])
+        for entry in recorded.values():
+            check_quant(entry["quant"])
+            if not isinstance(entry["blocksize"], int) or not isinstance(entry["double_quant"], bool):
+                raise ValueError(f"a blocksize must be an int and double_quant a bool, got {entry}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise AdapterFileError(f"{file}: unreadable {BASE_FORMAT_KEY} metadata ({err})") from None
+    return recorded
 
 
 def resolve_adapter_folder(path) -> Path:
@@ -180,10 +204,11 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
 
     A model without LoRALinear layers first gets them from the config (`apply_lora` with its
     target modules, ranks and alphas), their frozen weights in the format `quant`: "auto" (the
-    default) is the format the adapter was trained over when fusedlora saved it (its file says),
-    else the base kept as it is (dense; bitsandbytes layers keep theirs), as PEFT runs it; a
-    format name, or None for dense, chooses. The choice is logged (logger "fusedlora"). Every
-    key, shape and dtype is checked before anything is assigned: on error the model is unchanged.
+    default) is each layer's format when fusedlora saved the adapter (its file records format,
+    blocksize and nesting per layer), else the base kept as it is (dense, with a warning;
+    bitsandbytes layers keep theirs), as PEFT runs it; a format name, or None for dense, chooses.
+    The choice is logged (logger "fusedlora"). Every key, shape and dtype is checked before
+    anything is assigned: on error the model is unchanged.
     """
     if quant != "auto":
         check_quant(quant)
@@ -204,18 +229,24 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
             shapes[f"{name}.lora_B.weight"] = (linear.out_features, r)
     check_fit(path / WEIGHTS_NAME, tensors, shapes)
     if not existing:
-        if quant == "auto":
-            quant = metadata.get(BASE_FORMAT_KEY)
-            if quant is not None and quant not in FORMATS:
-                raise AdapterFileError(f"{path / WEIGHTS_NAME}: {BASE_FORMAT_KEY} is {quant!r}, not a weight format")
-            reason = "the format the adapter was trained over" if quant else "no format recorded: the base as it is"
+        recorded = _recorded_formats(path / WEIGHTS_NAME, metadata) if quant == "auto" else None
+        if recorded:  # layers grouped by format, each group named by a whole-name regex
+            groups: dict = {}
+            for name in select_targets(model, targets):
+                layout = recorded.get(name, {"quant": None, "blocksize": 64, "double_quant": True})
+                groups.setdefault(tuple(sorted(layout.items())), []).append(name)
+            for layout, names in groups.items():
+                _add_layers(model, "|".join(re.escape(name) for name in names), config, **dict(layout))
+            log.info("load_adapter: %s's frozen weights in the formats the adapter was trained over: %s", path,
+                     sorted({dict(layout)["quant"] or "dense" for layout in groups}))
         else:
-            reason = "as asked"
-        apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                   quant=quant, rslora=bool(config.get("use_rslora")), rank_pattern=config.get("rank_pattern"),
-                   alpha_pattern=config.get("alpha_pattern"))
-        log.info("load_adapter: %s's frozen weights kept in %s (%s; bitsandbytes layers keep theirs)", path,
-                 quant or "dense", reason)
+            if quant == "auto":
+                quant = None
+                warnings.warn(f"load_adapter: {path} records no base format (a PEFT adapter): the frozen weights are "
+                              "kept as they are (dense; bitsandbytes layers keep theirs), as PEFT runs them; pass "
+                              "quant='nf4' (or another format) to quantize them", stacklevel=2)
+            _add_layers(model, targets, config, quant=quant)
+            log.info("load_adapter: %s's frozen weights in %s", path, quant or "dense (as they are)")
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
@@ -223,6 +254,13 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
             layer.set_hyperparameters(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),
                                       config.get("lora_dropout", 0.0), config.get("use_rslora"))
     return model
+
+
+def _add_layers(model: torch.nn.Module, targets, config: dict, quant: Optional[str], blocksize: int = 64,
+                double_quant: bool = True) -> None:
+    apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+               quant=quant, blocksize=blocksize, double_quant=double_quant, rslora=bool(config.get("use_rslora")),
+               rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
 
 
 def check_fit(file: Path, tensors: dict, shapes: dict) -> None:

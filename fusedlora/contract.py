@@ -80,7 +80,7 @@ def fake_forward(x, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, s
 def fake_backward(grad_y, x, u, w_tensors, w_format, w_shape, w_blocksize, lora_A, lora_B, scaling, dropout_p, seed,
                   need_dx, backend=None, regime=None):
     """The backward ops' outputs: dx (M, K), or an empty tensor without `need_dx`; dA, dB like A
-    and B. `backend` is the dispatching op's own argument, `regime` the CUDA op's; neither changes
-    the outputs' shapes."""
+    and B. `backend` is the dispatching op's own argument; the CUDA op's `regime` lands in that
+    parameter when passed by position, in `regime` by name. Neither changes the outputs' shapes."""
     grad_x = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)

@@ -7,7 +7,7 @@ For element i of the row-major flattened (M, K) input and a 32-bit seed (docs/de
     keep = h >= floor(p · 2^32)
 
 Backward regenerates the mask from the seed instead of storing it. Torch has no full uint32
-arithmetic: a mask of fewer than 2^31 elements is hashed in int32, whose products wrap mod 2^32 as
+arithmetic: a mask of at most 2^31 elements is hashed in int32, whose products wrap mod 2^32 as
 uint32's do (a logical shift is an arithmetic one masked; the comparison flips the sign bit), in
 place, a third of the memory traffic of int64; larger ones in int64, each 32-bit product formed
 from 16-bit halves (no overflow). Both give the same bits (tests/test_dropout.py).

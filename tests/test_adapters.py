@@ -65,22 +65,28 @@ def test_peft_loads_what_we_save(tmp_path):
 
 
 def test_load_adapter_keeps_the_base_as_it_is_unless_told_and_says_which(tmp_path, caplog):
-    """A PEFT adapter (no format recorded) goes onto the base as it is, as PEFT runs it; one that
-    fusedlora saved over nf4 goes onto nf4; `quant` chooses; a bad `quant` is named as such."""
+    """A PEFT adapter (no format recorded) goes onto the base as it is, as PEFT runs it, with a
+    warning; one that fusedlora saved goes onto each layer's format, blocksize and nesting;
+    `quant` chooses; a bad `quant` is named as such."""
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "0", "1"], init_lora_weights=False)
     peft_model = peft.get_peft_model(Net(), config).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     x = torch.randn(5, 32)
-    with caplog.at_level("INFO", logger="fusedlora"):
+    with caplog.at_level("INFO", logger="fusedlora"), pytest.warns(UserWarning, match="records no base format"):
         fresh = load_adapter(Net(), tmp_path / "peft").eval()
     assert {layer.weight.fmt for layer in (fresh.up, *fresh.blocks)} == {"dense"}
-    assert "kept in dense (no format recorded: the base as it is" in caplog.text
+    assert "frozen weights in dense (as they are)" in caplog.text
     torch.testing.assert_close(fresh(x), peft_model(x), atol=1e-5, rtol=1e-5)
-    save_adapter(apply_lora(Net(), ["up"], r=4, quant="nf4"), tmp_path / "nf4")
+    mixed = apply_lora(apply_lora(Net(), ["up"], r=4, quant="nf4", blocksize=128, double_quant=False),
+                       ["blocks.0"], r=4, quant="int8")
+    save_adapter(mixed, tmp_path / "nf4")
     caplog.clear()
-    with caplog.at_level("INFO", logger="fusedlora"):
-        assert load_adapter(Net(), tmp_path / "nf4").up.weight.fmt == "nf4"
-    assert "kept in nf4 (the format the adapter was trained over" in caplog.text
+    with caplog.at_level("INFO", logger="fusedlora"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = load_adapter(Net(), tmp_path / "nf4")
+    assert restored.up.weight.describe() == "nf4(blocksize=128)" and restored.blocks[0].weight.fmt == "int8"
+    assert not isinstance(restored.blocks[1], LoRALinear)
+    assert "in the formats the adapter was trained over: ['int8', 'nf4']" in caplog.text
     assert load_adapter(Net(), tmp_path / "nf4", quant="int8").up.weight.fmt == "int8"
     assert load_adapter(Net(), tmp_path / "nf4", quant=None).up.weight.fmt == "dense"
     for bad in ("nf5", "auto "):

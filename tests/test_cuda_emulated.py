@@ -102,9 +102,10 @@ def _matrix() -> list[Case]:
         Case(65, 192, 64, 4, "int8", torch.bfloat16, x_padding=8, deterministic=True, regime="workspace"),
         Case(20, 128, 40, 8, "fp8", torch.float16, p=0.1, lora_dtype=torch.float32, regime="workspace"),
         Case(17, 64, 80, 20, "dense", torch.bfloat16, weight_dtype=torch.bfloat16, need_dx=False, regime="workspace"),
-        # ... and where it cannot take the call: fp32 x, N not a multiple of 8 (they stay fused)
+        Case(40, 96, 70, 8, "nf4", torch.bfloat16, p=0.1, x_padding=4, regime="workspace"),  # any N, any x layout
+        # ... and where it cannot take the call: fp32 x, K not a multiple of 32 (they stay fused)
         Case(40, 128, 72, 8, "nf4", torch.float32, regime="workspace"),
-        Case(40, 128, 70, 8, "nf4", torch.bfloat16, p=0.1, regime="workspace"),
+        Case(40, 80, 72, 8, "int8", torch.bfloat16, regime="workspace"),
     ]
 
 
@@ -184,6 +185,31 @@ def test_the_workspace_regime_without_the_lora_term(harness, fmt):
     assert_close(y, x.double() @ w64.t() + bias.double(), torch.bfloat16, "y")
     assert_close(dx, grad_y.double() @ w64, torch.bfloat16, "dx")
     assert u.dtype == torch.bfloat16 and not u.any() and not dA.any() and not dB.any()
+
+
+def test_the_workspace_regime_runs_where_its_rule_holds(harness):
+    """The matrix's workspace cases take it (W dequantized: 16-bit x, K a multiple of 32, W read
+    in 16-byte chunks) but for the two fallbacks its comment names, so each case tests the path it
+    says; a dense W in another dtype stays fused too."""
+    from fusedlora import quantize
+
+    takes = torch.ops.fusedlora_emulated.dequantize_takes
+    g = torch.Generator().manual_seed(10)
+    cases = [c for c in MATRIX if c.regime == "workspace"]
+    extra = [Case(40, 128, 72, 8, "dense", torch.float16)]  # W stored in fp32
+    assert len(cases) >= 7
+    fallbacks = 0
+    for case in cases + extra:
+        values = torch.randn(case.n, case.k, generator=g)
+        weight = quantize(values.to(case.weight_dtype) if case.fmt == "dense" else values, case.fmt, case.blocksize,
+                          case.double_quant)
+        left = torch.randn(case.m, case.k, generator=g).to(case.dtype)
+        rule = (case.dtype != torch.float32 and case.k % 32 == 0
+                and (case.fmt != "dense" or case.weight_dtype == case.dtype))
+        taken = takes(left, weight.tensors(), case.fmt, [case.n, case.k], weight.blocksize)
+        assert taken == rule, case.label
+        fallbacks += case in cases and not taken
+    assert fallbacks == 2
 
 
 def test_emulated_conversions_round_as_torch_does(harness):

@@ -392,6 +392,15 @@ def test_regime_choice_by_rows_and_format_and_its_overrides(monkeypatch):
     assert not regimes.products_in_x_dtype(torch.bfloat16, (torch.float16, torch.bfloat16))
     with regimes.force_regime("fused"):
         assert regimes.large_m_regime(8192, "int8", hopper, True) == "fused"
+    # The CUDA backend's choice, passed to its ops (its table, its dtype rule), on a Hopper
+    from fusedlora.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: hopper)
+    nf4, dense = quantize(torch.randn(64, 64), "nf4"), quantize(torch.randn(64, 64).bfloat16(), "dense")
+    x, a, b = torch.empty(rows, 64, dtype=torch.bfloat16), torch.empty(8, 64), torch.empty(64, 8)
+    assert cuda_backend._regime(x, nf4, a, b) == cuda_backend._regime(x, dense, a, b) == "workspace"
+    assert cuda_backend._regime(x[:rows - 1], nf4, a, b) == "fused"
+    assert cuda_backend._regime(x.float(), nf4, a, b) == cuda_backend._regime(x, nf4, a.half(), b) == "fused"
     dots = launch._dot_args(torch.bfloat16, (torch.bfloat16, torch.bfloat16))
     assert launch._regime(8192, ids["nf4"], dots) == "workspace"
     assert launch._regime(8192, ids["nf4"], launch._dot_args(torch.float32, (torch.float32,) * 2)) == "fused"

@@ -6,7 +6,7 @@
     cuda        the CUDA C++ kernels of csrc/ (the extension fusedlora._C)
 
 and the registry (registry.py) that chooses among them, explains every refusal and scopes forcing
-(regimes.py: the same for the Triton backend's two large-M regimes).
+(regimes.py: the same for the GPU backends' two large-M regimes).
 Preference: Triton, then CUDA C++ (for CUDA tensors Triton cannot take, or when forced), then the
 reference; the benchmark times both GPU families side by side, so that measurements decide it.
 """

@@ -7,6 +7,8 @@
 //   fusedlora_emulated::mma_tile(a, bt, c, lane_shift, skip_wait): primitives_kernel.cuh's tile
 //   fusedlora_emulated::gemm_on_tensor_cores(left, w_tensors, w_format, w_shape, w_blocksize):
 //     whether the GEMM launchers take csrc/gemm_mma.cu for this left operand (x or g) and weight
+//   fusedlora_emulated::dequantize_takes(left, ...): whether a call asked to run in the workspace
+//     regime does so for activations of left's dtype and this weight
 // During a call every CPU allocation (the inputs' copies, which keep their strides, the outputs,
 // the temporaries) is guarded: it ends at an inaccessible page (16-byte granularity, the widest
 // load) and the pages before it, back to another inaccessible one, are 0xFF bytes (NaN in every
@@ -146,6 +148,11 @@ bool takes_tensor_cores(const Tensor& left, at::TensorList w_tensors, c10::strin
   return gemm_on_tensor_cores(left, weight_view(w_tensors, w_format, w_shape, w_blocksize), w_shape[0], w_shape[1]);
 }
 
+bool workspace_takes(const Tensor& left, at::TensorList w_tensors, c10::string_view w_format, at::IntArrayRef w_shape,
+                     int64_t w_blocksize) {
+  return dequantize_takes(left.scalar_type(), weight_view(w_tensors, w_format, w_shape, w_blocksize));
+}
+
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor& u,
                                             at::TensorList w_tensors, c10::string_view w_format,
                                             at::IntArrayRef w_shape, int64_t w_blocksize, const Tensor& lora_a,
@@ -222,6 +229,7 @@ TORCH_LIBRARY(fusedlora_emulated, m) {
   m.def("convert(Tensor values, str type) -> Tensor");
   m.def("mma_tile(Tensor a, Tensor bt, Tensor c, int lane_shift, bool skip_wait) -> Tensor");
   m.def("gemm_on_tensor_cores(Tensor left, Tensor[] w_tensors, str w_format, int[] w_shape, int w_blocksize) -> bool");
+  m.def("dequantize_takes(Tensor left, Tensor[] w_tensors, str w_format, int[] w_shape, int w_blocksize) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(fusedlora_emulated, CPU, m) {
@@ -230,6 +238,7 @@ TORCH_LIBRARY_IMPL(fusedlora_emulated, CPU, m) {
   m.impl("convert", &convert);
   m.impl("mma_tile", &mma_tile);
   m.impl("gemm_on_tensor_cores", &takes_tensor_cores);
+  m.impl("dequantize_takes", &workspace_takes);
 }
 
 }  // namespace fusedlora
