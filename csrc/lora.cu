@@ -189,8 +189,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // apart; a tile's du rows sit in shared memory, A's elements are read once a tile.
 constexpr int kDxRows = 32;
 
+// One CTA per SM at least, said outright: left to itself nvcc 13 keeps this kernel at 48 registers on
+// sm_90 and spills a 64-bit value to the stack (python -m fusedlora inspect --arch 90 --check).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     lora_dx_kernel(const float* __restrict__ du, int64_t ld_du, const float* __restrict__ a, int64_t ld_a,
                    Dropout dropout, T* __restrict__ dx, int64_t ld_dx, int64_t rows, int64_t k, int rank) {
   auto& du_tile = shared_array<float[kDxRows][kMaxRank], __LINE__>();
