@@ -43,9 +43,8 @@ def build_jit(verbose: bool = False) -> None:
                    is_python_module=False, verbose=verbose)
 
 
-def _unavailable(reason: str) -> str:
-    # A warning where a CUDA GPU could use the extension; without one, only a note (info level).
-    log.log(logging.WARNING if torch.cuda.is_available() else logging.INFO, "fusedlora: %s", reason)
+def _unavailable(reason: str, level: int = logging.WARNING) -> str:
+    log.log(level, "fusedlora: %s", reason)
     return reason
 
 
@@ -70,9 +69,9 @@ def _load() -> Optional[str]:
                 build_jit()
             except Exception as build_error:  # a failed build is reported like a missing extension
                 return _unavailable(f"the just-in-time build of the CUDA extension failed: {build_error}")
-        elif missing and not torch.cuda.is_available():
+        elif missing and not torch.cuda.is_available():  # nothing could use it here: a note, not a warning
             return _unavailable(f"fusedlora._C is not built ({err}); only CUDA tensors use it, and no CUDA GPU is "
-                                "visible here")
+                                "visible here", logging.INFO)
         elif missing:
             return _unavailable(f"fusedlora._C is not built ({err}); build it with FUSEDLORA_BUILD_CUDA=1 pip install "
                                 f"--no-build-isolation ., or call fusedlora.extension.build_jit() (or set {JIT_ENV}=1)")

@@ -16,7 +16,8 @@ from fusedlora import fused_lora_linear, quantize
 from fusedlora.backends import backend_id
 from fusedlora.dropout import keep_mask
 from fusedlora.ops import lora_linear_bwd, lora_linear_fwd
-from helpers import assert_close, float64_oracle, interpreter_bf16_dot, poisoned_triton_outputs, random_weight
+from helpers import (assert_close, float64_oracle, interpreter_bf16_dot, poisoned_triton_outputs, random_weight,
+                     unpack_codes)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter suite: conftest sets TRITON_INTERPRET=1 where there is no GPU")
@@ -189,7 +190,7 @@ def test_a_word_step_puts_every_code_in_its_place(fmt, dtype):
     """`four_bit_codes` (the small-M kernel's 4-bit step from 32-bit words) gives code[W[n, k]] in
     the MMA's dtype at (n, k - k0), bit for bit, and each row's absmax."""
     from fusedlora.formats.codebooks import code_table
-    
+
     n, k, blocksize, k0, block_k = 16, 256, 64, 128, 64
     weight = quantize(random_weight(n, k, generator=torch.Generator().manual_seed(9)), fmt, blocksize,
                       double_quant=False)
