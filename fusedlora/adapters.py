@@ -6,6 +6,7 @@ beside the target, then swapped in), so an interrupted save leaves the previous 
 and checksums saved with the tensors catch a file corrupted since (see `fusedlora.safefiles`).
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,8 @@ from typing import Optional
 
 import torch
 from .checks import check_probability, check_quant
-from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, select_targets
+from .formats.fourbit import check_blocksize
+from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, replace_submodule, select_targets
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -128,16 +130,23 @@ def _base_format(weight) -> dict:
             "double_quant": bool(weight.nested) if four_bit else True}
 
 
-def _recorded_formats(file: Path, metadata: dict) -> Optional[dict]:
-    """The per-layer formats a fusedlora-saved adapter records, checked; None for other files."""
+def _recorded_formats(file: Path, metadata: dict, layers: list) -> Optional[dict]:
+    """The formats a fusedlora-saved adapter records for each of `layers`, checked whole (so that
+    applying them cannot fail on the record); None for files without a record (PEFT's)."""
     if BASE_FORMAT_KEY not in metadata:
         return None
     try:
         recorded = json.loads(metadata[BASE_FORMAT_KEY])
+        if not isinstance(recorded, dict) or not all(isinstance(entry, dict) for entry in recorded.values()):
+            raise ValueError("expected an object of objects")
+        missing = sorted(set(layers) - set(recorded))
+        if missing:
+            raise ValueError(f"no format recorded for {missing}")
         for entry in recorded.values():
+            if set(entry) != {"quant", "blocksize", "double_quant"} or not isinstance(entry["double_quant"], bool):
+                raise ValueError(f"an entry must hold quant, blocksize and a bool double_quant, got {entry}")
             check_quant(entry["quant"])
-            if not isinstance(entry["blocksize"], int) or not isinstance(entry["double_quant"], bool):
-                raise ValueError(f"a blocksize must be an int and double_quant a bool, got {entry}")
+            check_blocksize(entry["blocksize"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise AdapterFileError(f"{file}: unreadable {BASE_FORMAT_KEY} metadata ({err})") from None
     return recorded
@@ -229,16 +238,17 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
             shapes[f"{name}.lora_B.weight"] = (linear.out_features, r)
     check_fit(path / WEIGHTS_NAME, tensors, shapes)
     if not existing:
-        recorded = _recorded_formats(path / WEIGHTS_NAME, metadata) if quant == "auto" else None
-        if recorded:  # layers grouped by format, each group named by a whole-name regex
+        chosen = select_targets(model, targets)
+        recorded = _recorded_formats(path / WEIGHTS_NAME, metadata, chosen) if quant == "auto" else None
+        if recorded is not None:  # layers grouped by format, each group named by a whole-name regex
             groups: dict = {}
-            for name in select_targets(model, targets):
-                layout = recorded.get(name, {"quant": None, "blocksize": 64, "double_quant": True})
-                groups.setdefault(tuple(sorted(layout.items())), []).append(name)
-            for layout, names in groups.items():
-                _add_layers(model, "|".join(re.escape(name) for name in names), config, **dict(layout))
+            for name in chosen:
+                groups.setdefault(tuple(sorted(recorded[name].items())), []).append(name)
+            with _restored_on_error(model, chosen):
+                for layout, names in groups.items():
+                    _add_layers(model, "|".join(re.escape(name) for name in names), config, **dict(layout))
             log.info("load_adapter: %s's frozen weights in the formats the adapter was trained over: %s", path,
-                     sorted({dict(layout)["quant"] or "dense" for layout in groups}))
+                     sorted({dict(layout)["quant"] for layout in groups}))
         else:
             if quant == "auto":
                 quant = None
@@ -254,6 +264,22 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
             layer.set_hyperparameters(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),
                                       config.get("lora_dropout", 0.0), config.get("use_rslora"))
     return model
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: torch.nn.Module, names: list):
+    """Put `names`' modules and every parameter's requires_grad back if the block raises (several
+    `apply_lora` calls, each atomic alone)."""
+    modules = {name: model.get_submodule(name) for name in names}
+    trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    try:
+        yield
+    except BaseException:
+        for name, module in modules.items():
+            replace_submodule(model, name, module)
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
+        raise
 
 
 def _add_layers(model: torch.nn.Module, targets, config: dict, quant: Optional[str], blocksize: int = 64,

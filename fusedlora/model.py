@@ -34,7 +34,8 @@ def _output_head(model: nn.Module) -> Optional[nn.Module]:
     return get_output_embeddings() if callable(get_output_embeddings) else None
 
 
-def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of `model`'s submodule `name` (a dotted path)."""
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child_name, new)
 
@@ -115,7 +116,7 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
                                            rslora=rslora, init=init)
               for name in chosen}
     for name, layer in layers.items():
-        _replace_submodule(model, name, layer)
+        replace_submodule(model, name, layer)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for module in model.modules():
@@ -137,7 +138,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if isinstance(model, LoRALinear):
         return model.to_linear()
     for name, layer in lora_layers(model).items():
-        _replace_submodule(model, name, layer.to_linear())
+        replace_submodule(model, name, layer.to_linear())
     return model
 
 

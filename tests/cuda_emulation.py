@@ -141,7 +141,7 @@ SMOKE = [
     Case(2, 832, 300, 8, "nf4", torch.bfloat16, p=0.1),  # FMA small M (K not a multiple of 256), four slices
     Case(12, 512, 136, 8, "nf4", torch.bfloat16, p=0.1),  # small M on tensor cores, in two slices
     Case(70, 128, 136, 16, "nf4", torch.bfloat16, p=0.1),  # the GEMMs on tensor cores: two steps, partial tiles
-    Case(40, 128, 136, 8, "nf4", torch.bfloat16, p=0.1, regime="workspace"),  # W dequantized, rows in 3 trips
+    Case(40, 128, 136, 8, "nf4", torch.bfloat16, p=0.1, regime="workspace"),  # W dequantized, its rows in 3 trips
 ]
 
 

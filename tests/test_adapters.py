@@ -98,6 +98,41 @@ def test_load_adapter_keeps_the_base_as_it_is_unless_told_and_says_which(tmp_pat
         LoRALinear.from_linear(nn.Linear(8, 8), quant="q4")
 
 
+@pytest.mark.parametrize("record", [{"up": {"quant": "nf4", "blocksize": 48, "double_quant": True}},
+                                    {"up": {"quant": "nf4", "blocksize": 64, "double_quant": True, "extra": 1}},
+                                    {"up": {"quant": "q4", "blocksize": 64, "double_quant": True}},
+                                    {}, [1], "nf4"])
+def test_a_bad_format_record_is_a_clear_error_and_changes_nothing(tmp_path, record):
+    from fusedlora.adapters import BASE_FORMAT_KEY
+    from fusedlora.safefiles import read_safetensors, write_safetensors
+
+    save_adapter(apply_lora(Net(), ["up", "blocks.0"], r=4, quant="int8"), tmp_path / "a")
+    tensors, _ = read_safetensors(tmp_path / "a" / WEIGHTS_NAME)
+    entries = record if not isinstance(record, dict) or not record else {
+        "blocks.0": {"quant": "int8", "blocksize": 64, "double_quant": True}, **record}
+    write_safetensors(tensors, tmp_path / "a" / WEIGHTS_NAME, {BASE_FORMAT_KEY: json.dumps(entries)})
+    model = Net()
+    before = {name: type(module) for name, module in model.named_modules()}
+    with pytest.raises(AdapterFileError, match=f"unreadable {BASE_FORMAT_KEY} metadata"):
+        load_adapter(model, tmp_path / "a")
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_load_that_fails_midway_through_its_formats_changes_nothing(tmp_path):
+    """Layers of two recorded formats are added in two steps; the second failing (a NaN weight
+    cannot be quantized) undoes the first."""
+    mixed = apply_lora(apply_lora(Net(), ["up"], r=4, quant="nf4"), ["blocks.0"], r=4, quant="int8")
+    save_adapter(mixed, tmp_path / "a")
+    model = Net()
+    with torch.no_grad():
+        model.blocks[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        load_adapter(model, tmp_path / "a")
+    assert not any(isinstance(module, LoRALinear) for module in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_we_load_what_peft_saves(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "0", "1"], rank_pattern={"blocks.1": 6},
                              alpha_pattern={"up": 3}, use_rslora=True, init_lora_weights=False)

@@ -295,8 +295,9 @@ def _gemm_on_tensor_cores(case: Case) -> bool:
 
 def _in_workspace(case: Case, regime: str) -> bool:
     """csrc/lora_ops.cpp's in_workspace (dequantize_takes) for a training `case` asked to run in
-    `regime` (bf16 x, W as `weight_bytes` builds it: K a multiple of 32)."""
-    return regime == "workspace" and case.k >= 32 and case.k % 32 == 0
+    `regime` (bf16 x, W as `weight_bytes` builds it: K a multiple of a run, 32 weights)."""
+    run = constant("weight_chunks.cuh", "kRunChunks") * constant("weight_chunks.cuh", "kChunkElements")
+    return regime == "workspace" and case.k >= run and case.k % run == 0
 
 
 def _launches(case: Case, regime: str) -> list:
