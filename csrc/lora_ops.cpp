@@ -1,7 +1,7 @@
 // The CUDA backend's host logic: the weight view and the dropout of a call, the checks of its
-// inputs, and the order of the launches in each regime (docs/design.md §4). csrc/ops.cpp registers it as the ops
-// fusedlora::cuda_lora_fwd / cuda_lora_bwd; the CPU execution harness (tests/emulation/) calls it
-// with the kernels emulated.
+// inputs, and the order of the launches in each regime (docs/design.md §4). csrc/ops.cpp registers
+// it as the ops fusedlora::cuda_lora_fwd / cuda_lora_bwd; the CPU execution harness
+// (tests/emulation/) calls it with the kernels emulated.
 
 #include <ATen/ATen.h>
 
@@ -129,7 +129,8 @@ std::tuple<Tensor, Tensor> forward_in_workspace(const Tensor& x, const WeightVie
   };
   const auto u_type = lora_dtype(x, lora_a, lora_b);
   if (scaling == 0.0) {
-    return {product(x, weight_matrix(w, stored, columns, 0, x.scalar_type())), at::zeros({rows, rank}, x.options().dtype(u_type))};
+    return {product(x, weight_matrix(w, stored, columns, 0, x.scalar_type())),
+            at::zeros({rows, rank}, x.options().dtype(u_type))};
   }
   Tensor weight_ext = weight_matrix(w, stored, columns, rank, x.scalar_type());
   weight_ext.narrow(1, k, rank).copy_(lora_b * scaling);
@@ -216,12 +217,14 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y_in, const 
     grad_a = da_partials.sum(0);
   }
   Tensor grad_x = at::empty({0}, x.options());
-  const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
-  if (need_dx && rows > 0 && in_workspace(regime, grad_y.scalar_type(), weight)) {
-    grad_x = grad_x_in_workspace(grad_y, weight, w_tensors[kData], du, a32, dropout);
-  } else if (need_dx) {
-    grad_x = at::empty({rows, k}, x.options());
-    launch_grad_x_gemm(grad_y, weight, du, a32, dropout, grad_x);
+  if (need_dx) {
+    const WeightView weight = weight_view(w_tensors, w_format, w_shape, w_blocksize);
+    if (rows > 0 && in_workspace(regime, grad_y.scalar_type(), weight)) {
+      grad_x = grad_x_in_workspace(grad_y, weight, w_tensors[kData], du, a32, dropout);
+    } else {
+      grad_x = at::empty({rows, k}, x.options());
+      launch_grad_x_gemm(grad_y, weight, du, a32, dropout, grad_x);
+    }
   }
   return {grad_x, grad_a.to(lora_a.scalar_type()), grad_b.to(lora_b.scalar_type())};
 }

@@ -57,7 +57,7 @@ def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: O
     else:
         matches = _name_matcher(target_modules, "target_modules")
         wanted = lambda name, module: matches(name)  # noqa: E731
-    excluded = _name_matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else (lambda name: False)
+    excluded = _exclusions(exclude_modules)
     chosen = []
     for name, module in model.named_modules():
         if not name or isinstance(module, (LoRALinear, LoRAFactor)) or excluded(name) or not wanted(name, module):
@@ -69,11 +69,15 @@ def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: O
     return chosen
 
 
-def _already_adapted(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets]) -> list:
-    """Names of the model's LoRALinear layers that the targets name (and the exclusions do not)."""
-    excluded = _name_matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else (lambda name: False)
+def _exclusions(exclude_modules: Optional[Targets]) -> Callable[[str], bool]:
+    return _name_matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else (lambda name: False)
+
+
+def _already_adapted(existing: dict, target_modules: Targets, exclude_modules: Optional[Targets]) -> list:
+    """Names of the `existing` LoRALinear layers that the targets name (and the exclusions do not)."""
+    excluded = _exclusions(exclude_modules)
     matches = (lambda name: True) if target_modules == "all-linear" else _name_matcher(target_modules, "target_modules")
-    return [name for name in lora_layers(model) if matches(name) and not excluded(name)]
+    return [name for name in existing if matches(name) and not excluded(name)]
 
 
 def _listed(names: list) -> str:
@@ -95,16 +99,16 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
     """
     check_quant(quant)
     chosen = select_targets(model, target_modules, exclude_modules)
-    adapted = _already_adapted(model, target_modules, exclude_modules)
+    existing = lora_layers(model)
+    adapted = _already_adapted(existing, target_modules, exclude_modules)
     if not chosen and not adapted:
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         regex = isinstance(target_modules, str) and target_modules != "all-linear"
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer"
                          f"{' (a string is a regular expression matched against whole module names)' if regex else ''}"
                          f"; the model's linear layers are {_listed(linears)}"
-                         f"{f' and its LoRA layers {_listed(list(lora_layers(model)))}' if lora_layers(model) else ''}")
-    kept = {name: layer.r for name, layer in lora_layers(model).items()
-            if name in adapted and layer.r != pattern_value(rank_pattern, name, r)}
+                         f"{f' and its LoRA layers {_listed(list(existing))}' if existing else ''}")
+    kept = {name: existing[name].r for name in adapted if existing[name].r != pattern_value(rank_pattern, name, r)}
     if kept:
         warnings.warn(f"apply_lora: {_listed(list(kept))} already have adapters, which keep their ranks "
                       f"({sorted(set(kept.values()))}, not r={r}); to change a rank, start from the base model",
