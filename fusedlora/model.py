@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .checks import check_quant
 from .module import LoRALinear, LoRAFactor
+from .storage import STORAGE_PREFIX
 
 Targets = Union[str, list, tuple, set]
 
@@ -183,7 +184,9 @@ class TrainableSummary:
 def trainable_summary(model: nn.Module) -> TrainableSummary:
     """How much of `model` trains: parameters and bytes, trainable and in all."""
     trainable = total = trainable_bytes = total_bytes = 0
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
+        if name.rsplit(".", 1)[-1].startswith(STORAGE_PREFIX):
+            continue  # a frozen weight's storage, counted as weights below
         size = parameter.numel() * parameter.element_size()
         total += parameter.numel()
         total_bytes += size

@@ -17,6 +17,7 @@ import torch.nn as nn
 from .checks import check_probability, check_quant
 from .formats import FrozenWeight, from_bnb_module, quantize
 from .ops import fused_lora_linear
+from .storage import held_weight, hold, is_sharded, load_shards, storage_names
 
 _INITS = ("kaiming", "gaussian")
 _BNB_LINEARS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
@@ -46,7 +47,8 @@ class LoRAFactor(nn.Module):
 class LoRALinear(nn.Module):
     """y = x·Wᵀ + scaling·lora_B(lora_A(dropout(x))) (+ bias), W frozen in any fusedlora format.
 
-    weight: a `FrozenWeight` (N, K); bias: (N,) or None, frozen; r: adapter rank (>= 1);
+    weight: a `FrozenWeight` (N, K), held as this layer's frozen `frozen_*` parameters so that
+    FSDP2 shards it (`fusedlora.storage`); bias: (N,) or None, frozen; r: adapter rank (>= 1);
     alpha: scaling = alpha / r (alpha / sqrt(r) with rslora); dropout: on the adapter input
     only; init: "kaiming" (A kaiming-uniform a=√5, B zeros, as PEFT) or "gaussian" (A normal
     with std 1/r); adapter_dtype: default the weight's dtype for a dense base, fp32 otherwise.
@@ -126,6 +128,16 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     @property
+    def weight(self) -> FrozenWeight:
+        """The frozen weight, a view of this layer's storage parameters (DTensors while FSDP2
+        holds them sharded)."""
+        return held_weight(self)
+
+    @weight.setter
+    def weight(self, weight: FrozenWeight) -> None:
+        hold(self, weight)
+
+    @property
     def base_weight(self) -> FrozenWeight:
         """The frozen weight without the adapter (the pre-merge weight while merged)."""
         return self._premerge_weight if self.merged else self.weight
@@ -133,7 +145,7 @@ class LoRALinear(nn.Module):
     def __getattr__(self, name: str):
         # torch.distributed.checkpoint (FSDP2's and Accelerate's state dicts) resolves every
         # state-dict key by getattr, so the base weight's keys beside "weight" must resolve too.
-        if name in _WEIGHT_KEYS[1:] and "weight" in self.__dict__:
+        if name in _WEIGHT_KEYS[1:] and "_weight_layout" in self.__dict__:
             state = self.base_weight.state_dict()
             if name in state:
                 return state[name]
@@ -203,8 +215,9 @@ class LoRALinear(nn.Module):
             self._adapter_enabled = previous
 
     def _apply(self, fn, recurse=True):
+        # The storage parameters are cast by torch's rules (floating ones only, and a packed
+        # format holds none); the pre-merge weight is a plain object, moved here.
         super()._apply(fn, recurse)
-        self.weight = self.weight.apply_module_fn(fn)
         if self._premerge_weight is not None:
             self._premerge_weight = self._premerge_weight.apply_module_fn(fn)
         return self
@@ -212,11 +225,18 @@ class LoRALinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # While merged the adapter is saved beside the base weight it was merged into: saving
         # the merged weight would apply the adapter twice once loaded.
+        # The storage parameters are saved under bitsandbytes' key names instead of their own.
         for key, tensor in self.base_weight.state_dict().items():
             destination[prefix + key] = tensor
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        own = {}
+        super()._save_to_state_dict(own, prefix, keep_vars)
+        storage = {prefix + name for name in storage_names(self)}
+        destination.update((key, value) for key, value in own.items() if key not in storage)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        storage = {prefix + name for name in storage_names(self)}
+        missing_keys[:] = [key for key in missing_keys if key not in storage]
         own = {key[len(prefix):]: value for key, value in state_dict.items()
                if key.startswith(prefix) and _is_weight_key(key[len(prefix):])}
         consumed = set()
@@ -232,9 +252,12 @@ class LoRALinear(nn.Module):
                 if loaded.shape != self.weight.shape:
                     error_msgs.append(f"{prefix}weight: shape {tuple(loaded.shape)} in the checkpoint, "
                                       f"{tuple(self.weight.shape)} in the model")
+                elif is_sharded(self):
+                    problem = load_shards(self, loaded)
+                    if problem:
+                        error_msgs.append(f"{prefix}weight: {problem}")
                 else:
                     self._take_loaded_weight(loaded, assign=local_metadata.get("assign_to_params_buffers", False))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         unexpected_keys[:] = [key for key in unexpected_keys if key not in consumed]
 
     def _take_loaded_weight(self, loaded: FrozenWeight, assign: bool) -> None:

@@ -98,11 +98,18 @@ class FrozenWeight:
         """Rebuild a weight from `tensors()` output (used inside the ops)."""
         return _FORMAT_CLASSES[fmt].from_tensors(fmt, tensors, shape, blocksize)
 
-    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "FrozenWeight":
+    def with_tensors(self, tensors: list[Tensor]) -> "FrozenWeight":
+        """This weight's layout (format, shape, settings) holding `tensors`, in `tensors()` order;
+        a dense weight takes their dtype."""
         moved = copy.copy(self)
-        for name in self.tensor_fields:
-            setattr(moved, name, fn(getattr(self, name)))
+        for name, tensor in zip(self.tensor_fields, tensors, strict=True):
+            setattr(moved, name, tensor)
+        if self.follows_dtype_casts:
+            moved.dtype = tensors[0].dtype
         return moved
+
+    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "FrozenWeight":
+        return self.with_tensors([fn(t) for t in self.tensors()])
 
     def to(self, device) -> "FrozenWeight":
         """This weight on `device` (the same object when it is already there)."""
@@ -132,10 +139,7 @@ class FrozenWeight:
                 return converted
             return t.to(converted.device)
 
-        moved = self._map_tensors(device_only)
-        if self.follows_dtype_casts:
-            moved.dtype = moved.tensors()[0].dtype
-        return moved
+        return self._map_tensors(device_only)
 
     def describe(self) -> str:
         """A short human-readable description, e.g. 'nf4(blocksize=64, nested)'."""
