@@ -36,6 +36,7 @@ _kernels_from_checkout()
 from .adapters import AdapterFileError, load_adapter, save_adapter
 from .checkpoint import load_training_state, save_training_state
 from .formats import FORMATS, FrozenWeight, from_bnb_module, quantize
+from .loading import load_checkpoint_shards, meta_parameters
 from .model import TrainableSummary, apply_lora, lora_layers, lora_state_dict, merge_and_unload, trainable_summary
 from .module import LoRALinear
 from .ops import fused_lora_linear
@@ -54,8 +55,10 @@ __all__ = [
     "from_torchtune",
     "fused_lora_linear",
     "load_adapter",
+    "load_checkpoint_shards",
     "load_training_state",
     "lora_layers",
+    "meta_parameters",
     "lora_state_dict",
     "merge_and_unload",
     "quantize",

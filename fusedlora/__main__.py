@@ -1,4 +1,4 @@
-"""Command line: `python -m fusedlora demo` (the main job), `info`, `bench` and `inspect`."""
+"""Command line: `python -m fusedlora demo` (the main job), `info`, `bench`, `inspect` and `plan`."""
 
 import argparse
 import platform
@@ -33,7 +33,13 @@ def main(argv=None) -> None:
     commands.add_parser("bench", help="benchmark against the peers (python -m fusedlora bench --help)", add_help=False)
     commands.add_parser("inspect", help="compiled kernels counted from SASS, and a MODEL of their speed "
                         "(python -m fusedlora inspect --help)", add_help=False)
+    commands.add_parser("plan", help="memory per GPU of a LoRA run under FSDP2 (python -m fusedlora plan --help)",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "plan":
+        from .plan import main as plan_main
+
+        raise SystemExit(plan_main(rest))
     if args.command == "inspect":
         from .inspection.cli import main as inspect_main
 

@@ -1,0 +1,189 @@
+"""Loading a quantized checkpoint into a model built without memory: each rank reads only the
+rows of its own shards (docs/design.md §10; the idea of Answer.AI's FSDP-QLoRA loader).
+
+    with fusedlora.meta_parameters():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    fusedlora.apply_lora(model, "all-linear", quant="nf4")      # layouts only: nothing quantized
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    fusedlora.load_checkpoint_shards(model, "checkpoint/", device="cuda")
+
+The checkpoint is safetensors with the model's state-dict keys: one fusedlora saved
+(`model.state_dict()`, bitsandbytes' key names for the frozen weights) or a Hugging Face
+bitsandbytes checkpoint of the same formats.
+"""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from .module import LoRALinear
+from .storage import local_part, shard_slices
+
+Tensor = torch.Tensor
+_QUANT_STATE = ".weight.quant_state.bitsandbytes__"
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Within the block, modules register their parameters on the meta device (no memory, no
+    initialisation cost); buffers stay real, so computed ones such as rotary frequencies keep
+    their values (as accelerate's `init_empty_weights(include_buffers=False)`)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, parameter):
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
+    """The safetensors files of `path`: one file, or every `*.safetensors` in a folder."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() and f.suffix == ".safetensors" for f in files):
+        raise FileNotFoundError(f"path must be a .safetensors file or a folder holding some, got {str(path)!r}")
+    return files
+
+
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "I32": torch.int32, "I64": torch.int64,
+                       "F64": torch.float64, "BOOL": torch.bool}
+
+
+class _SafetensorsReader:
+    """Reads byte ranges of a safetensors file's tensors with plain reads, not a memory map, so
+    that only what a rank reads is ever resident. The format: an 8-byte little-endian header
+    length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")
+        length = int.from_bytes(self.file.read(8), "little")
+        self.entries = json.loads(self.file.read(length))
+        self.entries.pop("__metadata__", None)
+        self.data_start = 8 + length
+
+    def close(self) -> None:
+        self.file.close()
+
+    def describes(self, key: str, target: Tensor) -> bool:
+        """Whether `key` is stored with `target`'s dtype and (whole) shape."""
+        entry = self.entries[key]
+        return list(entry["shape"]) == list(target.shape) and _SAFETENSORS_DTYPES.get(entry["dtype"]) == target.dtype
+
+    def read_into(self, key: str, out: Tensor, first_row: int = 0) -> None:
+        """Fill `out` with the bytes of `key` from row `first_row` on (all of them for a 0-dim one)."""
+        begin, end = self.entries[key]["data_offsets"]
+        shape = self.entries[key]["shape"]
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+        size = out.numel() * out.element_size()
+        if size == 0:
+            return
+        if begin + first_row * row_bytes + size > end:
+            raise ValueError(f"{self.path}: key {key!r} is shorter than the model's tensor")
+        buffer = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+        self.file.seek(self.data_start + begin + first_row * row_bytes)
+        if self.file.readinto(buffer.view(-1).view(torch.uint8).numpy()) != size:
+            raise ValueError(f"{self.path}: key {key!r} is truncated")
+        if buffer is not out:
+            out.copy_(buffer)
+
+    def read_whole(self, key: str) -> Tensor:
+        """Tensor `key` as uint8 bytes."""
+        begin, end = self.entries[key]["data_offsets"]
+        whole = torch.empty(end - begin, dtype=torch.uint8)
+        self.read_into(key, whole)
+        return whole
+
+
+def _read_part(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
+    """Copy into `target` (a DTensor or a whole tensor) the part of checkpoint tensor `key` it
+    holds here, reading only that part when the checkpoint stores `key` in the target's dtype
+    and shape and the shard is a run of whole rows (FSDP2's dim-0 shards)."""
+    local = target.to_local() if isinstance(target, DTensor) else target
+    if reader.describes(key, target):
+        if not isinstance(target, DTensor):
+            return reader.read_into(key, local)
+        slices = shard_slices(target)
+        if all(piece == slice(0, size) for piece, size in zip(slices[1:], target.shape[1:])):
+            return reader.read_into(key, local, first_row=slices[0].start)
+    whole = reader.read_whole(key)  # stored otherwise (e.g. bitsandbytes' quant_storage=bfloat16)
+    if whole.numel() != target.numel() * target.element_size():
+        entry = reader.entries[key]
+        raise ValueError(f"checkpoint key {key!r} is {entry['dtype']} {tuple(entry['shape'])}; the model holds "
+                         f"{target.dtype} {tuple(target.shape)}")
+    local.copy_(local_part(whole.view(target.dtype), target))
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer uninitialised storage on `device` (only a shard's for
+    FSDP2's sharded parameters)."""
+    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+
+
+@torch.no_grad()
+def load_checkpoint_shards(model: nn.Module, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+                           strict: bool = True) -> list[str]:
+    """Fill `model` (parameters on the meta device, possibly `fully_shard`-ed) from the safetensors
+    checkpoint at `path`, reading only the rows of this rank's shards. Adapters the checkpoint
+    does not hold are initialised as new ones (B = 0). Returns the model keys the checkpoint
+    lacks (an error when `strict` and a key other than an adapter's is missing).
+
+    Each 4-bit layer's quant state in the checkpoint is checked against the layer's layout
+    (format, shape, blocksize, nesting), as `load_state_dict` checks it.
+    """
+    files = checkpoint_files(path)
+    device = torch.device(device)
+    _materialize(model, device)
+    targets = model.state_dict()
+    layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, LoRALinear)}
+    found = set()
+    for file in files:
+        reader = _SafetensorsReader(file)
+        try:
+            for key in reader.entries:
+                if key not in targets:
+                    continue
+                found.add(key)
+                if _QUANT_STATE in key:
+                    _check_quant_state(layers[key.split(_QUANT_STATE)[0]], key, reader.read_whole(key))
+                else:
+                    _read_part(reader, key, targets[key])
+        finally:
+            reader.close()
+    missing = [key for key in targets if key not in found]
+    adapters_missing = {key.rsplit(".lora_", 1)[0] for key in missing if ".lora_" in key}
+    for name in adapters_missing:
+        layers[name].reset_lora_parameters()
+    others = [key for key in missing if ".lora_" not in key]
+    if strict and others:
+        raise KeyError(f"the checkpoint at {str(path)!r} lacks {len(others)} of the model's keys: {others[:8]}"
+                       f"{' ...' if len(others) > 8 else ''}")
+    return missing
+
+
+def _check_quant_state(layer: LoRALinear, key: str, stored: Tensor) -> None:
+    """Refuse a checkpoint's 4-bit quant state that does not match `layer`'s layout; take its
+    nested offset (a scalar the layer holds whole)."""
+    state = json.loads(bytes(stored.tolist()).decode())
+    layout = layer._weight_layout
+    expected = {"quant_type": layout.fmt, "blocksize": layout.blocksize, "shape": list(layout.shape)}
+    if {name: state.get(name) for name in expected} != expected or ("nested_offset" in state) != layout.nested:
+        raise ValueError(f"checkpoint key {key!r} describes {state}; the model's layer is {layout.describe()} "
+                         f"of shape {tuple(layout.shape)}")
+    if layout.nested:
+        layer.frozen_nested_offset.view(torch.float32).fill_(float(state["nested_offset"]))
