@@ -2,14 +2,15 @@
 # The one GPU run: with the GPU machine's own python3 and packages, offline, install this tree
 # (no build isolation) with the CUDA extension built for the local GPU, benchmark the headline
 # cases first, run the GPU tests, then record the cost model's estimate beside each measured
-# headline figure (so the model's error is known), writing the log and the JSON into OUTDIR as it
+# headline figure (so the model's error is known), run the FSDP2 example on the one GPU (NCCL),
+# writing the log and the JSON into OUTDIR as it
 # goes, so that a run cut short still leaves them. Fails clearly without a GPU or without a
 # package it needs.
 #
 #   bench/gpu_check.sh [OUTDIR]          (default bench/results; whole run within TOTAL_BUDGET)
 #   env: PYTHON (default python3); TOTAL_BUDGET seconds (default 470: every step is cut to what is
-#        left of it); BUILD_BUDGET, BENCH_BUDGET, MODEL_BUDGET, TEST_BUDGET, RELIABILITY_BUDGET
-#        seconds (default 120, 100, 90, 120, 60); FUSEDLORA_FUZZ_SCALE (default 0.1); FUSEDLORA_COMMIT (the commit to
+#        left of it); BUILD_BUDGET, BENCH_BUDGET, MODEL_BUDGET, TEST_BUDGET, RELIABILITY_BUDGET,
+#        FSDP_BUDGET seconds (default 120, 100, 90, 120, 60, 60); FUSEDLORA_FUZZ_SCALE (default 0.1); FUSEDLORA_COMMIT (the commit to
 #        record where the tree has no .git); WHEELS (default bench/wheels: wheels for packages the
 #        GPU image lacks, filled by bench/fetch_wheels.sh and carried with the tree)
 set -uo pipefail
@@ -108,6 +109,16 @@ else
     tests_rc=4
 fi
 
+say "== examples/train_fsdp2.py under torchrun, world size 1, NCCL (budget ${FSDP_BUDGET:-60} s)"
+if "$python" -c "import transformers" >/dev/null 2>&1; then
+    step "${FSDP_BUDGET:-60}" "$python" -m torch.distributed.run --standalone --nproc-per-node=1 examples/train_fsdp2.py \
+        --tiny --steps 4 --save-every 2 --seq-len 256 --checkpoints "$(mktemp -d)" 2>&1 | tee -a "$log"
+    fsdp_rc=${PIPESTATUS[0]}
+else
+    say "gpu_check: transformers is missing: the FSDP2 example was not run"
+    fsdp_rc=5
+fi
+
 latest=$(ls -t "$out"/bench-*-cuda.json 2>/dev/null | head -n 1)
 # After the tests (they come first): compiling every headline kernel for the model takes a minute.
 say "== the cost model's estimates beside the measured headline figures (budget ${MODEL_BUDGET:-90} s)"
@@ -115,5 +126,5 @@ say "== the cost model's estimates beside the measured headline figures (budget 
     | tee -a "$log"
 say "== summary"
 [ -n "$latest" ] && step 30 "$python" -m fusedlora bench --summarize "$latest" 2>&1 | tee -a "$log"
-say "gpu tests: exit $tests_rc; benchmark: exit $bench_rc; results in $out"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+say "gpu tests: exit $tests_rc; benchmark: exit $bench_rc; FSDP2 example: exit $fsdp_rc; results in $out"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$fsdp_rc" -eq 0 ]

@@ -17,6 +17,7 @@ bitsandbytes checkpoint of the same formats.
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Union
 
@@ -25,7 +26,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from .module import LoRALinear
-from .storage import local_part, shard_slices
+from .storage import local_part, local_tensor, shard_slices
 
 Tensor = torch.Tensor
 _QUANT_STATE = ".weight.quant_state.bitsandbytes__"
@@ -114,7 +115,7 @@ def _read_part(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
     """Copy into `target` (a DTensor or a whole tensor) the part of checkpoint tensor `key` it
     holds here, reading only that part when the checkpoint stores `key` in the target's dtype
     and shape and the shard is a run of whole rows (FSDP2's dim-0 shards)."""
-    local = target.to_local() if isinstance(target, DTensor) else target
+    local = local_tensor(target)
     if reader.describes(key, target):
         if not isinstance(target, DTensor):
             return reader.read_into(key, local)
@@ -122,11 +123,16 @@ def _read_part(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
         if all(piece == slice(0, size) for piece, size in zip(slices[1:], target.shape[1:])):
             return reader.read_into(key, local, first_row=slices[0].start)
     whole = reader.read_whole(key)  # stored otherwise (e.g. bitsandbytes' quant_storage=bfloat16)
-    if whole.numel() != target.numel() * target.element_size():
+    local.copy_(local_part(whole.view(target.dtype), target))
+
+
+def _check_entry(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
+    """Refuse checkpoint tensor `key` unless it holds as many bytes as `target`."""
+    begin, end = reader.entries[key]["data_offsets"]
+    if end - begin != target.numel() * target.element_size():
         entry = reader.entries[key]
         raise ValueError(f"checkpoint key {key!r} is {entry['dtype']} {tuple(entry['shape'])}; the model holds "
                          f"{target.dtype} {tuple(target.shape)}")
-    local.copy_(local_part(whole.view(target.dtype), target))
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
@@ -151,23 +157,25 @@ def load_checkpoint_shards(model: nn.Module, path: Union[str, os.PathLike], devi
     _materialize(model, device)
     targets = model.state_dict()
     layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, LoRALinear)}
-    found = set()
-    for file in files:
-        reader = _SafetensorsReader(file)
-        try:
-            for key in reader.entries:
-                if key not in targets:
-                    continue
-                found.add(key)
-                if _QUANT_STATE in key:
-                    _check_quant_state(layers[key.split(_QUANT_STATE)[0]], key, reader.read_whole(key))
-                else:
-                    _read_part(reader, key, targets[key])
-        finally:
+    readers = [_SafetensorsReader(file) for file in files]
+    try:
+        # every layout check before any read, so a mismatched checkpoint fills nothing
+        stored = {key: reader for reader in readers for key in reader.entries if key in targets}
+        states = {key: reader for key, reader in stored.items() if _QUANT_STATE in key}
+        for key, reader in states.items():
+            _check_quant_state(layers[key.split(_QUANT_STATE)[0]], key, reader.read_whole(key))
+        tensors = {key: reader for key, reader in stored.items() if key not in states}
+        for key, reader in tensors.items():
+            _check_entry(reader, key, targets[key])
+        for key, reader in tensors.items():
+            _read_part(reader, key, targets[key])
+    finally:
+        for reader in readers:
             reader.close()
+    found = set(stored)
     missing = [key for key in targets if key not in found]
-    adapters_missing = {key.rsplit(".lora_", 1)[0] for key in missing if ".lora_" in key}
-    for name in adapters_missing:
+    adapters_missing = dict.fromkeys(key.rsplit(".lora_", 1)[0] for key in missing if ".lora_" in key)
+    for name in adapters_missing:  # in the model's order, the same on every rank
         layers[name].reset_lora_parameters()
     others = [key for key in missing if ".lora_" not in key]
     if strict and others:
@@ -187,3 +195,56 @@ def _check_quant_state(layer: LoRALinear, key: str, stored: Tensor) -> None:
                          f"of shape {tuple(layout.shape)}")
     if layout.nested:
         layer.frozen_nested_offset.view(torch.float32).fill_(float(state["nested_offset"]))
+
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_INDEX = "model.safetensors.index.json"
+
+
+def quantize_checkpoint(source: Union[str, os.PathLike], destination: Union[str, os.PathLike], quant: str = "nf4",
+                        targets: tuple[str, ...] = LLAMA_PROJECTIONS, blocksize: int = 64,
+                        double_quant: bool = True) -> int:
+    """Write the checkpoint folder `source` (e.g. a Hugging Face model's: safetensors files, an
+    optional index, config and tokenizer files) to the new folder `destination` with the 2-D
+    weights of the layers whose names end in one of `targets` stored as `quant`, under
+    bitsandbytes' key names, so that `load_checkpoint_shards` reads each rank's rows of it. One
+    source file is in memory at a time. Returns the number of weights quantized."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .checks import check_quant
+    from .formats import quantize
+
+    check_quant(quant)
+    source, destination = Path(source), Path(destination)
+    if not source.is_dir():
+        raise FileNotFoundError(f"source must be a checkpoint folder, got {str(source)!r}")
+    if destination.exists():
+        raise FileExistsError(f"destination must not exist yet (nothing is overwritten), got {str(destination)!r}")
+    files = checkpoint_files(source)
+    destination.mkdir(parents=True)
+    renamed, count = {}, 0
+    for file in files:
+        written = {}
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata()
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module.rsplit(".", 1)[-1] in targets and tensor.dim() == 2:
+                    weight = quantize(tensor, quant or "dense", blocksize, double_quant)
+                    parts = {f"{module}.{name}": value.contiguous() for name, value in weight.state_dict().items()}
+                    count += 1
+                else:
+                    parts = {key: tensor}
+                written.update(parts)
+                renamed.update((name, file.name) for name in parts)
+        save_file(written, str(destination / file.name), metadata=metadata)
+    for other in source.iterdir():
+        if other.is_file() and other.suffix != ".safetensors" and other.name != _INDEX:
+            shutil.copy2(other, destination / other.name)
+    if (source / _INDEX).is_file():
+        index = json.loads((source / _INDEX).read_text())
+        index["weight_map"] = renamed
+        (destination / _INDEX).write_text(json.dumps(index, indent=2))
+    return count

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .checks import check_probability, check_quant
 from .formats import FrozenWeight, from_bnb_module, quantize
 from .ops import fused_lora_linear
-from .storage import held_weight, hold, is_sharded, load_shards, storage_names
+from .storage import held_weight, hold, is_sharded, load_shards, local_part, local_tensor, storage_names
 
 _INITS = ("kaiming", "gaussian")
 _BNB_LINEARS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
@@ -119,12 +119,16 @@ class LoRALinear(nn.Module):
         return self.weight.shape[0]
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """Re-initialise the adapter: B = 0, so the layer starts as its base."""
+        """Re-initialise the adapter: B = 0, so the layer starts as its base. A is drawn whole and
+        a sharded A takes its rows of it, so ranks seeded alike hold one consistent A."""
+        lora_A = self.lora_A.weight
         with torch.no_grad():
+            whole = torch.empty(lora_A.shape, dtype=lora_A.dtype, device=local_tensor(lora_A).device)
             if init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+                nn.init.normal_(whole, std=1.0 / self.r)
             else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(whole, a=math.sqrt(5))
+            local_tensor(lora_A).copy_(local_part(whole, lora_A))
             nn.init.zeros_(self.lora_B.weight)
 
     @property

@@ -99,6 +99,11 @@ def shard_slices(target: DTensor) -> tuple[slice, ...]:
     return tuple(slice(start, start + size) for size, start in zip(shape, offset))
 
 
+def local_tensor(tensor: Tensor) -> Tensor:
+    """What this rank holds of `tensor`: its local shard for a DTensor, itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def local_part(whole: Tensor, target: Tensor) -> Tensor:
     """The part of the whole tensor `whole` (shaped as `target`) that `target` holds here: its
     shard for a DTensor, all of it otherwise."""

@@ -232,13 +232,16 @@ def low_memory_rank(rank: int, world: int, checkpoint: str, out_dir: str, port: 
         model = transformers.LlamaForCausalLM(big_config()).to(torch.bfloat16)
     fusedlora.apply_lora(model, "all-linear", r=8, quant="nf4")
     trained = _shard(model, mixed_precision=False)
+    torch.manual_seed(5)
     missing = fusedlora.load_checkpoint_shards(trained, checkpoint)
     grown = _status_kib("VmHWM") - before
     ids = probe_ids()
     with torch.no_grad():
         loss = trained(input_ids=ids, labels=ids).loss
-    base, _ = _full_base(trained)
+    base, full = _full_base(trained)
     if rank == 0:
-        torch.save({"grown_bytes": grown * 1024, "base": base, "loss": loss.item(), "missing": missing},
+        adapters = {key: value for key, value in full.items() if ".lora_" in key}
+        torch.save({"grown_bytes": grown * 1024, "base": base, "loss": loss.item(), "missing": missing,
+                    "adapters": adapters},
                    os.path.join(out_dir, "lowmem-rank0.pt"))
     dist.destroy_process_group()

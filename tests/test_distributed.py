@@ -153,3 +153,13 @@ def test_low_memory_loading_reads_only_each_ranks_rows(tmp_path):
     _assert_same_bytes(result["base"], frozen)
     assert all(".lora_" in key for key in result["missing"]) and result["missing"]
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-3)
+    # the new adapters are those one process draws with the same seed: each rank took its rows
+    with fusedlora.meta_parameters():
+        alone = transformers.LlamaForCausalLM(big_config()).to(torch.bfloat16)
+    fusedlora.apply_lora(alone, "all-linear", r=8, quant="nf4")
+    torch.manual_seed(5)
+    fusedlora.load_checkpoint_shards(alone, checkpoint)
+    adapters = fusedlora.lora_state_dict(alone)
+    assert adapters.keys() == result["adapters"].keys()
+    for key, value in adapters.items():
+        assert torch.equal(result["adapters"][key], value), key
