@@ -22,6 +22,7 @@ import torch
 from .checks import check_probability, check_quant
 from .formats.fourbit import check_blocksize
 from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, replace_submodule, select_targets
+from .module import linear_features
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,14 +33,13 @@ PEFT_PREFIX = "base_model.model."
 BASE_FORMAT_KEY = "fusedlora_base_formats"
 log = logging.getLogger("fusedlora")
 _UNSUPPORTED = {  # PEFT options this package does not implement: refused, never silently ignored
-    "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+    "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
     "layer_replication": None, "lora_bias": False, "trainable_token_indices": None,
 }
 _WITH_PEFT = "load it with PEFT (peft.PeftModel.from_pretrained)"
 # What a user can do about each refused option (the README's compatibility table lists them).
 REFUSAL_HINTS = {
     "use_dora": f"DoRA's magnitude vectors are not implemented: {_WITH_PEFT}, or train with use_dora=False",
-    "fan_in_fan_out": f"transposed (Conv1D) base weights are not supported yet: {_WITH_PEFT}",
     "modules_to_save": f"fully trained copies of modules are not supported yet: {_WITH_PEFT}",
     "layers_to_transform": "name the layers in target_modules instead (the adapter file holds only those)",
     "layer_replication": f"replicated layers are not supported: {_WITH_PEFT}",
@@ -76,6 +76,7 @@ def adapter_config(model: torch.nn.Module, base_model_name_or_path: Optional[str
         "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
         "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
         "init_lora_weights": True,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),  # Conv1D bases (GPT-2)
         "inference_mode": True,
         **_UNSUPPORTED,
     }
@@ -233,9 +234,10 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
     else:
         shapes = {}
         for name in select_targets(model, targets):
-            linear, r = model.get_submodule(name), pattern_value(config.get("rank_pattern"), name, config["r"])
-            shapes[f"{name}.lora_A.weight"] = (r, linear.in_features)
-            shapes[f"{name}.lora_B.weight"] = (linear.out_features, r)
+            in_features, out_features = linear_features(model.get_submodule(name))
+            r = pattern_value(config.get("rank_pattern"), name, config["r"])
+            shapes[f"{name}.lora_A.weight"] = (r, in_features)
+            shapes[f"{name}.lora_B.weight"] = (out_features, r)
     check_fit(path / WEIGHTS_NAME, tensors, shapes)
     if not existing:
         chosen = select_targets(model, targets)

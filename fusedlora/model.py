@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .checks import check_quant
-from .module import LoRALinear, LoRAFactor
+from .module import LoRALinear, LoRAFactor, is_conv1d
 from .storage import STORAGE_PREFIX
 
 Targets = Union[str, list, tuple, set]
@@ -54,7 +54,7 @@ def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: O
     """Names of the linear layers `apply_lora` would replace (layers already adapted excluded)."""
     if target_modules == "all-linear":
         head = _output_head(model)
-        wanted = lambda name, module: isinstance(module, nn.Linear) and module is not head  # noqa: E731
+        wanted = lambda name, module: _adaptable(module) and module is not head  # noqa: E731
     else:
         matches = _name_matcher(target_modules, "target_modules")
         wanted = lambda name, module: matches(name)  # noqa: E731
@@ -63,11 +63,15 @@ def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: O
     for name, module in model.named_modules():
         if not name or isinstance(module, (LoRALinear, LoRAFactor)) or excluded(name) or not wanted(name, module):
             continue
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"target {name!r} is a {type(module).__name__}; only nn.Linear and bitsandbytes "
-                             "Linear4bit/Linear8bitLt layers can take a LoRA adapter")
+        if not _adaptable(module):
+            raise ValueError(f"target {name!r} is a {type(module).__name__}; only nn.Linear, transformers' Conv1D "
+                             "and bitsandbytes Linear4bit/Linear8bitLt layers can take a LoRA adapter")
         chosen.append(name)
     return chosen
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _exclusions(exclude_modules: Optional[Targets]) -> Callable[[str], bool]:

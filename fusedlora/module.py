@@ -29,6 +29,19 @@ def is_bnb_linear(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes") and type(module).__name__ in _BNB_LINEARS
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' `Conv1D` (GPT-2's projections: y = x·W + b, W stored
+    (in_features, out_features))."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an `nn.Linear`, a bitsandbytes linear or a `Conv1D`."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
 def _is_weight_key(relative_key: str) -> bool:
     return relative_key in _WEIGHT_KEYS or relative_key.startswith("weight.")
 
@@ -51,11 +64,15 @@ class LoRALinear(nn.Module):
     FSDP2 shards it (`fusedlora.storage`); bias: (N,) or None, frozen; r: adapter rank (>= 1);
     alpha: scaling = alpha / r (alpha / sqrt(r) with rslora); dropout: on the adapter input
     only; init: "kaiming" (A kaiming-uniform a=√5, B zeros, as PEFT) or "gaussian" (A normal
-    with std 1/r); adapter_dtype: default the weight's dtype for a dense base, fp32 otherwise.
+    with std 1/r); adapter_dtype: default the weight's dtype for a dense base, fp32 otherwise;
+    fan_in_fan_out: the layer replaces a transformers `Conv1D` (as PEFT's option of that name):
+    W is still held (N, K), but `to_linear` gives a `Conv1D` back and a dense (K, N) weight in a
+    loaded state dict (the Conv1D's own layout) is transposed.
     """
 
     def __init__(self, weight: FrozenWeight, bias: Optional[torch.Tensor] = None, r: int = 16, alpha: float = 16,
-                 dropout: float = 0.0, rslora: bool = False, init: str = "kaiming", adapter_dtype=None):
+                 dropout: float = 0.0, rslora: bool = False, init: str = "kaiming", adapter_dtype=None,
+                 fan_in_fan_out: bool = False):
         super().__init__()
         if not isinstance(weight, FrozenWeight):
             raise TypeError(f"weight must be a FrozenWeight (see fusedlora.quantize), got {type(weight).__name__}")
@@ -80,6 +97,7 @@ class LoRALinear(nn.Module):
         self.lora_A = LoRAFactor(r, in_features, adapter_dtype, weight.device)
         self.lora_B = LoRAFactor(out_features, r, adapter_dtype, weight.device)
         self.r = r
+        self.fan_in_fan_out = bool(fan_in_fan_out)
         self.set_hyperparameters(alpha, dropout, rslora)
         self.merged = False
         self._adapter_enabled = True
@@ -98,17 +116,22 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0,
                     quant: Optional[str] = "nf4", blocksize: int = 64, double_quant: bool = True,
                     rslora: bool = False, init: str = "kaiming") -> "LoRALinear":
-        """Wrap an `nn.Linear` (its weight stored as `quant`; None means "dense") or a bitsandbytes
-        `Linear4bit` / `Linear8bitLt` (its bytes reused as they are; `quant` is then ignored)."""
+        """Wrap an `nn.Linear` or a transformers `Conv1D` (its weight stored as `quant`; None means
+        "dense") or a bitsandbytes `Linear4bit` / `Linear8bitLt` (its bytes reused as they are;
+        `quant` is then ignored)."""
         check_quant(quant)
         if is_bnb_linear(linear):
             weight = from_bnb_module(linear)
         elif isinstance(linear, nn.Linear):
             weight = quantize(linear.weight.detach(), quant or "dense", blocksize, double_quant)
+        elif is_conv1d(linear):
+            weight = quantize(linear.weight.detach().t().contiguous(), quant or "dense", blocksize, double_quant)
         else:
-            raise TypeError(f"linear must be an nn.Linear or a bitsandbytes Linear4bit/Linear8bitLt, got {type(linear).__name__}")
+            raise TypeError("linear must be an nn.Linear, a transformers Conv1D or a bitsandbytes "
+                            f"Linear4bit/Linear8bitLt, got {type(linear).__name__}")
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(weight, bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
+        return cls(weight, bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
+                   fan_in_fan_out=is_conv1d(linear))
 
     @property
     def in_features(self) -> int:
@@ -196,16 +219,26 @@ class LoRALinear(nn.Module):
         self._premerge_weight = None
         self.merged = False
 
-    def to_linear(self) -> nn.Linear:
-        """A plain frozen `nn.Linear` holding the dense merged weight (base + adapter)."""
+    def to_linear(self) -> nn.Module:
+        """A plain frozen `nn.Linear` holding the dense merged weight (base + adapter); a
+        transformers `Conv1D` (weight (K, N)) for a layer made from one."""
         base = self.base_weight
         dtype = base.dtype
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=base.device, dtype=dtype)
+        merged = (base.dequantize(torch.float32) + self.delta_weight()).to(dtype)
+        if self.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            linear = Conv1D(self.out_features, self.in_features).to(device=base.device, dtype=dtype)
+            merged = merged.t()
+        else:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=base.device, dtype=dtype)
         with torch.no_grad():
-            linear.weight.copy_((base.dequantize(torch.float32) + self.delta_weight()).to(dtype))
+            linear.weight.copy_(merged)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
+            elif self.fan_in_fan_out:
+                linear.bias.zero_()
         return linear.requires_grad_(False)
 
     @contextlib.contextmanager
@@ -253,6 +286,8 @@ class LoRALinear(nn.Module):
                 error_msgs.append(f"{prefix}weight: {err}")
             else:
                 consumed = {prefix + key for key in loaded.state_dict() if key in own}
+                if self.fan_in_fan_out and loaded.fmt == "dense" and loaded.shape == self.weight.shape[::-1]:
+                    loaded = quantize(loaded.dequantize().t().contiguous(), "dense")  # a Conv1D's (K, N)
                 if loaded.shape != self.weight.shape:
                     error_msgs.append(f"{prefix}weight: shape {tuple(loaded.shape)} in the checkpoint, "
                                       f"{tuple(self.weight.shape)} in the model")
