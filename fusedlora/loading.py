@@ -16,6 +16,7 @@ bitsandbytes checkpoint of the same formats.
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -73,9 +74,13 @@ class _SafetensorsReader:
     def __init__(self, path: Path):
         self.path = path
         self.file = open(path, "rb")
-        length = int.from_bytes(self.file.read(8), "little")
-        self.entries = json.loads(self.file.read(length))
-        self.entries.pop("__metadata__", None)
+        try:
+            length = int.from_bytes(self.file.read(8), "little")
+            self.entries = json.loads(self.file.read(length))
+            self.entries.pop("__metadata__", None)
+        except (ValueError, UnicodeDecodeError, AttributeError) as err:
+            self.file.close()
+            raise ValueError(f"{path} is not a safetensors file ({err})") from None
         self.data_start = 8 + length
 
     def close(self) -> None:
@@ -114,7 +119,9 @@ class _SafetensorsReader:
 def _read_part(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
     """Copy into `target` (a DTensor or a whole tensor) the part of checkpoint tensor `key` it
     holds here, reading only that part when the checkpoint stores `key` in the target's dtype
-    and shape and the shard is a run of whole rows (FSDP2's dim-0 shards)."""
+    and shape and the shard is a run of whole rows (FSDP2's dim-0 shards). A float tensor
+    stored in another float dtype is cast; packed bytes stored in another dtype (bitsandbytes'
+    `quant_storage`) are taken as bytes."""
     local = local_tensor(target)
     if reader.describes(key, target):
         if not isinstance(target, DTensor):
@@ -122,23 +129,51 @@ def _read_part(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
         slices = shard_slices(target)
         if all(piece == slice(0, size) for piece, size in zip(slices[1:], target.shape[1:])):
             return reader.read_into(key, local, first_row=slices[0].start)
-    whole = reader.read_whole(key)  # stored otherwise (e.g. bitsandbytes' quant_storage=bfloat16)
-    local.copy_(local_part(whole.view(target.dtype), target))
+    entry = reader.entries[key]
+    whole = reader.read_whole(key).view(_SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
+    whole = whole.view(torch.uint8).view(target.dtype) if target.dtype == torch.uint8 else whole.to(target.dtype)
+    local.copy_(local_part(whole, target))
 
 
 def _check_entry(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
-    """Refuse checkpoint tensor `key` unless it holds as many bytes as `target`."""
-    begin, end = reader.entries[key]["data_offsets"]
-    if end - begin != target.numel() * target.element_size():
-        entry = reader.entries[key]
+    """Refuse checkpoint tensor `key` unless `_read_part` can fill `target` from it: the same
+    number of elements (floats of another dtype are cast), or bytes for packed uint8 storage."""
+    entry = reader.entries[key]
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    begin, end = entry["data_offsets"]
+    numel = math.prod(entry["shape"])
+    fits = dtype is not None and end - begin == numel * dtype.itemsize and (
+        reader.describes(key, target)
+        or (target.dtype == torch.uint8 and end - begin == target.numel())
+        or (dtype.is_floating_point and target.dtype.is_floating_point and numel == target.numel()))
+    if not fits:
         raise ValueError(f"checkpoint key {key!r} is {entry['dtype']} {tuple(entry['shape'])}; the model holds "
                          f"{target.dtype} {tuple(target.shape)}")
 
 
+def _aliases(targets: dict) -> dict:
+    """Each key of `targets` with the keys naming the same tensor (tied embeddings)."""
+    by_storage: dict = {}
+    for key, tensor in targets.items():
+        local = local_tensor(tensor)
+        identity = (local.data_ptr(), local.dtype, tuple(local.shape)) if local.numel() else key
+        by_storage.setdefault(identity, []).append(key)
+    return {key: group for group in by_storage.values() for key in group}
+
+
 def _materialize(model: nn.Module, device: torch.device) -> None:
     """Give every meta parameter and buffer uninitialised storage on `device` (only a shard's for
-    FSDP2's sharded parameters)."""
+    FSDP2's sharded parameters), keeping tied parameters tied (a meta parameter is replaced by
+    a new object, each place it is held separately)."""
+    places: dict = {}
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                places.setdefault(id(parameter), []).append((module, name))
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    for (first, first_name), *others in (group for group in places.values() if len(group) > 1):
+        for module, name in others:
+            module._parameters[name] = first._parameters[first_name]
 
 
 @torch.no_grad()
@@ -146,7 +181,9 @@ def load_checkpoint_shards(model: nn.Module, path: Union[str, os.PathLike], devi
                            strict: bool = True) -> list[str]:
     """Fill `model` (parameters on the meta device, possibly `fully_shard`-ed) from the safetensors
     checkpoint at `path`, reading only the rows of this rank's shards. Adapters the checkpoint
-    does not hold are initialised as new ones (B = 0). Returns the model keys the checkpoint
+    does not hold are initialised as new ones (B = 0), drawn whole, so seed every rank alike
+    (`torch.manual_seed`); each rank keeps its rows. Tied tensors (embeddings) are found under
+    either name. Returns the model keys the checkpoint
     lacks (an error when `strict` and a key other than an adapter's is missing).
 
     Each 4-bit layer's quant state in the checkpoint is checked against the layer's layout
@@ -160,7 +197,13 @@ def load_checkpoint_shards(model: nn.Module, path: Union[str, os.PathLike], devi
     readers = [_SafetensorsReader(file) for file in files]
     try:
         # every layout check before any read, so a mismatched checkpoint fills nothing
-        stored = {key: reader for reader in readers for key in reader.entries if key in targets}
+        stored = {}
+        for reader in readers:
+            for key in reader.entries:
+                if key in stored:
+                    raise ValueError(f"checkpoint key {key!r} is in both {stored[key].path} and {reader.path}")
+                if key in targets:
+                    stored[key] = reader
         states = {key: reader for key, reader in stored.items() if _QUANT_STATE in key}
         for key, reader in states.items():
             _check_quant_state(layers[key.split(_QUANT_STATE)[0]], key, reader.read_whole(key))
@@ -172,12 +215,16 @@ def load_checkpoint_shards(model: nn.Module, path: Union[str, os.PathLike], devi
     finally:
         for reader in readers:
             reader.close()
-    found = set(stored)
-    missing = [key for key in targets if key not in found]
-    adapters_missing = dict.fromkeys(key.rsplit(".lora_", 1)[0] for key in missing if ".lora_" in key)
-    for name in adapters_missing:  # in the model's order, the same on every rank
-        layers[name].reset_lora_parameters()
-    others = [key for key in missing if ".lora_" not in key]
+    aliases = _aliases(targets)
+    missing = [key for key in targets if not any(alias in stored for alias in aliases[key])]
+    adapters = {}  # layer name -> its missing adapter keys, in the model's order (the same on every rank)
+    for key in missing:
+        if ".lora_" in key:
+            adapters.setdefault(key.rsplit(".lora_", 1)[0], []).append(key)
+    for name, keys in adapters.items():
+        if len(keys) == 2:  # a new adapter; one factor alone is an incomplete checkpoint
+            layers[name].reset_lora_parameters()
+    others = [key for key in missing if ".lora_" not in key or len(adapters[key.rsplit(".lora_", 1)[0]]) < 2]
     if strict and others:
         raise KeyError(f"the checkpoint at {str(path)!r} lacks {len(others)} of the model's keys: {others[:8]}"
                        f"{' ...' if len(others) > 8 else ''}")

@@ -17,7 +17,8 @@ import torch.nn as nn
 from .checks import check_probability, check_quant
 from .formats import FrozenWeight, from_bnb_module, quantize
 from .ops import fused_lora_linear
-from .storage import held_weight, hold, is_sharded, load_shards, local_part, local_tensor, storage_names
+from .storage import (check_replaceable, held_weight, hold, is_managed_elsewhere, load_shards, local_part, local_tensor,
+                      record_held, storage_names)
 
 _INITS = ("kaiming", "gaussian")
 _BNB_LINEARS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
@@ -44,6 +45,17 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 
 def _is_weight_key(relative_key: str) -> bool:
     return relative_key in _WEIGHT_KEYS or relative_key.startswith("weight.")
+
+
+def _device_moves_only(fn, tensor_ids: set):
+    """`fn` (an `nn.Module._apply` function) that only moves the tensors in `tensor_ids` between
+    devices, never changes their dtype."""
+
+    def apply(tensor):
+        moved = fn(tensor)
+        return tensor.to(moved.device) if id(tensor) in tensor_ids and moved.dtype != tensor.dtype else moved
+
+    return apply
 
 
 class LoRAFactor(nn.Module):
@@ -201,6 +213,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
             return
+        check_replaceable(self)
         base = self.weight
         merged = base.dequantize(torch.float32) + self.delta_weight()
         if base.fmt != "dense":
@@ -252,9 +265,14 @@ class LoRALinear(nn.Module):
             self._adapter_enabled = previous
 
     def _apply(self, fn, recurse=True):
-        # The storage parameters are cast by torch's rules (floating ones only, and a packed
-        # format holds none); the pre-merge weight is a plain object, moved here.
+        # A packed format's storage keeps its dtype whatever `fn` does (`module.type(dtype)`
+        # casts integer tensors too); the pre-merge weight is a plain object, moved here.
+        if not self._weight_layout.follows_dtype_casts:
+            fn = _device_moves_only(fn, {id(getattr(self, name)) for name in storage_names(self)})
+        held = not is_managed_elsewhere(self)
         super()._apply(fn, recurse)
+        if held:
+            record_held(self)
         if self._premerge_weight is not None:
             self._premerge_weight = self._premerge_weight.apply_module_fn(fn)
         return self
@@ -277,7 +295,13 @@ class LoRALinear(nn.Module):
         own = {key[len(prefix):]: value for key, value in state_dict.items()
                if key.startswith(prefix) and _is_weight_key(key[len(prefix):])}
         consumed = set()
-        if not own:
+        if not own and is_managed_elsewhere(self) and storage & set(state_dict):
+            # torch's broadcast_from_rank0 load keeps a module's own parameter names only
+            error_msgs.append(f"{prefix}weight: the state dict holds this sharded layer's storage parameters but not "
+                              "its weight under bitsandbytes' names; load a full state dict on every rank "
+                              "(StateDictOptions(full_state_dict=True) without broadcast_from_rank0) or use "
+                              "torch.distributed.checkpoint")
+        elif not own:
             missing_keys.append(prefix + "weight")
         else:
             try:
@@ -291,7 +315,7 @@ class LoRALinear(nn.Module):
                 if loaded.shape != self.weight.shape:
                     error_msgs.append(f"{prefix}weight: shape {tuple(loaded.shape)} in the checkpoint, "
                                       f"{tuple(self.weight.shape)} in the model")
-                elif is_sharded(self):
+                elif is_managed_elsewhere(self):
                     problem = load_shards(self, loaded)
                     if problem:
                         error_msgs.append(f"{prefix}weight: {problem}")

@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     import argparse
 
     from .checks import check_quant
+    from .formats.fourbit import check_blocksize
 
     parser = argparse.ArgumentParser(prog="python -m fusedlora plan",
                                      description="memory per GPU of a LoRA run under FSDP2, before launching it")
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         check_quant(args.quant)
+        if args.quant in ("nf4", "fp4"):
+            check_blocksize(args.blocksize)
     except ValueError as err:
         parser.error(str(err))
     for name in ("r", "world", "micro_batch", "seq_len", "blocksize"):

@@ -50,9 +50,12 @@ def natural_form(stored: Tensor, like: Tensor) -> Tensor:
     no copy."""
     if not isinstance(stored, DTensor):
         return _natural_local(stored, like)
+    if any(not placement.is_shard(0) and not placement.is_replicate() for placement in stored.placements):
+        raise NotImplementedError(f"frozen weights shard on dim 0 only (rows), got placements {stored.placements}")
     local = _natural_local(stored.to_local(), like)
+    contiguous = torch.empty(like.shape, device="meta").stride()
     return DTensor.from_local(local, stored.device_mesh, stored.placements, run_check=False,
-                              shape=like.shape, stride=like.stride())
+                              shape=like.shape, stride=contiguous)
 
 
 def storage_names(module: nn.Module) -> list[str]:
@@ -62,9 +65,7 @@ def storage_names(module: nn.Module) -> list[str]:
 
 def hold(module: nn.Module, weight: FrozenWeight) -> None:
     """Register `weight`'s tensors on `module` (replacing what it held) and keep its layout."""
-    if is_sharded(module):
-        raise RuntimeError(f"{type(module).__name__}: its frozen weight is sharded by FSDP; replace it before "
-                           "fully_shard, or load it through the model's state dict")
+    check_replaceable(module)
     for name in storage_names(module):
         delattr(module, name)
     for field, tensor in zip(weight.tensor_fields, weight.tensors()):
@@ -74,6 +75,14 @@ def hold(module: nn.Module, weight: FrozenWeight) -> None:
         else:
             module.register_parameter(STORAGE_PREFIX + field, nn.Parameter(stored, requires_grad=False))
     module._weight_layout = weight.with_tensors([t.to("meta") for t in weight.tensors()])
+    record_held(module)
+
+
+def record_held(module: nn.Module) -> None:
+    """Note `module`'s storage parameters as its own (see `is_managed_elsewhere`): after `hold`,
+    and after a device move or cast that made new ones (`.to("meta")` does)."""
+    module._held_parameters = {name: module._parameters[name] for name in storage_names(module)
+                               if name in module._parameters}
 
 
 def held_weight(module: nn.Module) -> FrozenWeight:
@@ -99,6 +108,20 @@ def held_weight(module: nn.Module) -> FrozenWeight:
 def _viewed(layout: FrozenWeight, stored: list[Tensor]) -> FrozenWeight:
     return layout.with_tensors([t if _keeps_dtype(layout, like) else natural_form(t, like)
                                 for t, like in zip(stored, layout.tensors())])
+
+
+def check_replaceable(module: nn.Module) -> None:
+    """Refuse to replace `module`'s frozen weight while FSDP manages its storage."""
+    if is_managed_elsewhere(module):
+        raise RuntimeError(f"{type(module).__name__}: its frozen weight is managed by FSDP (sharded or gathered); "
+                           "replace or merge it before fully_shard, or load it through the model's state dict")
+
+
+def is_managed_elsewhere(module: nn.Module) -> bool:
+    """Whether `module`'s storage parameters are no longer those `hold` registered: FSDP2 put its
+    sharded or its gathered ones in their place."""
+    held = module.__dict__.get("_held_parameters", {})
+    return any(module._parameters.get(name) is not parameter for name, parameter in held.items())
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -133,6 +156,9 @@ def load_shards(module: nn.Module, loaded: FrozenWeight) -> Optional[str]:
     nesting), which a sharded layer cannot take; None on success.
     """
     current = held_weight(module)
+    if any(local_tensor(t).is_meta for t in current.tensors()):
+        return ("the sharded layer is on the meta device; allocate it first (model.to_empty(device=...)) or "
+                "fill it with fusedlora.load_checkpoint_shards")
     if loaded.describe() != current.describe() or loaded.shape != current.shape:
         return (f"the checkpoint holds {loaded.describe()} {tuple(loaded.shape)} and the sharded layer "
                 f"{current.describe()} {tuple(current.shape)}; a sharded layer keeps its format")

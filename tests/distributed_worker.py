@@ -29,7 +29,7 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
-def build():
+def build(formats: dict = FORMATS):
     import transformers
 
     import fusedlora
@@ -38,7 +38,7 @@ def build():
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     model = transformers.LlamaForCausalLM(config)
-    for name, (fmt, blocksize, nested) in FORMATS.items():
+    for name, (fmt, blocksize, nested) in formats.items():
         fusedlora.apply_lora(model, [name], r=4, alpha=8, quant=fmt, blocksize=blocksize, double_quant=nested)
     torch.manual_seed(1)
     for layer in fusedlora.lora_layers(model).values():
@@ -244,4 +244,40 @@ def low_memory_rank(rank: int, world: int, checkpoint: str, out_dir: str, port: 
         torch.save({"grown_bytes": grown * 1024, "base": base, "loss": loss.item(), "missing": missing,
                     "adapters": adapters},
                    os.path.join(out_dir, "lowmem-rank0.pt"))
+    dist.destroy_process_group()
+
+
+def refusals_rank(rank: int, world: int, out_dir: str, port: int) -> None:
+    """What a sharded model refuses, each with a message saying what to do instead: a merge, a
+    rank-0 broadcast load, an assign-load into meta shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    import fusedlora
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    said = {}
+
+    def attempt(name, call):
+        try:
+            call()
+            said[name] = None
+        except Exception as err:  # each refusal's message is what the test checks
+            said[name] = str(err)
+        dist.barrier()
+
+    no_fp8 = {**FORMATS, "o_proj": ("int8", 64, True)}  # gloo has no float8 collectives
+    model = build(no_fp8)
+    full = model.state_dict()
+    trained = _shard(model, mixed_precision=False)
+    layer = trained.model.layers[0].self_attn.q_proj
+    attempt("merge", layer.merge)
+    attempt("broadcast", lambda: set_model_state_dict(
+        trained, full if rank == 0 else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                     strict=False)))
+    with fusedlora.meta_parameters():
+        empty = build(no_fp8)
+    _shard(empty, mixed_precision=False)
+    attempt("assign", lambda: empty.load_state_dict(get_model_state_dict(trained), strict=False, assign=True))
+    torch.save(said, os.path.join(out_dir, f"refusals-rank{rank}.pt"))
     dist.destroy_process_group()

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import fusedlora
 from distributed_worker import (FORMATS, SAVE_AFTER, base_state, big_config, build, free_port, low_memory_rank, probe_ids,
-                                rank_main, single_process)
+                                rank_main, refusals_rank, single_process)
 from fusedlora.plan import sharded_adapter_bytes, sharded_weight_bytes
 from fusedlora.storage import storage_names
 
@@ -163,3 +163,14 @@ def test_low_memory_loading_reads_only_each_ranks_rows(tmp_path):
     assert adapters.keys() == result["adapters"].keys()
     for key, value in adapters.items():
         assert torch.equal(result["adapters"][key], value), key
+
+
+def test_a_sharded_model_refuses_what_it_cannot_do_and_says_what_to_do(tmp_path):
+    mp.spawn(refusals_rank, args=(2, str(tmp_path), free_port()), nprocs=2, join=True)
+    for rank in range(2):
+        said = torch.load(tmp_path / f"refusals-rank{rank}.pt")
+        assert "managed by FSDP" in said["merge"], said
+        assert "meta device" in said["assign"], said
+    # torch broadcasts rank 0's state dict but keeps only parameter names on the other ranks
+    assert torch.load(tmp_path / "refusals-rank0.pt")["broadcast"] is None
+    assert "without broadcast_from_rank0" in torch.load(tmp_path / "refusals-rank1.pt")["broadcast"]

@@ -79,3 +79,40 @@ def test_a_truncated_or_missing_checkpoint_is_refused(saved, tmp_path):
         fusedlora.load_checkpoint_shards(_from_meta(_config()), damaged)
     with pytest.raises(FileExistsError, match="destination"):
         quantize_checkpoint(folder / "bf16", folder / "nf4")
+
+
+def test_floats_stored_in_another_dtype_are_cast_and_tied_embeddings_found(tmp_path):
+    """A checkpoint's fp16 embeddings and norms load into a bf16 model as fp16 -> bf16 casts (not
+    as reinterpreted bits), and a tied head is found under the embeddings' name (Hugging Face
+    saves it once)."""
+    from safetensors.torch import save_file
+
+    config = _config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    source = fusedlora.apply_lora(transformers.LlamaForCausalLM(config), "all-linear", r=4)
+    state = {key: value.half() if value.is_floating_point() and value.dim() and "weight." not in key else value
+             for key, value in source.state_dict().items() if ".lora_" not in key and key != "lm_head.weight"}
+    save_file({key: value.contiguous() for key, value in state.items()}, str(tmp_path / "model.safetensors"))
+    model = _from_meta(config)
+    fusedlora.load_checkpoint_shards(model, tmp_path / "model.safetensors")
+    embedding = model.model.embed_tokens.weight
+    assert embedding.dtype == torch.bfloat16 and torch.equal(embedding, state["model.embed_tokens.weight"].bfloat16())
+    assert model.lm_head.weight is embedding
+
+
+def test_an_adapter_factor_alone_in_a_checkpoint_is_missing_not_overwritten(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved
+    tensors = {}
+    for file in (folder / "nf4").glob("*.safetensors"):
+        tensors.update(load_file(str(file)))
+    factor = torch.randn(4, 64)
+    tensors["model.layers.0.self_attn.q_proj.lora_A.weight"] = factor
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"lacks 1 of the model's keys: \['model\.layers\.0\.self_attn\.q_proj\.lora_B"):
+        fusedlora.load_checkpoint_shards(_from_meta(_config()), tmp_path / "model.safetensors")
+    model = _from_meta(_config())
+    fusedlora.load_checkpoint_shards(model, tmp_path / "model.safetensors", strict=False)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.weight, factor)

@@ -146,10 +146,22 @@ def test_dtype_casts_leave_packed_weights_bit_identical(fmt):
     before = [t.clone() for t in layer.weight.tensors()]
     layer.half()
     layer.to(torch.bfloat16)
+    layer.type(torch.float16)  # casts every tensor, integer ones included, but not these
     layer.float()
     assert all(a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
                for a, b in zip(before, layer.weight.tensors()))
     assert layer.lora_A.weight.dtype == torch.float32
+
+
+def test_a_weight_whose_storage_was_swapped_out_is_not_replaced():
+    """FSDP puts its own parameters (sharded or gathered) in place of the storage; replacing or
+    merging the weight then would be undone by its next all-gather, so both are refused."""
+    _, layer = _layer("nf4")
+    layer.frozen_packed = torch.nn.Parameter(layer.frozen_packed.detach().clone(), requires_grad=False)
+    with pytest.raises(RuntimeError, match="managed by FSDP"):
+        layer.merge()
+    with pytest.raises(RuntimeError, match="managed by FSDP"):
+        layer.weight = quantize(torch.randn(80, 96), "nf4")
 
 
 def test_dense_base_follows_dtype_casts_like_nn_linear():

@@ -58,7 +58,7 @@ def test_plan_prints_the_70b_table():
 
 
 @pytest.mark.parametrize("args, named", [(("--world", "0"), "--world"), (("--quant", "nf5"), "quant"),
-                                         (("--heads", "5"), "--heads")])
+                                         (("--heads", "5"), "--heads"), (("--blocksize", "100"), "blocksize")])
 def test_plan_names_a_bad_argument(args, named):
     result = _plan(*args)
     assert result.returncode != 0 and named in result.stderr, result.stderr

@@ -184,8 +184,8 @@ class FourBitWeight(FrozenWeight):
             "weight.quant_map": self.quant_map,
         }
         if self.nested:
-            quant_state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
-                               nested_offset=self.nested_offset.item())
+            offset = 0.0 if self.nested_offset.is_meta else self.nested_offset.item()  # meta: a layout only
+            quant_state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset)
             tensors["weight.nested_absmax"] = self.nested_absmax
             tensors["weight.nested_quant_map"] = self.nested_code
         packed_state = torch.tensor(list(json.dumps(quant_state).encode()), dtype=torch.uint8)
