@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from .checks import check_probability, check_quant
 from .formats.fourbit import check_blocksize
-from .model import apply_lora, lora_layers, lora_state_dict, pattern_value, replace_submodule, select_targets
+from .model import (TRAINED_FULLY, adapter_state_dict, apply_lora, load_adapter_tensors, lora_layers, fully_trained_modules,
+                    pattern_value, replace_submodule, resolve_modules_to_save, select_targets, task_of)
 from .module import linear_features
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
@@ -33,14 +34,13 @@ PEFT_PREFIX = "base_model.model."
 BASE_FORMAT_KEY = "fusedlora_base_formats"
 log = logging.getLogger("fusedlora")
 _UNSUPPORTED = {  # PEFT options this package does not implement: refused, never silently ignored
-    "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+    "use_dora": False, "layers_to_transform": None,
     "layer_replication": None, "lora_bias": False, "trainable_token_indices": None,
 }
 _WITH_PEFT = "load it with PEFT (peft.PeftModel.from_pretrained)"
 # What a user can do about each refused option (the README's compatibility table lists them).
 REFUSAL_HINTS = {
     "use_dora": f"DoRA's magnitude vectors are not implemented: {_WITH_PEFT}, or train with use_dora=False",
-    "modules_to_save": f"fully trained copies of modules are not supported yet: {_WITH_PEFT}",
     "layers_to_transform": "name the layers in target_modules instead (the adapter file holds only those)",
     "layer_replication": f"replicated layers are not supported: {_WITH_PEFT}",
     "lora_bias": f"trainable LoRA biases are not supported: {_WITH_PEFT}, or train with lora_bias=False",
@@ -65,7 +65,7 @@ def adapter_config(model: torch.nn.Module, base_model_name_or_path: Optional[str
         raise ValueError("layers mix rslora and plain scaling, which one PEFT config cannot describe")
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_of(model)[0],
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
@@ -77,6 +77,7 @@ def adapter_config(model: torch.nn.Module, base_model_name_or_path: Optional[str
         "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
         "init_lora_weights": True,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),  # Conv1D bases (GPT-2)
+        "modules_to_save": sorted({name.rsplit(".", 1)[-1] for name in fully_trained_modules(model)}) or None,
         "inference_mode": True,
         **_UNSUPPORTED,
     }
@@ -111,7 +112,7 @@ def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional
     """Save the model's adapters in PEFT's format into the folder `path` (atomically). Under
     DDP/FSDP2 call it on every rank (sharded adapters are gathered); rank 0 writes."""
     config = adapter_config(model, base_model_name_or_path)
-    tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in adapter_state_dict(model).items()}
     base_formats = json.dumps({name: _base_format(layer.base_weight) for name, layer in lora_layers(model).items()},
                               sort_keys=True)
     if not is_writer():
@@ -228,19 +229,21 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
     tensors = {_layer_key(key): value for key, value in stored.items()}
     existing = lora_layers(model)
     targets = config.get("target_modules") or "all-linear"
+    trained_fully = resolve_modules_to_save(model, config.get("modules_to_save") or None, every_name_matches=False)
+    shapes = {f"{name}.{key}": tuple(value.shape) for name in trained_fully
+              for key, value in model.get_submodule(name).state_dict().items()}
     if existing:
-        shapes = {f"{name}.lora_{ab}.weight": tuple(getattr(layer, f"lora_{ab}").weight.shape)
-                  for name, layer in existing.items() for ab in "AB"}
+        shapes.update((f"{name}.lora_{ab}.weight", tuple(getattr(layer, f"lora_{ab}").weight.shape))
+                      for name, layer in existing.items() for ab in "AB")
     else:
-        shapes = {}
-        for name in select_targets(model, targets):
+        for name in select_targets(model, targets, trained_fully=tuple(trained_fully)):
             in_features, out_features = linear_features(model.get_submodule(name))
             r = pattern_value(config.get("rank_pattern"), name, config["r"])
             shapes[f"{name}.lora_A.weight"] = (r, in_features)
             shapes[f"{name}.lora_B.weight"] = (out_features, r)
     check_fit(path / WEIGHTS_NAME, tensors, shapes)
     if not existing:
-        chosen = select_targets(model, targets)
+        chosen = select_targets(model, targets, trained_fully=tuple(trained_fully))
         recorded = _recorded_formats(path / WEIGHTS_NAME, metadata, chosen) if quant == "auto" else None
         if recorded is not None:  # layers grouped by format, each group named by a whole-name regex
             groups: dict = {}
@@ -248,7 +251,8 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
                 groups.setdefault(tuple(sorted(recorded[name].items())), []).append(name)
             with _restored_on_error(model, chosen):
                 for layout, names in groups.items():
-                    _add_layers(model, "|".join(re.escape(name) for name in names), config, **dict(layout))
+                    _add_layers(model, "|".join(re.escape(name) for name in names), config, trained_fully,
+                                **dict(layout))
             log.info("load_adapter: %s's frozen weights in the formats the adapter was trained over: %s", path,
                      sorted({dict(layout)["quant"] for layout in groups}))
         else:
@@ -257,14 +261,15 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
                 warnings.warn(f"load_adapter: {path} records no base format (a PEFT adapter): the frozen weights are "
                               "kept as they are (dense; bitsandbytes layers keep theirs), as PEFT runs them; pass "
                               "quant='nf4' (or another format) to quantize them", stacklevel=2)
-            _add_layers(model, targets, config, quant=quant)
+            _add_layers(model, targets, config, trained_fully, quant=quant)
             log.info("load_adapter: %s's frozen weights in %s", path, quant or "dense (as they are)")
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
-            layer.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
-            layer.set_hyperparameters(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),
-                                      config.get("lora_dropout", 0.0), config.get("use_rslora"))
+    for name in trained_fully:
+        model.get_submodule(name).requires_grad_(True)
+        setattr(model.get_submodule(name), TRAINED_FULLY, True)
+    load_adapter_tensors(model, tensors)
+    for name, layer in lora_layers(model).items():
+        layer.set_hyperparameters(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),
+                                  config.get("lora_dropout", 0.0), config.get("use_rslora"))
     return model
 
 
@@ -284,11 +289,12 @@ def _restored_on_error(model: torch.nn.Module, names: list):
         raise
 
 
-def _add_layers(model: torch.nn.Module, targets, config: dict, quant: Optional[str], blocksize: int = 64,
-                double_quant: bool = True) -> None:
+def _add_layers(model: torch.nn.Module, targets, config: dict, trained_fully: list, quant: Optional[str],
+                blocksize: int = 64, double_quant: bool = True) -> None:
     apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                quant=quant, blocksize=blocksize, double_quant=double_quant, rslora=bool(config.get("use_rslora")),
-               rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
+               rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
+               modules_to_save=trained_fully)
 
 
 def check_fit(file: Path, tensors: dict, shapes: dict) -> None:

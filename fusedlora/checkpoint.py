@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .adapters import adapter_config, check_fit, is_writer
-from .model import lora_layers, lora_state_dict
+from .model import adapter_shapes, adapter_state_dict, load_adapter_tensors
 from .safefiles import AdapterFileError, read_safetensors, write_safetensors
 
 _META_KEY = "fusedlora_training_state"
@@ -23,7 +23,7 @@ def save_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.
     """Write the model's adapters, the optimizer's state and `step` to the file `path`. Without
     sharding (single process, DDP) rank 0 writes; FSDP2-sharded optimizer state is not gathered,
     so with FSDP2 use torch.distributed.checkpoint for the optimizer."""
-    tensors = {f"adapter.{key}": value.cpu().contiguous() for key, value in lora_state_dict(model).items()}
+    tensors = {f"adapter.{key}": value.cpu().contiguous() for key, value in adapter_state_dict(model).items()}
     meta = {"step": int(step), "extra": extra or {}, "adapter": adapter_config(model), "optimizer": None}
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -58,9 +58,7 @@ def load_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{path}: its {_META_KEY!r} metadata is damaged ({err})") from err
     adapters = {key.removeprefix("adapter."): value for key, value in tensors.items() if key.startswith("adapter.")}
-    shapes = {f"{name}.lora_{ab}.weight": tuple(getattr(layer, f"lora_{ab}").weight.shape)
-              for name, layer in lora_layers(model).items() for ab in "AB"}
-    check_fit(path, adapters, shapes)
+    check_fit(path, adapters, adapter_shapes(model))
     optimizer_state = None
     if optimizer is not None:
         if meta.get("optimizer") is None:
@@ -78,8 +76,5 @@ def load_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.
             optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError, TypeError) as err:
             raise AdapterFileError(f"{path}: its optimizer state does not fit this optimizer ({err})") from err
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            layer.lora_A.weight.copy_(adapters[f"{name}.lora_A.weight"])
-            layer.lora_B.weight.copy_(adapters[f"{name}.lora_B.weight"])
+    load_adapter_tensors(model, adapters)
     return {"step": meta["step"], "extra": meta["extra"]}

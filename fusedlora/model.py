@@ -13,6 +13,12 @@ from .module import LoRALinear, LoRAFactor, is_conv1d
 from .storage import STORAGE_PREFIX
 
 Targets = Union[str, list, tuple, set]
+# PEFT's task types by the model class's suffix: (task_type, the heads it trains fully and leaves
+# out of "all-linear": its default modules_to_save)
+TASKS = {"ForSequenceClassification": ("SEQ_CLS", ("classifier", "score")),
+         "ForTokenClassification": ("TOKEN_CLS", ("classifier", "score")),
+         "ForQuestionAnswering": ("QUESTION_ANS", ("qa_outputs",))}
+TRAINED_FULLY = "fusedlora_trained_fully"  # set on a module apply_lora trains whole (modules_to_save)
 
 
 def _name_matcher(patterns: Targets, argument: str) -> Callable[[str], bool]:
@@ -50,8 +56,10 @@ def pattern_value(pattern: Optional[dict], name: str, default):
     return default
 
 
-def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None) -> list:
-    """Names of the linear layers `apply_lora` would replace (layers already adapted excluded)."""
+def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None,
+                   trained_fully: tuple = ()) -> list:
+    """Names of the linear layers `apply_lora` would replace (layers already adapted, and the
+    modules named in `trained_fully` with what they hold, excluded)."""
     if target_modules == "all-linear":
         head = _output_head(model)
         wanted = lambda name, module: _adaptable(module) and module is not head  # noqa: E731
@@ -63,11 +71,48 @@ def select_targets(model: nn.Module, target_modules: Targets, exclude_modules: O
     for name, module in model.named_modules():
         if not name or isinstance(module, (LoRALinear, LoRAFactor)) or excluded(name) or not wanted(name, module):
             continue
+        if any(name == whole or name.startswith(whole + ".") for whole in trained_fully):
+            continue
         if not _adaptable(module):
             raise ValueError(f"target {name!r} is a {type(module).__name__}; only nn.Linear, transformers' Conv1D "
                              "and bitsandbytes Linear4bit/Linear8bitLt layers can take a LoRA adapter")
         chosen.append(name)
     return chosen
+
+
+def task_of(model: nn.Module) -> tuple[Optional[str], tuple]:
+    """PEFT's task type of `model` (by its class name) and the heads that task trains fully."""
+    for suffix, task in TASKS.items():
+        if type(model).__name__.endswith(suffix):
+            return task
+    return None, ()
+
+
+def resolve_modules_to_save(model: nn.Module, modules_to_save, every_name_matches: bool = True) -> list:
+    """Names of the modules `modules_to_save` asks to train fully: names or name suffixes, or
+    "auto" (the task's heads, see `TASKS`). With `every_name_matches`, an explicit name that
+    matches no module is an error (PEFT's task defaults list heads a model may lack)."""
+    if modules_to_save is None:
+        return []
+    auto = isinstance(modules_to_save, str) and modules_to_save == "auto"
+    suffixes = task_of(model)[1] if auto else modules_to_save
+    if isinstance(suffixes, str) or not all(isinstance(key, str) for key in suffixes):
+        raise TypeError(f"modules_to_save must be 'auto', None or a list of module names, got {modules_to_save!r}")
+    matches = _name_matcher(list(suffixes), "modules_to_save")
+    names = [name for name, module in model.named_modules()
+             if name and matches(name) and not isinstance(module, (LoRALinear, LoRAFactor))]
+    unmatched = [key for key in suffixes if not any(name == key or name.endswith("." + key) for name in names)]
+    if unmatched and not auto and every_name_matches:
+        raise ValueError(f"modules_to_save={list(modules_to_save)!r}: {unmatched} match no module of the model")
+    for name in names:
+        if lora_layers(model.get_submodule(name)):
+            raise ValueError(f"modules_to_save: {name!r} holds LoRA layers; train it fully or adapt it, not both")
+    return names
+
+
+def fully_trained_modules(model: nn.Module) -> dict:
+    """The modules `apply_lora` trains fully (PEFT's modules_to_save), by name."""
+    return {name: module for name, module in model.named_modules() if getattr(module, TRAINED_FULLY, False)}
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -92,7 +137,8 @@ def _listed(names: list) -> str:
 def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: float = 16, dropout: float = 0.0,
                quant: Optional[str] = "nf4", exclude_modules: Optional[Targets] = None, blocksize: int = 64,
                double_quant: bool = True, rslora: bool = False, init: str = "kaiming",
-               rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None) -> nn.Module:
+               rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+               modules_to_save="auto") -> nn.Module:
     """Replace the targeted linear layers of `model` by `LoRALinear`, in place, and freeze
     everything but the adapters. Returns `model`.
 
@@ -101,9 +147,14 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
     exclude_modules: the same forms, for layers to leave alone. quant: the frozen weight's
     format ("nf4", "fp4", "int8", "fp8", "dense" or None); bitsandbytes layers keep theirs.
     rank_pattern / alpha_pattern: per-layer r / alpha by name pattern, as in PEFT's LoraConfig.
+    modules_to_save: modules trained whole instead of adapted (PEFT's option; names or name
+    suffixes): they stay out of the targets and train in place (PEFT trains a copy). "auto", the
+    default, is what PEFT's task type picks: a classification model's `classifier` / `score`
+    head, a question-answering model's `qa_outputs`, nothing for other models. None: none.
     """
     check_quant(quant)
-    chosen = select_targets(model, target_modules, exclude_modules)
+    trained_fully = resolve_modules_to_save(model, modules_to_save)
+    chosen = select_targets(model, target_modules, exclude_modules, tuple(trained_fully))
     existing = lora_layers(model)
     adapted = _already_adapted(existing, target_modules, exclude_modules)
     if not chosen and not adapted:
@@ -132,6 +183,9 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
         if isinstance(module, LoRALinear):
             module.lora_A.weight.requires_grad_(True)
             module.lora_B.weight.requires_grad_(True)
+    for module in [*fully_trained_modules(model).values(), *map(model.get_submodule, trained_fully)]:
+        module.requires_grad_(True)
+        setattr(module, TRAINED_FULLY, True)
     return model
 
 
@@ -154,6 +208,36 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """`t` whole: a DTensor (FSDP2 sharding) is gathered, a collective every rank must join."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """What an adapter file holds: `lora_state_dict` and the state of every module trained fully,
+    whole (under FSDP2 every rank must call it)."""
+    tensors = lora_state_dict(model)
+    for name, module in fully_trained_modules(model).items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = full_tensor(value.detach())
+    return tensors
+
+
+def adapter_shapes(model: nn.Module) -> dict:
+    """The shape of each tensor of `adapter_state_dict` (without gathering anything)."""
+    shapes = {f"{name}.lora_{ab}.weight": tuple(getattr(layer, f"lora_{ab}").weight.shape)
+              for name, layer in lora_layers(model).items() for ab in "AB"}
+    for name, module in fully_trained_modules(model).items():
+        shapes.update((f"{name}.{key}", tuple(value.shape)) for key, value in module.state_dict().items())
+    return shapes
+
+
+@torch.no_grad()
+def load_adapter_tensors(model: nn.Module, tensors: dict) -> None:
+    """Copy `tensors` (keyed as `adapter_state_dict`, checked to fit) into the model."""
+    for name, layer in lora_layers(model).items():
+        layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
+        layer.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
+    for name, module in fully_trained_modules(model).items():
+        for key, value in module.state_dict(keep_vars=True).items():
+            value.copy_(tensors[f"{name}.{key}"])
 
 
 def lora_state_dict(model: nn.Module) -> dict:

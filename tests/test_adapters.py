@@ -197,7 +197,7 @@ def test_bad_files_are_clear_errors_and_change_nothing(tmp_path, damage, fragmen
     assert all(torch.equal(before[name], p) for name, p in _adapter_params(model).items())
 
 
-@pytest.mark.parametrize("option,value", [("use_dora", True), ("modules_to_save", ["head"]),
+@pytest.mark.parametrize("option,value", [("use_dora", True),
                                           ("layers_to_transform", [0]), ("layer_replication", [[0, 1]]),
                                           ("lora_bias", True), ("trainable_token_indices", [3]), ("bias", "all")])
 def test_each_refused_peft_option_is_named_with_what_to_do(tmp_path, option, value):

@@ -1,7 +1,9 @@
-"""Whole Hugging Face models against the real PEFT: GPT-2, whose projections are transformers'
-`Conv1D` (weight stored (in, out)). "all-linear" wraps what PEFT wraps, the outputs and
+"""Whole Hugging Face models against the real PEFT. GPT-2, whose projections are transformers'
+`Conv1D` (weight stored (in, out)): "all-linear" wraps what PEFT wraps, the outputs and
 gradients are PEFT's with the same adapters, PEFT loads what fusedlora saves and the other way
-round, and merging gives Conv1D layers back that plain transformers saves and loads."""
+round, and merging gives Conv1D layers back that plain transformers saves and loads. BERT for
+sequence classification: the head is trained whole, not adapted, as PEFT's SEQ_CLS task does
+(modules_to_save), and travels in the adapter file both ways."""
 
 import pytest
 import torch
@@ -105,3 +107,66 @@ def test_a_quantized_conv1d_holds_the_transposed_weight_and_loads_the_conv1d_lay
     dense = fusedlora.apply_lora(_gpt2(), "all-linear", r=4, quant=None)
     dense.load_state_dict(_gpt2().state_dict(), strict=False)  # GPT-2's own (in, out) Conv1D weights
     assert torch.equal(dense.transformer.h[0].attn.c_attn.weight.weight, conv.weight.detach().t())
+
+
+def _bert_cls():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def _peft_bert_cls():
+    model = peft.get_peft_model(_bert_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                              target_modules="all-linear"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(getattr(module, "lora_B", None), nn.ModuleDict):
+                nn.init.normal_(module.lora_B["default"].weight, std=0.1)
+        head = model.base_model.model.classifier.modules_to_save["default"]
+        head.weight.add_(torch.randn_like(head.weight))  # a trained head differs from the base's
+    return model
+
+
+def test_bert_classifier_is_trained_whole_as_peft_seq_cls_does():
+    theirs = _peft_bert_cls()
+    ours = fusedlora.apply_lora(_bert_cls(), "all-linear", r=4, alpha=8, quant=None)
+    assert sorted(fusedlora.lora_layers(ours)) == sorted(_peft_layers(theirs))
+    assert "classifier" not in fusedlora.lora_layers(ours)
+    assert all(p.requires_grad for p in ours.classifier.parameters())
+    trainable = sorted(name for name, p in ours.named_parameters() if p.requires_grad and "lora_" not in name)
+    assert trainable == ["classifier.bias", "classifier.weight"]
+
+
+def test_peft_loads_what_fusedlora_saves_for_bert_seq_cls_and_the_other_way(tmp_path):
+    theirs = _peft_bert_cls()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fusedlora.load_adapter(_bert_cls(), tmp_path / "peft")
+    assert ours.classifier.weight.requires_grad and "classifier" not in fusedlora.lora_layers(ours)
+    with torch.no_grad():
+        expected = theirs(input_ids=_ids()).logits
+        assert_close(ours(input_ids=_ids()).logits, expected, torch.float32, "loaded from PEFT")
+    fusedlora.save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(_bert_cls(), tmp_path / "ours").eval()
+    assert again.peft_config["default"].task_type == "SEQ_CLS"
+    with torch.no_grad():
+        assert_close(again(input_ids=_ids()).logits, expected, torch.float32, "PEFT loading ours")
+
+
+def test_an_explicit_modules_to_save_that_matches_nothing_is_refused():
+    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\]: \['head'\] match no module"):
+        fusedlora.apply_lora(_bert_cls(), "all-linear", modules_to_save=["head"])
+    plain = fusedlora.apply_lora(_bert_cls(), "all-linear", quant=None, modules_to_save=None)
+    assert "classifier" in fusedlora.lora_layers(plain)
+
+
+def test_a_training_state_holds_the_head_trained_whole(tmp_path):
+    model = fusedlora.apply_lora(_bert_cls(), "all-linear", r=4)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    fusedlora.save_training_state(tmp_path / "state.safetensors", model, step=3)
+    resumed = fusedlora.apply_lora(_bert_cls(), "all-linear", r=4)
+    assert not torch.equal(resumed.classifier.weight, model.classifier.weight)
+    assert fusedlora.load_training_state(tmp_path / "state.safetensors", resumed)["step"] == 3
+    assert torch.equal(resumed.classifier.weight, model.classifier.weight)
