@@ -1,5 +1,6 @@
 """Putting LoRA into an existing model: `apply_lora`, `merge_and_unload`, and what is trainable."""
 
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -9,10 +10,11 @@ import torch
 import torch.nn as nn
 
 from .checks import check_quant
-from .module import LoRALinear, LoRAFactor, is_conv1d
+from .module import LoRALinear, LoRAFactor, is_bnb_linear, is_conv1d
 from .storage import STORAGE_PREFIX
 
 Targets = Union[str, list, tuple, set]
+log = logging.getLogger("fusedlora")
 # PEFT's task types by the model class's suffix: (task_type, the heads it trains fully and leaves
 # out of "all-linear": its default modules_to_save)
 TASKS = {"ForSequenceClassification": ("SEQ_CLS", ("classifier", "score")),
@@ -186,7 +188,24 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
     for module in [*fully_trained_modules(model).values(), *map(model.get_submodule, trained_fully)]:
         module.requires_grad_(True)
         setattr(module, TRAINED_FULLY, True)
+    _release_from_hf_quantizer(model)
     return model
+
+
+def _release_from_hf_quantizer(model: nn.Module) -> None:
+    """A Hugging Face model loaded with a quantization config whose quantized layers are now all
+    LoRALinear layers is no longer managed by transformers' quantizer: say so as transformers'
+    own `remove_quantization_config` does (is_quantized False, no hf_quantizer), so that its
+    Trainer, which refuses a "purely quantized" model, sees a model with trainable adapters.
+    config.quantization_config stays, so a saved checkpoint still loads with bitsandbytes."""
+    if getattr(model, "hf_quantizer", None) is None or any(is_bnb_linear(module) for module in model.modules()):
+        return
+    del model.hf_quantizer
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    model.is_quantized = False
+    log.info("apply_lora: every layer transformers' quantizer made is now a LoRALinear; the model is released "
+             "from it (config.quantization_config kept)")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
