@@ -39,6 +39,7 @@ from .formats import FORMATS, FrozenWeight, from_bnb_module, quantize
 from .loading import load_checkpoint_shards, meta_parameters
 from .model import TrainableSummary, apply_lora, lora_layers, lora_state_dict, merge_and_unload, trainable_summary
 from .module import LoRALinear
+from .named_adapters import active_adapter, adapter_names, add_adapter, delete_adapter, disable_adapter, set_adapter
 from .ops import fused_lora_linear
 from .torchtune import from_torchtune, to_torchtune
 
@@ -46,6 +47,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "active_adapter",
+    "adapter_names",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "set_adapter",
     "FORMATS",
     "LoRALinear",
     "FrozenWeight",

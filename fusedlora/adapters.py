@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 from .checks import check_probability, check_quant
 from .formats.fourbit import check_blocksize
-from .model import (TRAINED_FULLY, adapter_state_dict, apply_lora, load_adapter_tensors, lora_layers, fully_trained_modules,
-                    pattern_value, replace_submodule, resolve_modules_to_save, select_targets, task_of)
+from .model import (TRAINED_FULLY, adapter_state_dict, apply_lora, fully_trained_modules, load_adapter_tensors,
+                    lora_layers, pattern_value, replace_submodule, resolve_modules_to_save, select_targets, task_of)
 from .module import linear_features
+from .named_adapters import add_adapter, adapter_names, delete_adapter, using_adapter
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -91,8 +92,9 @@ def _atomic_folder_swap(path: Path, write) -> None:
     tmp.mkdir()
     try:
         write(tmp)
-        for name in os.listdir(tmp):
-            fsync_file(tmp / name)
+        for folder, _, names in os.walk(tmp):
+            for name in names:
+                fsync_file(Path(folder) / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,19 +110,29 @@ def is_writer() -> bool:
         or torch.distributed.get_rank() == 0
 
 
-def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional[str] = None) -> None:
-    """Save the model's adapters in PEFT's format into the folder `path` (atomically). Under
-    DDP/FSDP2 call it on every rank (sharded adapters are gathered); rank 0 writes."""
-    config = adapter_config(model, base_model_name_or_path)
-    tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in adapter_state_dict(model).items()}
-    base_formats = json.dumps({name: _base_format(layer.base_weight) for name, layer in lora_layers(model).items()},
-                              sort_keys=True)
+def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional[str] = None,
+                 adapter_name: Optional[str] = None) -> None:
+    """Save the model's adapters in PEFT's format into the folder `path` (atomically): every
+    adapter, or only `adapter_name`, in PEFT's multi-adapter layout ("default" in `path`, any
+    other in `path/<name>`). Under DDP/FSDP2 call it on every rank (sharded adapters are
+    gathered); rank 0 writes."""
+    names = adapter_names(model) if adapter_name is None else [adapter_name]
+    saved = {}
+    for name in names:
+        with using_adapter(model, name):
+            config = adapter_config(model, base_model_name_or_path)
+            tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in adapter_state_dict(model).items()}
+            formats = json.dumps({layer_name: _base_format(layer.base_weight)
+                                  for layer_name, layer in lora_layers(model).items()}, sort_keys=True)
+        saved["" if name == "default" else name] = (config, tensors, formats)
     if not is_writer():
         return
 
     def write(folder: Path) -> None:
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        write_safetensors(tensors, folder / WEIGHTS_NAME, {BASE_FORMAT_KEY: base_formats}, atomic=False)
+        for subfolder, (config, tensors, formats) in saved.items():
+            (folder / subfolder).mkdir(exist_ok=True)
+            (folder / subfolder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+            write_safetensors(tensors, folder / subfolder / WEIGHTS_NAME, {BASE_FORMAT_KEY: formats}, atomic=False)
 
     _atomic_folder_swap(Path(path), write)
 
@@ -210,8 +222,13 @@ def _layer_key(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
-def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") -> torch.nn.Module:
-    """Load a PEFT-format adapter folder into `model` (in place) and return it.
+def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto",
+                 adapter_name: str = "default") -> torch.nn.Module:
+    """Load a PEFT-format adapter folder into `model` (in place) as adapter `adapter_name` and
+    return it. A model with LoRA layers but no such adapter gets it (`add_adapter`, over the
+    same layers; the active adapter stays active); one without LoRA layers gets them, their
+    first adapter named `adapter_name`. In PEFT's multi-adapter layout, load each subfolder
+    `path/<name>` with `adapter_name=<name>`.
 
     A model without LoRALinear layers first gets them from the config (`apply_lora` with its
     target modules, ranks and alphas), their frozen weights in the format `quant`: "auto" (the
@@ -227,6 +244,29 @@ def load_adapter(model: torch.nn.Module, path, quant: Optional[str] = "auto") ->
     config = read_adapter_config(path)
     stored, metadata = read_safetensors(path / WEIGHTS_NAME)
     tensors = {_layer_key(key): value for key, value in stored.items()}
+    existing = lora_layers(model)
+    if existing and adapter_name not in adapter_names(model):
+        add_adapter(model, adapter_name, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                    bool(config.get("use_rslora")), rank_pattern=config.get("rank_pattern"),
+                    alpha_pattern=config.get("alpha_pattern"))
+        try:
+            with using_adapter(model, adapter_name):
+                return _load_into(model, path, config, tensors, metadata, quant)
+        except BaseException:
+            delete_adapter(model, adapter_name)
+            raise
+    if existing:
+        with using_adapter(model, adapter_name):
+            return _load_into(model, path, config, tensors, metadata, quant)
+    _load_into(model, path, config, tensors, metadata, quant)
+    for layer in lora_layers(model).values():
+        layer.active_adapter = adapter_name
+    return model
+
+
+def _load_into(model: torch.nn.Module, path: Path, config: dict, tensors: dict, metadata: dict,
+               quant: Optional[str]) -> torch.nn.Module:
+    """`load_adapter` into the active adapter, or into new LoRA layers when there are none."""
     existing = lora_layers(model)
     targets = config.get("target_modules") or "all-linear"
     trained_fully = resolve_modules_to_save(model, config.get("modules_to_save") or None, every_name_matches=False)

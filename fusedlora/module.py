@@ -47,6 +47,21 @@ def _is_weight_key(relative_key: str) -> bool:
     return relative_key in _WEIGHT_KEYS or relative_key.startswith("weight.")
 
 
+@torch.no_grad()
+def _initialise(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, init: str) -> None:
+    """A kaiming-uniform (a=√5, as PEFT) or normal with std 1/r ("gaussian"), B = 0. A is drawn
+    whole and a sharded A takes its rows of it, so ranks seeded alike hold one consistent A."""
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    whole = torch.empty(lora_A.shape, dtype=lora_A.dtype, device=local_tensor(lora_A).device)
+    if init == "gaussian":
+        nn.init.normal_(whole, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(whole, a=math.sqrt(5))
+    local_tensor(lora_A).copy_(local_part(whole, lora_A))
+    nn.init.zeros_(lora_B)
+
+
 def _device_moves_only(fn, tensor_ids: set):
     """`fn` (an `nn.Module._apply` function) that only moves the tensors in `tensor_ids` between
     devices, never changes their dtype."""
@@ -69,6 +84,21 @@ class LoRAFactor(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
 
 
+class LoRAAdapter(nn.Module):
+    """A named adapter a `LoRALinear` holds but does not use now: its factors and settings."""
+
+    def __init__(self, lora_A: LoRAFactor, lora_B: LoRAFactor, r: int, alpha: float, dropout: float, rslora: bool):
+        super().__init__()
+        self.lora_A, self.lora_B = lora_A, lora_B
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, rslora
+
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1, got {r!r}")
+    return r
+
+
 class LoRALinear(nn.Module):
     """y = x·Wᵀ + scaling·lora_B(lora_A(dropout(x))) (+ bias), W frozen in any fusedlora format.
 
@@ -88,8 +118,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(weight, FrozenWeight):
             raise TypeError(f"weight must be a FrozenWeight (see fusedlora.quantize), got {type(weight).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        _check_rank(r)
         if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         if init not in _INITS:
@@ -114,7 +143,53 @@ class LoRALinear(nn.Module):
         self.merged = False
         self._adapter_enabled = True
         self._premerge_weight: Optional[FrozenWeight] = None
+        self.active_adapter = "default"  # the name of the adapter in lora_A / lora_B
+        self.inactive_adapters = nn.ModuleDict()  # the other named adapters (fusedlora.add_adapter)
         self.reset_lora_parameters(init)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names of this layer's adapters, the active one first."""
+        return [self.active_adapter, *self.inactive_adapters]
+
+    def add_adapter(self, name: str, r: int = 16, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
+                    init: str = "kaiming") -> None:
+        """Add a new inactive adapter `name` (B = 0) over the same frozen weight."""
+        if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
+            raise ValueError(f"adapter name must be a Python identifier other than a ModuleDict method, got {name!r}")
+        if name in self.adapter_names:
+            raise ValueError(f"adapter {name!r} exists already (adapters: {self.adapter_names})")
+        dtype, device = self.lora_A.weight.dtype, local_tensor(self.lora_A.weight).device
+        adapter = LoRAAdapter(LoRAFactor(_check_rank(r), self.in_features, dtype, device),
+                              LoRAFactor(self.out_features, r, dtype, device), r, alpha, check_probability("dropout", dropout),
+                              bool(rslora))
+        _initialise(adapter.lora_A.weight, adapter.lora_B.weight, r, init)
+        self.inactive_adapters[name] = adapter
+
+    def set_adapter(self, name: str) -> None:
+        """Make adapter `name` the one this layer computes with: its factors are swapped into
+        lora_A / lora_B (no copy; the frozen weight untouched)."""
+        if name == self.active_adapter:
+            return
+        if name not in self.inactive_adapters:
+            raise KeyError(f"no adapter {name!r} (adapters: {self.adapter_names})")
+        if self.merged:
+            raise RuntimeError(f"set_adapter({name!r}): the layer is merged; unmerge() first")
+        chosen = self.inactive_adapters[name]
+        del self.inactive_adapters[name]
+        self.inactive_adapters[self.active_adapter] = LoRAAdapter(self.lora_A, self.lora_B, self.r, self.lora_alpha,
+                                                                  self.lora_dropout, self.use_rslora)
+        self.lora_A, self.lora_B, self.r = chosen.lora_A, chosen.lora_B, chosen.r
+        self.set_hyperparameters(chosen.lora_alpha, chosen.lora_dropout, chosen.use_rslora)
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove the inactive adapter `name`."""
+        if name == self.active_adapter:
+            raise ValueError(f"adapter {name!r} is the active one; set another adapter before deleting it")
+        if name not in self.inactive_adapters:
+            raise KeyError(f"no adapter {name!r} (adapters: {self.adapter_names})")
+        del self.inactive_adapters[name]
 
     def set_hyperparameters(self, alpha: float, dropout: float, rslora: bool) -> None:
         """Set lora_alpha, lora_dropout, use_rslora and the scaling they give: alpha / r, or
@@ -154,17 +229,8 @@ class LoRALinear(nn.Module):
         return self.weight.shape[0]
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """Re-initialise the adapter: B = 0, so the layer starts as its base. A is drawn whole and
-        a sharded A takes its rows of it, so ranks seeded alike hold one consistent A."""
-        lora_A = self.lora_A.weight
-        with torch.no_grad():
-            whole = torch.empty(lora_A.shape, dtype=lora_A.dtype, device=local_tensor(lora_A).device)
-            if init == "gaussian":
-                nn.init.normal_(whole, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(whole, a=math.sqrt(5))
-            local_tensor(lora_A).copy_(local_part(whole, lora_A))
-            nn.init.zeros_(self.lora_B.weight)
+        """Re-initialise the active adapter: B = 0, so the layer starts as its base."""
+        _initialise(self.lora_A.weight, self.lora_B.weight, self.r, init)
 
     @property
     def weight(self) -> FrozenWeight:
