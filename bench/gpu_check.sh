@@ -2,7 +2,8 @@
 # The one GPU run: with the GPU machine's own python3 and packages, offline, install this tree
 # (no build isolation) with the CUDA extension built for the local GPU, benchmark the headline
 # cases first, run the GPU tests, then record the cost model's estimate beside each measured
-# headline figure (so the model's error is known), run the FSDP2 example on the one GPU (NCCL),
+# headline figure (so the model's error is known), time whole-model training steps, run the
+# FSDP2 example on the one GPU (NCCL),
 # writing the log and the JSON into OUTDIR as it
 # goes, so that a run cut short still leaves them. Fails clearly without a GPU or without a
 # package it needs.
@@ -10,7 +11,7 @@
 #   bench/gpu_check.sh [OUTDIR]          (default bench/results; whole run within TOTAL_BUDGET)
 #   env: PYTHON (default python3); TOTAL_BUDGET seconds (default 470: every step is cut to what is
 #        left of it); BUILD_BUDGET, BENCH_BUDGET, MODEL_BUDGET, TEST_BUDGET, RELIABILITY_BUDGET,
-#        FSDP_BUDGET seconds (default 120, 100, 90, 120, 60, 60); FUSEDLORA_FUZZ_SCALE (default 0.1); FUSEDLORA_COMMIT (the commit to
+#        FSDP_BUDGET, MODEL_BENCH_BUDGET seconds (default 120, 100, 90, 120, 60, 60, 90); FUSEDLORA_FUZZ_SCALE (default 0.1); FUSEDLORA_COMMIT (the commit to
 #        record where the tree has no .git); WHEELS (default bench/wheels: wheels for packages the
 #        GPU image lacks, filled by bench/fetch_wheels.sh and carried with the tree)
 set -uo pipefail
@@ -108,6 +109,12 @@ else
     say "gpu_check: pytest or hypothesis is missing: the GPU tests were not run"
     tests_rc=4
 fi
+
+say "== whole-model training steps: the Llama-3-8B block, then the 1B model (budget ${MODEL_BENCH_BUDGET:-90} s each)"
+for preset in llama-3-8b-block llama-1b; do
+    step "${MODEL_BENCH_BUDGET:-90}" "$python" -m fusedlora bench-model --preset "$preset" --steps 8 --out "$out" 2>&1 \
+        | grep -v -E '[0-9]+/[0-9]+ \[' | tee -a "$log"
+done
 
 say "== examples/train_fsdp2.py under torchrun, world size 1, NCCL (budget ${FSDP_BUDGET:-60} s)"
 if "$python" -c "import transformers" >/dev/null 2>&1; then

@@ -1,4 +1,5 @@
-"""Command line: `python -m fusedlora demo` (the main job), `info`, `bench`, `inspect` and `plan`."""
+"""Command line: `python -m fusedlora demo` (the main job), `info`, `bench`, `bench-model`, `inspect`
+and `plan`."""
 
 import argparse
 import platform
@@ -33,9 +34,15 @@ def main(argv=None) -> None:
     commands.add_parser("bench", help="benchmark against the peers (python -m fusedlora bench --help)", add_help=False)
     commands.add_parser("inspect", help="compiled kernels counted from SASS, and a MODEL of their speed "
                         "(python -m fusedlora inspect --help)", add_help=False)
+    commands.add_parser("bench-model", help="training steps of a whole model, stack beside stack "
+                        "(python -m fusedlora bench-model --help)", add_help=False)
     commands.add_parser("plan", help="memory per GPU of a LoRA run under FSDP2 (python -m fusedlora plan --help)",
                         add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench-model":
+        from .benchmark.whole_model import main as bench_model_main
+
+        raise SystemExit(bench_model_main(rest))
     if args.command == "plan":
         from .plan import main as plan_main
 
