@@ -66,7 +66,7 @@ def adapter_config(model: torch.nn.Module, base_model_name_or_path: Optional[str
         raise ValueError("layers mix rslora and plain scaling, which one PEFT config cannot describe")
     return {
         "peft_type": "LORA",
-        "task_type": task_of(model)[0],
+        "task_type": _task_type(model),
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
@@ -78,10 +78,18 @@ def adapter_config(model: torch.nn.Module, base_model_name_or_path: Optional[str
         "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
         "init_lora_weights": True,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),  # Conv1D bases (GPT-2)
-        "modules_to_save": sorted({name.rsplit(".", 1)[-1] for name in fully_trained_modules(model)}) or None,
+        "modules_to_save": sorted(fully_trained_modules(model)) or None,
         "inference_mode": True,
         **_UNSUPPORTED,
     }
+
+
+def _task_type(model: torch.nn.Module) -> Optional[str]:
+    """PEFT's task type, when the model trains its task's head whole (PEFT then expects the head
+    in the file); None when the head is adapted or absent."""
+    task, heads = task_of(model)
+    trained = fully_trained_modules(model)
+    return task if any(name.endswith(head) for name in trained for head in heads) else None
 
 
 def _atomic_folder_swap(path: Path, write) -> None:
@@ -129,6 +137,8 @@ def save_adapter(model: torch.nn.Module, path, base_model_name_or_path: Optional
         return
 
     def write(folder: Path) -> None:
+        if Path(path).is_dir():  # what else the folder holds (other adapters, the user's files) stays
+            shutil.copytree(path, folder, dirs_exist_ok=True)
         for subfolder, (config, tensors, formats) in saved.items():
             (folder / subfolder).mkdir(exist_ok=True)
             (folder / subfolder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

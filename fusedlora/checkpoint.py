@@ -13,6 +13,7 @@ import torch
 
 from .adapters import adapter_config, check_fit, is_writer
 from .model import adapter_shapes, adapter_state_dict, load_adapter_tensors
+from .named_adapters import active_adapter
 from .safefiles import AdapterFileError, read_safetensors, write_safetensors
 
 _META_KEY = "fusedlora_training_state"
@@ -20,11 +21,13 @@ _META_KEY = "fusedlora_training_state"
 
 def save_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                         step: int = 0, extra: Optional[dict] = None) -> None:
-    """Write the model's adapters, the optimizer's state and `step` to the file `path`. Without
+    """Write the model's active adapter (and the modules it trains whole), its name, the
+    optimizer's state and `step` to the file `path`. Without
     sharding (single process, DDP) rank 0 writes; FSDP2-sharded optimizer state is not gathered,
     so with FSDP2 use torch.distributed.checkpoint for the optimizer."""
     tensors = {f"adapter.{key}": value.cpu().contiguous() for key, value in adapter_state_dict(model).items()}
-    meta = {"step": int(step), "extra": extra or {}, "adapter": adapter_config(model), "optimizer": None}
+    meta = {"step": int(step), "extra": extra or {}, "adapter": adapter_config(model), "optimizer": None,
+            "adapter_name": active_adapter(model)}
     if optimizer is not None:
         state = optimizer.state_dict()
         scalars = {}
@@ -57,6 +60,10 @@ def load_training_state(path, model: torch.nn.Module, optimizer: Optional[torch.
         meta = json.loads(metadata[_META_KEY])
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{path}: its {_META_KEY!r} metadata is damaged ({err})") from err
+    if meta.get("adapter_name", "default") != active_adapter(model):
+        raise AdapterFileError(f"{path}: holds adapter {meta['adapter_name']!r}, and the model computes with "
+                               f"{active_adapter(model)!r}; call fusedlora.set_adapter(model, "
+                               f"{meta['adapter_name']!r}) first")
     adapters = {key.removeprefix("adapter."): value for key, value in tensors.items() if key.startswith("adapter.")}
     check_fit(path, adapters, adapter_shapes(model))
     optimizer_state = None

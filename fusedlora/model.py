@@ -100,15 +100,21 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save, every_name_matche
     suffixes = task_of(model)[1] if auto else modules_to_save
     if isinstance(suffixes, str) or not all(isinstance(key, str) for key in suffixes):
         raise TypeError(f"modules_to_save must be 'auto', None or a list of module names, got {modules_to_save!r}")
-    matches = _name_matcher(list(suffixes), "modules_to_save")
-    names = [name for name, module in model.named_modules()
-             if name and matches(name) and not isinstance(module, (LoRALinear, LoRAFactor))]
-    unmatched = [key for key in suffixes if not any(name == key or name.endswith("." + key) for name in names)]
+    # PEFT's rule for modules_to_save: a plain suffix (so "classifier" also takes "pre_classifier")
+    names = [name for name, module in model.named_modules() if name and any(name.endswith(key) for key in suffixes)
+             and not isinstance(module, (LoRALinear, LoRAFactor))]
+    names = [name for name in names if not any(name.startswith(outer + ".") for outer in names)]
+    unmatched = [key for key in suffixes if not any(name.endswith(key) for name in names)]
     if unmatched and not auto and every_name_matches:
         raise ValueError(f"modules_to_save={list(modules_to_save)!r}: {unmatched} match no module of the model")
     for name in names:
         if lora_layers(model.get_submodule(name)):
             raise ValueError(f"modules_to_save: {name!r} holds LoRA layers; train it fully or adapt it, not both")
+        outside = [key for key, p in model.named_parameters(remove_duplicate=False)
+                   if not key.startswith(name + ".") and any(p is q for q in model.get_submodule(name).parameters())]
+        if outside:
+            raise ValueError(f"modules_to_save: {name!r} shares parameters with {outside[:4]} (tied weights), which "
+                             "would train too; untie them first")
     return names
 
 
@@ -155,6 +161,10 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
     head, a question-answering model's `qa_outputs`, nothing for other models. None: none.
     """
     check_quant(quant)
+    named = {name for layer in lora_layers(model).values() for name in layer.adapter_names} - {"default"}
+    if named:
+        raise ValueError(f"apply_lora: the model has named adapters {sorted(named)}, which new layers would lack; "
+                         "apply every layer first, then add named adapters")
     trained_fully = resolve_modules_to_save(model, modules_to_save)
     chosen = select_targets(model, target_modules, exclude_modules, tuple(trained_fully))
     existing = lora_layers(model)
@@ -193,19 +203,23 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
 
 
 def _release_from_hf_quantizer(model: nn.Module) -> None:
-    """A Hugging Face model loaded with a quantization config whose quantized layers are now all
-    LoRALinear layers is no longer managed by transformers' quantizer: say so as transformers'
-    own `remove_quantization_config` does (is_quantized False, no hf_quantizer), so that its
-    Trainer, which refuses a "purely quantized" model, sees a model with trainable adapters.
-    config.quantization_config stays, so a saved checkpoint still loads with bitsandbytes."""
-    if getattr(model, "hf_quantizer", None) is None or any(is_bnb_linear(module) for module in model.modules()):
+    """A Hugging Face model loaded with a bitsandbytes quantization config now has trainable
+    adapters: clear `is_quantized`, which transformers' Trainer reads as "purely quantized, no
+    adapters" (PEFT's adapters are the only ones it knows). Once every bitsandbytes layer is a
+    LoRALinear the quantizer manages nothing, and it goes too, as transformers' own
+    `remove_quantization_config` removes it. config.quantization_config stays, so that a saved
+    checkpoint still loads with bitsandbytes."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "bitsandbytes":
         return
-    del model.hf_quantizer
-    if hasattr(model, "quantization_method"):
-        del model.quantization_method
     model.is_quantized = False
-    log.info("apply_lora: every layer transformers' quantizer made is now a LoRALinear; the model is released "
-             "from it (config.quantization_config kept)")
+    if not any(is_bnb_linear(module) for module in model.modules()):
+        del model.hf_quantizer
+        if hasattr(model, "quantization_method"):
+            del model.quantization_method
+    log.info("apply_lora: the bitsandbytes model has trainable adapters now (is_quantized cleared for transformers' "
+             "Trainer; config.quantization_config kept)")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

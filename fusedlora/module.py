@@ -93,6 +93,12 @@ class LoRAAdapter(nn.Module):
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, rslora
 
 
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    return alpha
+
+
 def _check_rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an int >= 1, got {r!r}")
@@ -108,8 +114,9 @@ class LoRALinear(nn.Module):
     only; init: "kaiming" (A kaiming-uniform a=√5, B zeros, as PEFT) or "gaussian" (A normal
     with std 1/r); adapter_dtype: default the weight's dtype for a dense base, fp32 otherwise;
     fan_in_fan_out: the layer replaces a transformers `Conv1D` (as PEFT's option of that name):
-    W is still held (N, K), but `to_linear` gives a `Conv1D` back and a dense (K, N) weight in a
-    loaded state dict (the Conv1D's own layout) is transposed.
+    W is still held (N, K), but `to_linear` gives a `Conv1D` back and a dense W is saved and
+    loaded in the Conv1D's own (K, N) layout, so the state dict is GPT-2's (packed formats keep
+    bitsandbytes' (N, K), as transformers' bitsandbytes loading stores a Conv1D).
     """
 
     def __init__(self, weight: FrozenWeight, bias: Optional[torch.Tensor] = None, r: int = 16, alpha: float = 16,
@@ -119,8 +126,7 @@ class LoRALinear(nn.Module):
         if not isinstance(weight, FrozenWeight):
             raise TypeError(f"weight must be a FrozenWeight (see fusedlora.quantize), got {type(weight).__name__}")
         _check_rank(r)
-        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        _check_alpha(alpha)
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         out_features, in_features = weight.shape
@@ -155,16 +161,17 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, r: int = 16, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
                     init: str = "kaiming") -> None:
         """Add a new inactive adapter `name` (B = 0) over the same frozen weight."""
-        if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
-            raise ValueError(f"adapter name must be a Python identifier other than a ModuleDict method, got {name!r}")
+        if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+            raise ValueError(f"adapter name must be a non-empty string without '.' that is no attribute of a "
+                             f"ModuleDict, got {name!r}")
         if name in self.adapter_names:
             raise ValueError(f"adapter {name!r} exists already (adapters: {self.adapter_names})")
         dtype, device = self.lora_A.weight.dtype, local_tensor(self.lora_A.weight).device
         adapter = LoRAAdapter(LoRAFactor(_check_rank(r), self.in_features, dtype, device),
-                              LoRAFactor(self.out_features, r, dtype, device), r, alpha, check_probability("dropout", dropout),
-                              bool(rslora))
+                              LoRAFactor(self.out_features, r, dtype, device), r, _check_alpha(alpha),
+                              check_probability("dropout", dropout), bool(rslora))
         _initialise(adapter.lora_A.weight, adapter.lora_B.weight, r, init)
-        self.inactive_adapters[name] = adapter
+        self.inactive_adapters[name] = adapter.requires_grad_(False)  # only the active adapter trains
 
     def set_adapter(self, name: str) -> None:
         """Make adapter `name` the one this layer computes with: its factors are swapped into
@@ -217,8 +224,10 @@ class LoRALinear(nn.Module):
             raise TypeError("linear must be an nn.Linear, a transformers Conv1D or a bitsandbytes "
                             f"Linear4bit/Linear8bitLt, got {type(linear).__name__}")
         bias = None if linear.bias is None else linear.bias.detach()
+        # transformers' bitsandbytes loading turns a Conv1D into a Linear4bit marked source_cls=Conv1D
+        from_conv1d = is_conv1d(linear) or getattr(getattr(linear, "source_cls", None), "__name__", "") == "Conv1D"
         return cls(weight, bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
-                   fan_in_fan_out=is_conv1d(linear))
+                   fan_in_fan_out=from_conv1d)
 
     @property
     def in_features(self) -> int:
@@ -348,7 +357,8 @@ class LoRALinear(nn.Module):
         # the merged weight would apply the adapter twice once loaded.
         # The storage parameters are saved under bitsandbytes' key names instead of their own.
         for key, tensor in self.base_weight.state_dict().items():
-            destination[prefix + key] = tensor
+            conv1d_layout = self.fan_in_fan_out and key == "weight" and self.base_weight.fmt == "dense"
+            destination[prefix + key] = tensor.t() if conv1d_layout else tensor  # a Conv1D's own (K, N)
         own = {}
         super()._save_to_state_dict(own, prefix, keep_vars)
         storage = {prefix + name for name in storage_names(self)}
@@ -376,8 +386,8 @@ class LoRALinear(nn.Module):
                 error_msgs.append(f"{prefix}weight: {err}")
             else:
                 consumed = {prefix + key for key in loaded.state_dict() if key in own}
-                if self.fan_in_fan_out and loaded.fmt == "dense" and loaded.shape == self.weight.shape[::-1]:
-                    loaded = quantize(loaded.dequantize().t().contiguous(), "dense")  # a Conv1D's (K, N)
+                if self.fan_in_fan_out and loaded.fmt == "dense":  # saved in a Conv1D's own (K, N) layout
+                    loaded = quantize(loaded.dequantize().t().contiguous(), "dense")
                 if loaded.shape != self.weight.shape:
                     error_msgs.append(f"{prefix}weight: shape {tuple(loaded.shape)} in the checkpoint, "
                                       f"{tuple(self.weight.shape)} in the model")

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .model import lora_layers, pattern_value
+from .model import fully_trained_modules, lora_layers, pattern_value
+from .storage import is_managed_elsewhere
 
 
 def _layers(model: nn.Module) -> dict:
@@ -39,6 +40,12 @@ def add_adapter(model: nn.Module, name: str, r: int = 16, alpha: float = 16, dro
     layers = _layers(model)
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} exists already (adapters: {adapter_names(model)})")
+    if fully_trained_modules(model):
+        raise ValueError(f"add_adapter({name!r}): the model trains {sorted(fully_trained_modules(model))} whole "
+                         "(modules_to_save), which every named adapter would share; fusedlora keeps one adapter "
+                         "on such models")
+    if any(is_managed_elsewhere(layer) for layer in layers.values()):
+        raise RuntimeError(f"add_adapter({name!r}): the model is sharded by FSDP; add adapters before fully_shard")
     try:
         for layer_name, layer in layers.items():
             layer.add_adapter(name, pattern_value(rank_pattern, layer_name, r),
@@ -53,10 +60,14 @@ def add_adapter(model: nn.Module, name: str, r: int = 16, alpha: float = 16, dro
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Compute with adapter `name` from now on; its factors train, the other adapters' do not
-    (as PEFT's set_adapter). Build the optimizer over the active factors after switching."""
+    (as PEFT's set_adapter). Build the optimizer over the active factors after switching, and
+    switch before wrapping the model in DDP (which registers the parameters it reduces)."""
     layers = _layers(model)
-    if name not in adapter_names(model):
-        raise KeyError(f"no adapter {name!r} (adapters: {adapter_names(model)})")
+    for layer_name, layer in layers.items():  # every layer checked before any switches
+        if name not in layer.adapter_names:
+            raise KeyError(f"no adapter {name!r} in {layer_name} (its adapters: {layer.adapter_names})")
+        if layer.merged and name != layer.active_adapter:
+            raise RuntimeError(f"set_adapter({name!r}): {layer_name} is merged; unmerge it first")
     for layer in layers.values():
         layer.set_adapter(name)
         for factor in (layer.lora_A, layer.lora_B):

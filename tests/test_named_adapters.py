@@ -116,3 +116,42 @@ def test_an_adapter_for_other_layers_is_refused_and_leaves_no_trace(tmp_path):
     assert fusedlora.adapter_names(model) == ["default"]
     with pytest.raises(ValueError, match="adapter name must be"):
         fusedlora.add_adapter(model, "values")
+
+
+def test_a_new_adapter_is_frozen_until_set():
+    model = fusedlora.apply_lora(_llama(), "all-linear", r=4, quant=None)
+    fusedlora.add_adapter(model, "email")
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "inactive_adapters" in name)
+
+
+def test_a_switch_that_cannot_happen_everywhere_happens_nowhere():
+    model = _two_adapters()
+    model.model.layers[1].mlp.down_proj.merge()
+    with pytest.raises(RuntimeError, match="down_proj is merged"):
+        fusedlora.set_adapter(model, "email")
+    assert {layer.active_adapter for layer in fusedlora.lora_layers(model).values()} == {"default"}
+    with pytest.raises(ValueError, match="named adapters"):
+        fusedlora.apply_lora(model, ["lm_head"], r=4)
+
+
+def test_saving_one_adapter_keeps_the_others_and_a_training_state_knows_its_adapter(tmp_path):
+    model = _two_adapters()
+    fusedlora.save_adapter(model, tmp_path / "a", adapter_name="default")
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    fusedlora.save_adapter(model, tmp_path / "a", adapter_name="email")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and (tmp_path / "a" / "notes.txt").is_file()
+    assert (tmp_path / "a" / "email" / "adapter_model.safetensors").is_file()
+    fusedlora.set_adapter(model, "email")
+    fusedlora.save_training_state(tmp_path / "state.safetensors", model)
+    fusedlora.set_adapter(model, "default")
+    with pytest.raises(fusedlora.AdapterFileError, match="holds adapter 'email'.*set_adapter"):
+        fusedlora.load_training_state(tmp_path / "state.safetensors", model)
+
+
+def test_named_adapters_are_refused_where_they_would_share_a_head():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=2)
+    model = fusedlora.apply_lora(transformers.BertForSequenceClassification(config), "all-linear", r=4)
+    with pytest.raises(ValueError, match="every named adapter would share"):
+        fusedlora.add_adapter(model, "other")

@@ -5,6 +5,8 @@ round, and merging gives Conv1D layers back that plain transformers saves and lo
 sequence classification: the head is trained whole, not adapted, as PEFT's SEQ_CLS task does
 (modules_to_save), and travels in the adapter file both ways."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -170,3 +172,41 @@ def test_a_training_state_holds_the_head_trained_whole(tmp_path):
     assert not torch.equal(resumed.classifier.weight, model.classifier.weight)
     assert fusedlora.load_training_state(tmp_path / "state.safetensors", resumed)["step"] == 3
     assert torch.equal(resumed.classifier.weight, model.classifier.weight)
+
+
+def test_a_dense_gpt2_state_dict_is_gpt2s_own_and_reloads_square_layers_as_they_were():
+    ours = fusedlora.apply_lora(_gpt2(), "all-linear", r=4, quant=None)
+    state = ours.state_dict()
+    original = _gpt2().state_dict()
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"):  # c_proj is square
+        assert torch.equal(state[key], original[key]), key
+    again = fusedlora.apply_lora(_gpt2(), "all-linear", r=4, quant=None)
+    with torch.no_grad():
+        for layer in fusedlora.lora_layers(ours).values():
+            nn.init.normal_(layer.lora_B.weight)
+    again.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=_ids()).logits, ours(input_ids=_ids()).logits)
+
+
+def test_modules_to_save_are_recorded_by_full_name_and_task_type_only_with_the_head(tmp_path):
+    adapted_head = fusedlora.apply_lora(_bert_cls(), "all-linear", r=4, quant=None, modules_to_save=None)
+    fusedlora.save_adapter(adapted_head, tmp_path / "adapted")
+    config = json.loads((tmp_path / "adapted" / "adapter_config.json").read_text())
+    assert config["task_type"] is None and config["modules_to_save"] is None
+    peft.PeftModel.from_pretrained(_bert_cls(), tmp_path / "adapted")
+    deep = fusedlora.apply_lora(_bert_cls(), "all-linear", r=4, quant=None,
+                                modules_to_save=["layer.1.output.dense"])
+    fusedlora.save_adapter(deep, tmp_path / "deep")
+    config = json.loads((tmp_path / "deep" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["bert.encoder.layer.1.output.dense"] and config["task_type"] is None
+    loaded = fusedlora.load_adapter(_bert_cls(), tmp_path / "deep")
+    assert loaded.bert.encoder.layer[1].output.dense.weight.requires_grad
+
+
+def test_a_tied_module_is_not_trained_whole():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="lm_head.*shares parameters with.*embed_tokens"):
+        fusedlora.apply_lora(transformers.LlamaForCausalLM(config), "all-linear", modules_to_save=["lm_head"])
