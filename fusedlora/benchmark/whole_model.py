@@ -16,7 +16,7 @@ import copy
 import datetime
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,6 +25,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..backends import backends, force_backend
+from ..plan import PRESETS as SHAPES
+from ..plan import DecoderShape
 from .report import write_json
 from .timing import Timing
 
@@ -42,34 +44,30 @@ REFERENCES = ("peft-dense", "fusedlora-reference")
 
 @dataclass(frozen=True)
 class Preset:
-    hidden: int
-    intermediate: int
-    layers: int
-    vocab: int
-    heads: int
-    kv_heads: int
+    shape: DecoderShape
     seq_len: int
     micro_batch: int
 
 
 PRESETS = {
     # One Llama-3-8B decoder block with its real sizes (a small vocabulary, so the block dominates).
-    "llama-3-8b-block": Preset(4096, 14336, 1, 1024, 32, 8, 2048, 1),
+    "llama-3-8b-block": Preset(replace(SHAPES["llama-3-8b"], layers=1, vocab=1024), 2048, 1),
     # Llama-3.2-1B, the whole model.
-    "llama-1b": Preset(2048, 8192, 16, 128256, 32, 8, 2048, 1),
+    "llama-1b": Preset(SHAPES["llama-3.2-1b"], 2048, 1),
     # A tiny model for the CPU.
-    "tiny": Preset(64, 176, 2, 256, 4, 2, 64, 2),
+    "tiny": Preset(DecoderShape(64, 176, 2, 256, 4, 2), 64, 2),
 }
 
 
 def _llama(preset: Preset, device: torch.device):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=preset.vocab, hidden_size=preset.hidden,
-                                      intermediate_size=preset.intermediate, num_hidden_layers=preset.layers,
-                                      num_attention_heads=preset.heads, num_key_value_heads=preset.kv_heads,
+    shape = preset.shape
+    config = transformers.LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                                      intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
                                       max_position_embeddings=max(preset.seq_len, 64), attn_implementation="sdpa",
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=shape.tied_embeddings)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(config)
@@ -168,7 +166,7 @@ def _why_not(name: str, device: torch.device) -> Optional[str]:
 
 def _batches(preset: Preset, device: torch.device, count: int) -> list:
     generator = torch.Generator().manual_seed(2)
-    return [torch.randint(0, preset.vocab, (preset.micro_batch, preset.seq_len), generator=generator).to(device)
+    return [torch.randint(0, preset.shape.vocab, (preset.micro_batch, preset.seq_len), generator=generator).to(device)
             for _ in range(count)]
 
 
@@ -192,14 +190,13 @@ def measure(preset_name: str, device: torch.device, names: list, steps: int, war
             checkpointing: bool, seq_len: Optional[int] = None, micro_batch: Optional[int] = None) -> list:
     """One row per stack (the layer benchmark's row keys where they apply)."""
     preset = PRESETS[preset_name]
-    preset = Preset(**{**preset.__dict__, **({"seq_len": seq_len} if seq_len else {}),
-                       **({"micro_batch": micro_batch} if micro_batch else {})})
+    preset = replace(preset, seq_len=seq_len or preset.seq_len, micro_batch=micro_batch or preset.micro_batch)
     base = _llama(preset, device)
     values = _adapter_values(base)
     batches = _batches(preset, device, warmup + steps)
     tokens = preset.micro_batch * preset.seq_len
     case = {"shape": preset_name, "m": tokens, "rank": RANK, "fmt": "nf4", "model": True, "seq_len": preset.seq_len,
-            "micro_batch": preset.micro_batch, "checkpointing": checkpointing, "layers": preset.layers}
+            "micro_batch": preset.micro_batch, "checkpointing": checkpointing, "layers": preset.shape.layers}
     rows, outputs = [], {}
     # the references and the floor first: the others' first losses are checked against them
     first = {"peft-dense": 0, "floor": 1, "fusedlora-reference": 2}
