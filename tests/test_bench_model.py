@@ -11,11 +11,12 @@ from fusedlora.benchmark import whole_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
-STACKS = "peft-dense,floor,fusedlora-reference,peft-bnb"
+STACKS = "peft-dense,floor,fusedlora-reference,peft-bnb,torchao-nf4"
 
 
 def test_the_tiny_run_checks_then_times_every_stack(tmp_path):
     pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torchao")
     argv = ["--preset", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "2", "--checkpointing",
             "--stacks", STACKS, "--out", str(tmp_path)]
     assert whole_model.main(argv) == 0

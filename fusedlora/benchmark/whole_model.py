@@ -4,7 +4,7 @@ stack: tokens per second, peak memory, and the share of the step in the LoRA lin
 One step: forward, loss, backward, AdamW on the adapters. LoRA on the seven projections, r = 16,
 an nf4 base (bf16 compute) or PEFT's stacks built from the same weights and adapter values:
 fusedlora (each backend that runs here), PEFT on bitsandbytes (QLoRA), PEFT on the dense bf16
-base, and the floor (the bf16 model without LoRA: forward, then backward for the input
+base, torchtune's QLoRA layer on torchao's NF4 when torchao is installed, and the floor (the bf16 model without LoRA: forward, then backward for the input
 gradients only, what a frozen base costs). Before anything is timed each stack's first loss is
 checked against PEFT on the dense base; a stack that computes something else is not compared.
 The JSON has the layer benchmark's schema (meta, ceilings, results).
@@ -134,6 +134,37 @@ def _peft_bnb(base: nn.Module, values: dict):
     return _peft(base, values)
 
 
+class _TorchaoLoRALinear(nn.Module):
+    """torchtune's QLoRA layer: the frozen weight a torchao NF4Tensor (blocks of 64, absmax
+    quantized in blocks of 256 or the largest power of two dividing a small weight's count),
+    `linear_nf4` for the base, fp32 adapters."""
+
+    def __init__(self, linear: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+        super().__init__()
+        blocks = linear.weight.numel() // 64
+        scaler_block = min(256, blocks & -blocks)
+        self.weight = nn.Parameter(to_nf4(linear.weight.detach(), 64, scaler_block), requires_grad=False)
+        self.lora_A = nn.Parameter(lora_A.to(linear.weight.device))
+        self.lora_B = nn.Parameter(lora_B.to(linear.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+        lora = (x.float() @ self.lora_A.t()) @ self.lora_B.t() * (ALPHA / RANK)
+        return linear_nf4(x, self.weight) + lora.to(x.dtype)
+
+
+def _torchao_nf4(base: nn.Module, values: dict):
+    from ..model import replace_submodule
+
+    base.requires_grad_(False)
+    for name, (lora_A, lora_B) in values.items():
+        replace_submodule(base, name, _TorchaoLoRALinear(base.get_submodule(name), lora_A, lora_B))
+    return base, None
+
+
 def _floor(base: nn.Module, values: dict):
     base.requires_grad_(False)
     base.enable_input_require_grads()  # backward through the frozen base: its input gradients
@@ -143,14 +174,14 @@ def _floor(base: nn.Module, values: dict):
 def stacks() -> dict:
     """Every stack by name: fusedlora's backends, the peers, the floor."""
     every = {f"fusedlora-{backend.name}": _fusedlora(backend.name) for backend in backends()}
-    every.update({"peft-bnb": _peft_bnb, "peft-dense": _peft, "floor": _floor})
+    every.update({"peft-bnb": _peft_bnb, "peft-dense": _peft, "torchao-nf4": _torchao_nf4, "floor": _floor})
     return every
 
 
 def _why_not(name: str, device: torch.device) -> Optional[str]:
     import importlib.util
 
-    needs = {"peft-bnb": ("peft", "bitsandbytes"), "peft-dense": ("peft",)}.get(name, ())
+    needs = {"peft-bnb": ("peft", "bitsandbytes"), "peft-dense": ("peft",), "torchao-nf4": ("torchao",)}.get(name, ())
     missing = [module for module in ("transformers", *needs) if importlib.util.find_spec(module) is None]
     if missing:
         return f"{', '.join(missing)} not installed"
