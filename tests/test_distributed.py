@@ -130,7 +130,7 @@ def test_fsdp2_bf16_mixed_precision_keeps_packed_bytes(reference, tmp_path):
 
 def test_low_memory_loading_reads_only_each_ranks_rows(tmp_path):
     """Two ranks build a ~180 MB nf4 Llama on the meta device, shard it and read their rows of a
-    safetensors checkpoint: each one's peak RSS grows by well under the checkpoint's size, and the
+    safetensors checkpoint: each one's peak RSS grows by about its half of the checkpoint, and the
     gathered weights and a loss equal the model the checkpoint came from."""
     import transformers
     from safetensors.torch import save_file
@@ -149,7 +149,9 @@ def test_low_memory_loading_reads_only_each_ranks_rows(tmp_path):
     result = torch.load(tmp_path / "lowmem-rank0.pt")
     size = checkpoint.stat().st_size
     assert size > 150e6
-    assert result["grown_bytes"] < 0.65 * size, (result["grown_bytes"], size)
+    # its half of the checkpoint, plus the adapters, FSDP2's bookkeeping and the allocator's slack
+    # (108 MB measured on 2 CPU ranks for a 168 MB checkpoint)
+    assert result["grown_bytes"] < size / 2 + 40e6, (result["grown_bytes"], size)
     _assert_same_bytes(result["base"], frozen)
     assert all(".lora_" in key for key in result["missing"]) and result["missing"]
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-3)
