@@ -358,7 +358,7 @@ class LoRALinear(nn.Module):
         # The storage parameters are saved under bitsandbytes' key names instead of their own.
         for key, tensor in self.base_weight.state_dict().items():
             conv1d_layout = self.fan_in_fan_out and key == "weight" and self.base_weight.fmt == "dense"
-            destination[prefix + key] = tensor.t() if conv1d_layout else tensor  # a Conv1D's own (K, N)
+            destination[prefix + key] = tensor.t().contiguous() if conv1d_layout else tensor  # a Conv1D's (K, N)
         own = {}
         super()._save_to_state_dict(own, prefix, keep_vars)
         storage = {prefix + name for name in storage_names(self)}

@@ -48,3 +48,10 @@ def test_a_stack_that_computes_something_else_is_not_timed(monkeypatch):
     row = next(row for row in rows if row["provider"] == "fusedlora-broken")
     assert row["status"].startswith("disagrees: first-step logits") and "tokens_per_s" not in row
     assert row["check_error"] > 0.8
+
+
+def test_without_a_reference_nothing_is_compared(monkeypatch):
+    monkeypatch.setattr(whole_model, "REFERENCES", ())  # as if neither PEFT nor the PyTorch path could run
+    rows = whole_model.measure("tiny", torch.device("cpu"), ["peft-bnb"], 2, 1, False)
+    row = next(row for row in rows if row["provider"] == "peft-bnb")
+    assert row["status"].startswith("unchecked:") and "tokens_per_s" not in row

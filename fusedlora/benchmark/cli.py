@@ -173,6 +173,9 @@ def _summarize(path: Path, with_model: bool) -> int:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"--summarize {path}: not a benchmark result this command wrote "
                          f"({type(err).__name__}: {err})") from None
+    if meta.get("benchmark") == "whole model":
+        raise SystemExit(f"--summarize {path}: a bench-model result (whole-model training steps); its table is "
+                         "printed when it runs, and the JSON holds one row per stack")
     if with_model:
         capability = meta.get("capability")
         arch = int(capability.replace(".", "")) if capability else None

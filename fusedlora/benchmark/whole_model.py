@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import os
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -24,7 +25,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..backends import backends, force_backend
+from ..backends import backends
+from ..backends.registry import BACKEND_ENV
 from ..plan import PRESETS as SHAPES
 from ..plan import DecoderShape
 from .report import write_json
@@ -131,6 +133,7 @@ def _peft_bnb(base: nn.Module, values: dict):
                                       compress_statistics=True, compute_dtype=torch.bfloat16)
         quantized.load_state_dict({"weight": linear.weight.detach().cpu()})
         replace_submodule(base, name, quantized.to(device))  # bitsandbytes quantizes on the move
+    base.is_loaded_in_4bit = True  # PEFT wraps Linear4bit in its bitsandbytes LoRA layer only then
     return _peft(base, values)
 
 
@@ -140,7 +143,7 @@ class _TorchaoLoRALinear(nn.Module):
     `linear_nf4` for the base, fp32 adapters."""
 
     def __init__(self, linear: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor):
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # _TORCHAO_NF4
 
         super().__init__()
         blocks = linear.weight.numel() // 64
@@ -166,8 +169,11 @@ def _torchao_nf4(base: nn.Module, values: dict):
 
 
 def _floor(base: nn.Module, values: dict):
+    """The frozen base asked what a LoRA stack asks of it: each targeted projection's output
+    requires grad, as the LoRA term makes it, so backward computes the same input gradients."""
     base.requires_grad_(False)
-    base.enable_input_require_grads()  # backward through the frozen base: its input gradients
+    for name in values:
+        base.get_submodule(name).register_forward_hook(lambda module, args, output: output.requires_grad_(True))
     return base, None
 
 
@@ -181,8 +187,9 @@ def stacks() -> dict:
 def _why_not(name: str, device: torch.device) -> Optional[str]:
     import importlib.util
 
-    needs = {"peft-bnb": ("peft", "bitsandbytes"), "peft-dense": ("peft",), "torchao-nf4": ("torchao",)}.get(name, ())
-    missing = [module for module in ("transformers", *needs) if importlib.util.find_spec(module) is None]
+    needs = {"peft-bnb": ("peft", "bitsandbytes"), "peft-dense": ("peft",),
+             "torchao-nf4": ("torchao", _TORCHAO_NF4)}.get(name, ())
+    missing = [module for module in ("transformers", *needs) if not _importable(module)]
     if missing:
         return f"{', '.join(missing)} not installed"
     if name.startswith("fusedlora-"):
@@ -193,6 +200,18 @@ def _why_not(name: str, device: torch.device) -> Optional[str]:
             return "the reference path on a GPU is not a stack anyone would train with"
         return backend.why_not(Problem(device, torch.bfloat16, torch.float32, "nf4", RANK, 4096, 4096))
     return None
+
+
+_TORCHAO_NF4 = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
 
 
 def _batches(preset: Preset, device: torch.device, count: int) -> list:
@@ -209,17 +228,40 @@ def _lora_share(model: nn.Module, step: Callable, device: torch.device) -> Optio
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         step()
+    from torch.autograd import DeviceType
+
     events = profiler.key_averages()
     clock = "device" if device.type == "cuda" else "cpu"
-    # an op's total includes what it calls; the ops' self times add up to the step's
+    # an op's total includes what it calls (its kernels, on a GPU); the step's whole is the CPU
+    # ops' self times, or on a GPU the kernels' (each is counted once, as a device event)
     lora = sum(getattr(e, f"{clock}_time_total") for e in events if e.key.startswith("fusedlora::lora_linear"))
-    total = sum(getattr(e, f"self_{clock}_time_total") for e in events)
+    counted = [e for e in events if device.type != "cuda" or e.device_type == DeviceType.CUDA]
+    total = sum(getattr(e, f"self_{clock}_time_total") for e in counted)
     return lora / total if lora and total else None
 
 
+@contextlib.contextmanager
+def _backend_everywhere(backend: Optional[str]):
+    """Force `backend` through FUSEDLORA_BACKEND, which every thread reads: a checkpointed
+    forward is recomputed during backward, which on a GPU runs on autograd's own thread, outside
+    any `force_backend` block."""
+    previous = os.environ.get(BACKEND_ENV)
+    if backend:
+        os.environ[BACKEND_ENV] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = previous
+
+
 def measure(preset_name: str, device: torch.device, names: list, steps: int, warmup: int,
-            checkpointing: bool, seq_len: Optional[int] = None, micro_batch: Optional[int] = None) -> list:
-    """One row per stack (the layer benchmark's row keys where they apply)."""
+            checkpointing: bool, seq_len: Optional[int] = None, micro_batch: Optional[int] = None,
+            on_row: Optional[Callable[[list], None]] = None) -> list:
+    """One row per stack (the layer benchmark's row keys where they apply); `on_row(rows)` after
+    each. The floor and a reference always run: every other stack is checked against them."""
     preset = PRESETS[preset_name]
     preset = replace(preset, seq_len=seq_len or preset.seq_len, micro_batch=micro_batch or preset.micro_batch)
     base = _llama(preset, device)
@@ -229,17 +271,20 @@ def measure(preset_name: str, device: torch.device, names: list, steps: int, war
     case = {"shape": preset_name, "m": tokens, "rank": RANK, "fmt": "nf4", "model": True, "seq_len": preset.seq_len,
             "micro_batch": preset.micro_batch, "checkpointing": checkpointing, "layers": preset.shape.layers}
     rows, outputs = [], {}
-    # the references and the floor first: the others' first losses are checked against them
-    first = {"peft-dense": 0, "floor": 1, "fusedlora-reference": 2}
-    ordered = sorted(names, key=lambda name: first.get(name, len(first)))
+    order = {"peft-dense": 0, "floor": 1, "fusedlora-reference": 2}  # the references and the floor first
+    ordered = sorted(dict.fromkeys([*REFERENCES, "floor", *names]), key=lambda name: order.get(name, len(order)))
     for name in tqdm(ordered, desc="stacks", unit="stack"):
         row = {"provider": name, "case": case, "status": "ok"}
         rows.append(row)
         reason = _why_not(name, device)
+        if reason and name == "fusedlora-reference" and "peft-dense" not in outputs:
+            reason = None  # no PEFT: the PyTorch path is the reference, even on a GPU
         if reason:
             row["status"] = f"unavailable: {reason}"
             continue
+        model = optimizer = None
         try:
+            baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             model, backend = stacks()[name](copy.deepcopy(base), values)
             if checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -248,22 +293,23 @@ def measure(preset_name: str, device: torch.device, names: list, steps: int, war
             optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
 
             def step(ids, keep=None):
-                with force_backend(backend) if backend else contextlib.nullcontext():
+                with _backend_everywhere(backend):
                     out = model(input_ids=ids, labels=ids)
                     out.loss.backward()
                 if optimizer is not None:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 if keep is not None:
-                    keep.update(loss=out.loss.item(), logits=out.logits.detach())
+                    keep.update(loss=out.loss.item(), logits=out.logits.detach().to("cpu", torch.bfloat16))
 
-            first = {}
-            step(batches[0], first)
-            row["first_loss"] = first["loss"]
-            outputs[name] = first["logits"]
-            problem = _output_check(name, outputs, row)
+            checked = {}
+            step(batches[0], checked)
+            row["first_loss"] = checked["loss"]
+            if name in (*REFERENCES, "floor"):
+                outputs[name] = checked["logits"]
+            problem = _output_check(name, {**outputs, name: checked["logits"]}, row)
             if problem:
-                row["status"] = f"disagrees: {problem}"
+                row["status"] = problem
                 continue
             for ids in batches[1:warmup]:
                 step(ids)
@@ -280,14 +326,19 @@ def measure(preset_name: str, device: torch.device, names: list, steps: int, war
             timing = Timing(tuple(runs))
             row.update(step_ms=timing.median, spread_ms=timing.spread, outliers=timing.outliers,
                        tokens_per_s=tokens / (timing.median * 1e-3),
-                       peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                       lora_share=_lora_share(model, lambda: step(batches[-1]), device))
+                       peak_bytes=torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None)
+            try:
+                row["lora_share"] = _lora_share(model, lambda: step(batches[-1]), device) if backend else None
+            except Exception as error:  # the timing stands without the profile
+                row["lora_share_error"] = f"{type(error).__name__}: {str(error)[:200]}"
         except Exception as error:  # one stack failing is a row saying so, not a lost run
             row["status"] = f"failed: {type(error).__name__}: {str(error)[:300]}"
         finally:
             model = optimizer = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if on_row is not None:
+                on_row(_ratios(rows))
     return _ratios(rows)
 
 
@@ -296,17 +347,20 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _output_check(name: str, outputs: dict, row: dict) -> Optional[str]:
-    """Why stack `name`'s first logits are not the reference's, or None (also None for the floor
-    and the first reference, and when there is no floor to scale the tolerance by)."""
+    """Why stack `name`'s first logits (`outputs[name]`) cannot be compared: "disagrees" when
+    they are not the reference's, "unchecked" when no reference or floor ran; None when they
+    agree, and for the floor and the first reference."""
     reference = next((r for r in REFERENCES if r in outputs and r != name), None)
-    if name == "floor" or reference is None or "floor" not in outputs:
+    if name == "floor" or (name in REFERENCES and reference is None):
         return None
+    if reference is None or "floor" not in outputs:
+        return "unchecked: neither PEFT on the dense base nor the PyTorch path, or not the floor, ran to check it against"
     effect = _distance(outputs[reference], outputs["floor"])
     row["check_error"] = _distance(outputs[name], outputs[reference]) / effect
     if row["check_error"] <= OUTPUT_TOLERANCE:
         return None
-    return (f"first-step logits {row['check_error']:.0%} of the LoRA term's effect away from {reference}'s "
-            f"(over {OUTPUT_TOLERANCE:.0%}); first loss {row['first_loss']:.6f}")
+    return (f"disagrees: first-step logits {row['check_error']:.0%} of the LoRA term's effect away from "
+            f"{reference}'s (over {OUTPUT_TOLERANCE:.0%}); first loss {row['first_loss']:.6f}")
 
 
 def _ratios(rows: list) -> list:
@@ -330,12 +384,12 @@ def table(rows: list, device_label: str) -> str:
         if row["status"] != "ok":
             lines.append(f"{row['provider']:<20}{row['status']}")
             continue
-        peak = f"{row['peak_bytes'] / 2**30:.2f}" if row.get("peak_bytes") else "n/a"
+        peak = f"{row['peak_bytes'] / 2**30:.2f}" if row.get("peak_bytes") is not None else "n/a"
         versus = row["speedup_vs"].get("peft-bnb")
         share = row.get("lora_share")
         lines.append(f"{row['provider']:<20}{row['tokens_per_s']:>11.0f}{row['spread_ms'] / row['step_ms']:>7.1%} "
                      f"{peak:>9}{row.get('times_floor', float('nan')):>9.2f}"
-                     f"{(f'{versus:.2f}x' if versus else 'n/a'):>12}{(f'{share:.0%}' if share else 'n/a'):>11}"
+                     f"{(f'{versus:.2f}x' if versus else 'n/a'):>12}{(f'{share:.0%}' if share is not None else 'n/a'):>11}"
                      f"  {row['first_loss']:.5f}")
     lines.append("x floor: step time over the bf16 model's without LoRA (lower is better); vs peft-bnb: its step "
                  "time over this stack's; LoRA share: fusedlora's ops in the profiled step (n/a: no op boundary)")
@@ -384,7 +438,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
-    names = args.stacks.split(",") if args.stacks else list(stacks())
+    names = list(dict.fromkeys(args.stacks.split(","))) if args.stacks else list(stacks())
     unknown = sorted(set(names) - set(stacks()))
     if unknown:
         parser.error(f"--stacks: unknown {unknown}; choose from {list(stacks())}")
@@ -394,15 +448,23 @@ def main(argv=None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     preset = args.preset or ("llama-3-8b-block" if device.type == "cuda" else "tiny")
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}), CPU timing"
-    rows = measure(preset, device, names, args.steps, args.warmup, args.checkpointing, args.seq_len, args.micro_batch)
     meta = {"commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": label, "versions": _versions(), "timing": f"perf_counter around synchronized steps, median of "
-            f"{args.steps}", "benchmark": "whole model", "argv": argv if argv is not None else [], "complete": True}
+            f"{args.steps}", "benchmark": "whole model", "argv": argv if argv is not None else [], "complete": False}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench-model-{datetime.datetime.now():%Y%m%d-%H%M%S}-{device.type}"
+    stem = out / f"bench-model-{preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{device.type}"
+    # written after every stack, so that a run stopped from outside keeps what it measured
+    rows = measure(preset, device, names, args.steps, args.warmup, args.checkpointing, args.seq_len,
+                   args.micro_batch, on_row=lambda rows: write_json(stem.with_suffix(".json"), meta, {}, rows))
+    meta["complete"] = True
     write_json(stem.with_suffix(".json"), meta, {}, rows)
     plotted = plot(stem.with_suffix(".png"), rows)
     print(table(rows, label))
     print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plotted else ""))
-    return 0 if all(not row["status"].startswith(("disagrees", "failed")) for row in rows) else 1
+    wrong = [row["provider"] for row in rows if row["status"].startswith(("disagrees", "unchecked", "failed"))]
+    measured = [row for row in rows if row["status"] == "ok" and row["provider"] in names]
+    if wrong or not measured:
+        print(f"bench-model: {'not compared: ' + ', '.join(wrong) if wrong else 'no requested stack ran'}")
+        return 1
+    return 0
