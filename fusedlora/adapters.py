@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from .checks import check_probability, check_quant
 from .formats.fourbit import check_blocksize
-from .model import (TRAINED_FULLY, adapter_state_dict, apply_lora, fully_trained_modules, load_adapter_tensors,
-                    lora_layers, pattern_value, replace_submodule, resolve_modules_to_save, select_targets, task_of)
+from .model import (adapter_state_dict, apply_lora, fully_trained_modules, load_adapter_tensors, lora_layers,
+                    pattern_value, replace_submodule, resolve_modules_to_save, select_targets, task_of, train_whole)
 from .module import linear_features
 from .named_adapters import add_adapter, adapter_names, delete_adapter, using_adapter
 from .safefiles import AdapterFileError, fsync_file, partial_name, read_safetensors, write_safetensors
@@ -314,8 +314,7 @@ def _load_into(model: torch.nn.Module, path: Path, config: dict, tensors: dict, 
             _add_layers(model, targets, config, trained_fully, quant=quant)
             log.info("load_adapter: %s's frozen weights in %s", path, quant or "dense (as they are)")
     for name in trained_fully:
-        model.get_submodule(name).requires_grad_(True)
-        setattr(model.get_submodule(name), TRAINED_FULLY, True)
+        train_whole(model.get_submodule(name))
     load_adapter_tensors(model, tensors)
     for name, layer in lora_layers(model).items():
         layer.set_hyperparameters(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),

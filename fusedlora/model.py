@@ -118,6 +118,12 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save, every_name_matche
     return names
 
 
+def train_whole(module: nn.Module) -> None:
+    """Make every parameter of `module` trainable and mark it trained whole (modules_to_save)."""
+    module.requires_grad_(True)
+    setattr(module, TRAINED_FULLY, True)
+
+
 def fully_trained_modules(model: nn.Module) -> dict:
     """The modules `apply_lora` trains fully (PEFT's modules_to_save), by name."""
     return {name: module for name, module in model.named_modules() if getattr(module, TRAINED_FULLY, False)}
@@ -196,8 +202,7 @@ def apply_lora(model: nn.Module, target_modules: Targets, r: int = 16, alpha: fl
             module.lora_A.weight.requires_grad_(True)
             module.lora_B.weight.requires_grad_(True)
     for module in [*fully_trained_modules(model).values(), *map(model.get_submodule, trained_fully)]:
-        module.requires_grad_(True)
-        setattr(module, TRAINED_FULLY, True)
+        train_whole(module)
     _release_from_hf_quantizer(model)
     return model
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .checks import check_probability, check_quant
 from .formats import FrozenWeight, from_bnb_module, quantize
+from .formats.base import device_moves_only
 from .ops import fused_lora_linear
 from .storage import (check_replaceable, held_weight, hold, is_managed_elsewhere, load_shards, local_part, local_tensor,
                       record_held, storage_names)
@@ -60,17 +61,6 @@ def _initialise(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, init: str) -
         nn.init.kaiming_uniform_(whole, a=math.sqrt(5))
     local_tensor(lora_A).copy_(local_part(whole, lora_A))
     nn.init.zeros_(lora_B)
-
-
-def _device_moves_only(fn, tensor_ids: set):
-    """`fn` (an `nn.Module._apply` function) that only moves the tensors in `tensor_ids` between
-    devices, never changes their dtype."""
-
-    def apply(tensor):
-        moved = fn(tensor)
-        return tensor.to(moved.device) if id(tensor) in tensor_ids and moved.dtype != tensor.dtype else moved
-
-    return apply
 
 
 class LoRAFactor(nn.Module):
@@ -127,8 +117,6 @@ class LoRALinear(nn.Module):
             raise TypeError(f"weight must be a FrozenWeight (see fusedlora.quantize), got {type(weight).__name__}")
         _check_rank(r)
         _check_alpha(alpha)
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         out_features, in_features = weight.shape
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
@@ -343,7 +331,7 @@ class LoRALinear(nn.Module):
         # A packed format's storage keeps its dtype whatever `fn` does (`module.type(dtype)`
         # casts integer tensors too); the pre-merge weight is a plain object, moved here.
         if not self._weight_layout.follows_dtype_casts:
-            fn = _device_moves_only(fn, {id(getattr(self, name)) for name in storage_names(self)})
+            fn = device_moves_only(fn, only={id(getattr(self, name)) for name in storage_names(self)})
         held = not is_managed_elsewhere(self)
         super()._apply(fn, recurse)
         if held:

@@ -132,14 +132,7 @@ class FrozenWeight:
         `model.half()` or `model.to(torch.bfloat16)` would otherwise cast fp32 scales (and fp8
         data) and silently change the weight; packed formats keep their dtypes bit for bit.
         """
-
-        def device_only(t: Tensor) -> Tensor:
-            converted = fn(t)
-            if converted.dtype == t.dtype or self.follows_dtype_casts:
-                return converted
-            return t.to(converted.device)
-
-        return self._map_tensors(device_only)
+        return self._map_tensors(fn if self.follows_dtype_casts else device_moves_only(fn))
 
     def describe(self) -> str:
         """A short human-readable description, e.g. 'nf4(blocksize=64, nested)'."""
@@ -148,6 +141,18 @@ class FrozenWeight:
     def __repr__(self) -> str:
         n, k = self.shape
         return f"{type(self).__name__}({self.describe()}, shape=({n}, {k}), dtype={self.dtype}, device={self.device})"
+
+
+def device_moves_only(fn: Callable[[Tensor], Tensor], only: Optional[set] = None) -> Callable[[Tensor], Tensor]:
+    """`fn` (an `nn.Module._apply` function) that moves tensors between devices but never changes
+    their dtype: every tensor's, or only those whose `id` is in `only`."""
+
+    def apply(tensor: Tensor) -> Tensor:
+        moved = fn(tensor)
+        kept = only is None or id(tensor) in only
+        return tensor.to(moved.device) if kept and moved.dtype != tensor.dtype else moved
+
+    return apply
 
 
 def check_dense_weight(weight, name: str = "weight") -> Tensor:
