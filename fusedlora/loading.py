@@ -131,7 +131,7 @@ def _read_part(reader: _SafetensorsReader, key: str, target: Tensor) -> None:
             return reader.read_into(key, local, first_row=slices[0].start)
     entry = reader.entries[key]
     whole = reader.read_whole(key).view(_SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
-    whole = whole.view(torch.uint8).view(target.dtype) if target.dtype == torch.uint8 else whole.to(target.dtype)
+    whole = whole.view(torch.uint8) if target.dtype == torch.uint8 else whole.to(target.dtype)
     local.copy_(local_part(whole, target))
 
 
